@@ -1,0 +1,228 @@
+"""Benchmark one whole outer step (meta_loss LG + backward + clip + AdamW) per engine.
+
+Random weights; imports only torch, transformers and raymeta.meta / raymeta.data,
+so it runs on a bare GPU machine. Prints one table (engine × shape × context /
+query length × meta-batch → ms per task, tasks/s, peak memory, estimated
+TFLOP/s, % of bf16 peak, speedup of fastweights over reference).
+
+    python bench/meta_step.py --device cpu --shape tiny --meta-batch 8 --ctx 64 --query 16
+    python bench/meta_step.py --device cuda --shape llama-1b --dtype bfloat16 \
+        --meta-batch 16,64 --ctx 192 --query 32 --json out.json
+
+FLOPs per task (FASTWEIGHTS.md): 12·N·Tc + 6·N·Tq with N the parameter count.
+The reference engine keeps every task's θ' alive at once, so it runs the
+meta-batch in micro-batches (``--ref-micro`` tasks each, gradients accumulated):
+the same outer step, the memory it can afford.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raymeta.data.batches import Tokens  # noqa: E402
+from raymeta.meta.engines import Engine, select_engine  # noqa: E402
+from raymeta.meta.inner import InnerSpec  # noqa: E402
+from raymeta.meta.step import MetaBatch, meta_loss  # noqa: E402
+
+PEAK_TFLOPS = {"bfloat16": 990.0, "float16": 990.0}  # H100 SXM dense
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, rope_theta=500000.0),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def build_model(shape: str, dtype, device):
+    """A random LlamaForCausalLM with tied embeddings in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.train()
+
+
+def rows(b: int, n: int, t: int, vocab: int, device, labels_from: int) -> Tokens:
+    """Random full-length rows ``[b, n, t]``, labels from position ``labels_from`` on."""
+    ids = torch.randint(3, vocab, (b, n, t), device=device)
+    labels = ids.clone()
+    labels[..., :labels_from] = -100
+    return Tokens(ids, torch.ones_like(ids), labels)
+
+
+def random_batch(b: int, ctx: int, query: int, vocab: int, device) -> MetaBatch:
+    """B tasks, one context of ``ctx`` tokens and one query of ``query`` tokens (half scored)."""
+    contexts = rows(b, 1, ctx, vocab, device, 0)
+    queries = rows(b, 1, query, vocab, device, query // 2)
+    flat = queries.flat()
+    return MetaBatch(contexts, queries, flat, flat)
+
+
+def slice_batch(batch: MetaBatch, lo: int, hi: int) -> MetaBatch:
+    def part(t: Tokens) -> Tokens:
+        return Tokens(t.input_ids[lo:hi], t.attention_mask[lo:hi], t.labels[lo:hi])
+
+    return MetaBatch(part(batch.contexts), part(batch.queries), batch.student_prompts,
+                     batch.teacher_prompts)
+
+
+def outer_step(model, opt, engine: Engine, spec: InnerSpec, batch: MetaBatch, micro: int):
+    """One optimiser step over the meta-batch, ``micro`` tasks per forward/backward."""
+    b = batch.size
+    for lo in range(0, b, micro):
+        part = slice_batch(batch, lo, min(b, lo + micro))
+        loss, _ = meta_loss(model, engine, spec, part, "LG")
+        (loss * (part.size / b)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
+    """One table row (dict); out-of-memory becomes a row with an error."""
+    dev = args.device
+    vocab = model.config.vocab_size
+    row = dict(engine=engine.name, shape=args.shape, dtype=args.dtype, ctx=ctx, query=query,
+               meta_batch=b, micro=micro, checkpoint_inner=spec.checkpoint_inner,
+               inner=args.inner, steps=spec.steps, params_M=round(n_params / 1e6, 1))
+    try:
+        batch = random_batch(b, ctx, query, vocab, dev)
+        outer_step(model, opt, engine, spec, batch, micro)  # warm-up (allocates AdamW state)
+        sync(dev)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        reps = args.reps if engine.name == "fastweights" else args.ref_reps
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            outer_step(model, opt, engine, spec, random_batch(b, ctx, query, vocab, dev), micro)
+        sync(dev)
+        dt = (time.perf_counter() - t0) / reps
+    except torch.OutOfMemoryError as e:
+        opt.zero_grad(set_to_none=True)
+        row["error"] = "out of memory: " + str(e).split("\n")[0][:120]
+        return row
+    flops = (12 * n_params * ctx + 6 * n_params * query) * b
+    row.update(ms_per_task=1000 * dt / b, tasks_per_s=b / dt, tflops=flops / dt / 1e12)
+    if dev == "cuda":
+        row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        peak = PEAK_TFLOPS.get(args.dtype)
+        row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
+    return row
+
+
+def fmt(v, nd=1):
+    if v is None:
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def table(rows_: list[dict]) -> str:
+    """Markdown table with the speedup of fastweights over reference at equal settings."""
+    ref = {(r["ctx"], r["query"], r["meta_batch"]): r for r in rows_
+           if r["engine"] == "reference" and "error" not in r}
+    head = ["engine", "shape", "dtype", "ctx", "query", "meta-batch", "micro", "ckpt",
+            "ms/task", "tasks/s", "peak GiB", "TFLOP/s", "% bf16 peak", "speedup"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows_:
+        if "error" in r:
+            cells = [r["engine"], r["shape"], r["dtype"], r["ctx"], r["query"], r["meta_batch"],
+                     r["micro"], r["checkpoint_inner"], r["error"], "", "", "", "", ""]
+        else:
+            base = ref.get((r["ctx"], r["query"], r["meta_batch"]))
+            speed = r["tasks_per_s"] / base["tasks_per_s"] if base and r["engine"] != "reference" else None
+            cells = [r["engine"], r["shape"], r["dtype"], r["ctx"], r["query"], r["meta_batch"],
+                     r["micro"], r["checkpoint_inner"], fmt(r["ms_per_task"]),
+                     fmt(r["tasks_per_s"], 2), fmt(r.get("peak_GiB"), 2), fmt(r["tflops"]),
+                     fmt(r.get("pct_peak")), fmt(speed) + ("x" if speed else "")]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
+def inner_names(model, which: str) -> tuple[str, ...]:
+    names = [n for n, _ in model.named_parameters()]
+    if which == "blocks":
+        names = [n for n in names if ".layers." in n and n.endswith("proj.weight")]
+    return tuple(names)
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--meta-batch", type=ints, default=[8], help="comma-separated list")
+    p.add_argument("--ctx", type=ints, default=[64], help="context tokens (comma-separated)")
+    p.add_argument("--query", type=int, default=16)
+    p.add_argument("--engines", default="reference,fastweights")
+    p.add_argument("--inner", choices=["all", "blocks"], default="all",
+                   help="inner parameters: all, or the decoder blocks' projection weights")
+    p.add_argument("--steps", type=int, default=1, help="inner SGD steps")
+    p.add_argument("--first-order", action="store_true")
+    p.add_argument("--checkpoint-inner", action="store_true")
+    p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
+    p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
+    p.add_argument("--ref-max-batch", type=int, default=10**9,
+                   help="skip the reference above this meta-batch")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ref-reps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--json", default="")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    model = build_model(args.shape, dtype, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    names = inner_names(model, args.inner)
+    spec = InnerSpec(lr=1e-3, names=names, steps=args.steps, second_order=not args.first_order,
+                     checkpoint_inner=args.checkpoint_inner)
+    print(f"# torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + f", {n_params / 1e6:.1f}M parameters, {len(names)} inner tensors", flush=True)
+    results = []
+    for ctx in args.ctx:
+        for b in args.meta_batch:
+            for name in args.engines.split(","):
+                if name == "reference" and b > args.ref_max_batch:
+                    continue
+                engine = select_engine(name, model, spec)
+                micro = args.ref_micro if name == "reference" else (args.micro or b)
+                row = measure(model, opt, engine, spec, args, b, ctx, args.query, micro, n_params)
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    print(table(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""One typed config tree for every raymeta job.
+
+A run is described by :class:`RunConfig`, loaded from YAML with dotted
+command-line overrides (``meta.inner_lr=1e-3``) and validated on load. Every
+error names the field, the bad value and, where it came from a file, the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names field and value."""
+
+
+# --------------------------------------------------------------------------- tree
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["character_descriptions", "reversal_curse", "squad", "wikitext", "jsonl"] = (
+        "character_descriptions"
+    )
+    """Which task set: the two generated sets, SQuAD, WikiText, or your own triples (jsonl)."""
+    source: str = ""
+    """SQuAD/WikiText: a hub name or a local file/directory for ``datasets.load_dataset``.
+    jsonl: ``TRAIN.jsonl[,TEST.jsonl]``. Unused for the generated sets."""
+    n_train: int = 5000
+    """Training triples (generated sets: how many to generate; others: a cap, 0 = all)."""
+    n_test: int = 500
+    """Test triples (generated sets: how many to generate; others: a cap, 0 = all)."""
+    seed: int = 0
+    """Seed of the generator and of every sampled subset."""
+    cache_dir: str = ".cache/raymeta/data"
+    """Where generated/preprocessed triples and their manifests are cached."""
+    max_context_chars: int = 2000
+    """SQuAD/WikiText filter: drop triples whose context is longer than this."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    """Width of the tiny Llama."""
+    num_layers: int = 2
+    """Decoder blocks."""
+    num_heads: int = 4
+    """Attention heads (key/value heads equal)."""
+    intermediate_size: int = 512
+    """FFN width."""
+    max_positions: int = 256
+    """Longest sequence the tiny model accepts."""
+    tie_embeddings: bool = False
+    """Tie the input embedding and the LM head."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Wrap the model with a peft LoRA adapter."""
+    rank: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """LoRA alpha."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt."""
+    mode: Literal["adapter", "outer_lora_inner_full"] = "adapter"
+    """adapter: outer loop and inner step both update only the adapter;
+    outer_lora_inner_full: the outer loop trains the adapter, the inner step is full-rank."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"
+    """A Hugging Face causal LM name or local path, or ``tiny`` for the offline tiny model
+    (built, pretrained on the task texts and cached under ``tiny_cache_dir``)."""
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    """Parameter dtype."""
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    """eager has double backward; sdpa is run under its math backend for the meta step."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the tiny model."""
+    tiny_cache_dir: str = ".cache/raymeta/models"
+    """Where the tiny model and tokenizer are cached (keyed by data and shape)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA (peft) settings."""
+
+
+@dataclass
+class PretrainConfig:
+    """From-scratch pretraining of the tiny model on the task texts (tiny model only)."""
+
+    steps: int = 3000
+    """Maximum optimizer steps."""
+    lr: float = 3e-3
+    """AdamW peak learning rate (cosine decay)."""
+    batch_size: int = 32
+    """Sequences per step."""
+    mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "context": 1.0,
+            "prompt": 2.0,
+            "nc": 1.0,
+            "prompt2": 2.0,
+            "fresh": 4.0,
+            "copy": 2.0,
+        }
+    )
+    """Sampling weights of the text kinds (context, prompt, nc, prompt2, fresh, copy)."""
+    eval_every: int = 250
+    """Measure Prompt accuracy every N steps."""
+    target_prompt_accuracy: float = 0.97
+    """Stop once Prompt accuracy on held-out facts reaches this (0 = never stop early)."""
+    seed: int = 0
+    """Seed of initialisation and sampling."""
+
+
+@dataclass
+class PrepareConfig:
+    """The paper's preparation stage (4.3): brief fine-tuning in NC and Prompt formats."""
+
+    steps: int = 100
+    """Optimizer steps (0 = skip)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    batch_size: int = 16
+    """Examples per step."""
+    n_examples: int = 500
+    """Size of the training subset used."""
+
+
+@dataclass
+class MetaConfig:
+    objectives: list[Literal["LG", "LC"]] = field(default_factory=lambda: ["LG", "LC"])
+    """Which meta-models to train: LG (gold labels) and/or LC (learn from conditioning)."""
+    engine: Literal["auto", "reference", "fastweights"] = "auto"
+    """Meta-step engine: reference (materialised θ'), fastweights (exact low-rank), or auto
+    (fastweights where exact, else reference)."""
+    inner_lr: float = 1e-3
+    """η, the inner SGD learning rate (also the FT evaluation's)."""
+    inner_steps: int = 1
+    """k inner SGD steps."""
+    second_order: bool = True
+    """Differentiate through the inner gradient (False = first-order)."""
+    inner_params: list[str] = field(default_factory=lambda: ["all"])
+    """Parameters the inner step updates: ``all`` or substrings of parameter names."""
+    contexts_per_update: int = 1
+    """Contexts (facts) in one inner update; the outer loss asks about each of them."""
+    outer_lr: float = 1e-4
+    """Adam learning rate of the outer loop."""
+    clip_norm: float = 1.0
+    """Clip the meta-gradient to this global norm (0 = off)."""
+    meta_batch_size: int = 16
+    """Tasks per outer step (summed over workers)."""
+    steps: int = 500
+    """Outer steps (capped at one epoch unless ``epochs`` > 1)."""
+    epochs: int = 1
+    """Passes over the training tasks (the paper: one)."""
+    lm_weight: float = 0.0
+    """λ, the weight of the plain LM regulariser on θ."""
+    lm_source: Literal["contexts", "pretrain_mix", "file"] = "contexts"
+    """Text of the regulariser: training contexts, the tiny model's pretraining mix, or a file."""
+    lm_file: str = ""
+    """Text file (one document per line) when ``lm_source`` is file."""
+    lm_batch_size: int = 16
+    """Sequences per regulariser batch."""
+    lc_teacher_context: Literal["own", "all"] = "own"
+    """LC teacher prompt: the query's own context, or all contexts of the inner update."""
+    max_answer_tokens: int = 8
+    """Longest answer the LC teacher decodes."""
+    log_every: int = 25
+    """Print progress every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    settings: list[Literal["NC", "Prompt", "FT", "FT_irrelevant", "FT2"]] = field(
+        default_factory=lambda: ["NC", "Prompt", "FT", "FT_irrelevant", "FT2"]
+    )
+    """Evaluation settings."""
+    n_examples: int = 500
+    """Test triples evaluated (0 = all)."""
+    inner_lr: float = 0.0
+    """η of the FT settings (0 = meta.inner_lr)."""
+    max_new_tokens: int = 8
+    """Greedy-decoding budget."""
+    batch_size: int = 32
+    """Examples per evaluation batch."""
+
+
+@dataclass
+class TrainConfig:
+    """Distributed execution (Ray Train + DeepSpeed)."""
+
+    num_workers: int = 1
+    """Ray Train workers; each owns a shard of the training tasks."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage for the outer optimizer (0, 1 or 2)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Outer-step precision."""
+    report_every: int = 10
+    """ray.train.report every N steps."""
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0 = only at the end)."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    max_failures: int = 0
+    """Restarts from the last checkpoint after a worker dies."""
+    ray_address: str = ""
+    """Ray cluster address; empty = the running cluster if any, else a local one."""
+    object_store_mb: int = 0
+    """Object store size for a local Ray instance (0 = Ray's default)."""
+    launcher: Literal["ray", "local"] = "ray"
+    """ray: Ray Train workers with DeepSpeed (a local Ray instance when no cluster is running);
+    local: the in-process loop (quick debugging and tests)."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (rank 0)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else a local store in the output dir."""
+    experiment: str = "raymeta"
+    """MLflow experiment name."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name (MLflow run name, output sub-directories)."""
+    experiment: str = "main"
+    """Experiment tag (which paper experiment this run belongs to)."""
+    seed: int = 0
+    """Global seed."""
+    device: str = "cpu"
+    """Torch device of single-process jobs (cpu, cuda)."""
+    threads: int = 0
+    """torch threads (0 = torch's default)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = get_args(tp)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        path = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], path)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. meta.inner_lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    # YAML reads 1e-3 as a string; accept numbers written that way.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _numbers_in_strings(tree: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: turn such strings into floats."""
+    if isinstance(tree, dict):
+        return {k: _numbers_in_strings(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_numbers_in_strings(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            if any(c in tree for c in "eE") and tree.strip()[0] in "0123456789.-+":
+                return float(tree)
+        except ValueError:
+            return tree
+    return tree
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range checks across fields; raises ConfigError naming the field and value."""
+    checks = [
+        ("data.n_train", cfg.data.n_train >= 0),
+        ("data.n_test", cfg.data.n_test >= 0),
+        ("meta.inner_lr", cfg.meta.inner_lr > 0),
+        ("meta.inner_steps", cfg.meta.inner_steps >= 1),
+        ("meta.contexts_per_update", cfg.meta.contexts_per_update >= 1),
+        ("meta.outer_lr", cfg.meta.outer_lr > 0),
+        ("meta.clip_norm", cfg.meta.clip_norm >= 0),
+        ("meta.meta_batch_size", cfg.meta.meta_batch_size >= 1),
+        ("meta.steps", cfg.meta.steps >= 0),
+        ("meta.epochs", cfg.meta.epochs >= 1),
+        ("meta.lm_weight", cfg.meta.lm_weight >= 0),
+        ("meta.max_answer_tokens", cfg.meta.max_answer_tokens >= 1),
+        ("eval.inner_lr", cfg.eval.inner_lr >= 0),
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens >= 1),
+        ("pretrain.steps", cfg.pretrain.steps >= 0),
+        ("prepare.steps", cfg.prepare.steps >= 0),
+        ("train.num_workers", cfg.train.num_workers >= 1),
+        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2, 3)),
+        ("train.report_every", cfg.train.report_every >= 1),
+        ("model.tiny.hidden_size", cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads == 0),
+    ]
+    for path, ok in checks:
+        if not ok:
+            raise ConfigError(f"{path}: invalid value {get_field(cfg, path)!r}")
+    if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0 and not cfg.meta.lm_file:
+        raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'")
+    if cfg.data.dataset in ("squad", "wikitext", "jsonl") and cfg.model.name_or_path == "tiny":
+        pass  # the tiny model trains its tokenizer on whatever texts it is given
+    if cfg.data.dataset == "jsonl" and not cfg.data.source:
+        raise ConfigError("data.source: required for dataset 'jsonl' (TRAIN.jsonl[,TEST.jsonl])")
+    bad = [o for o in cfg.meta.objectives if o not in ("LG", "LC")]
+    if bad or not cfg.meta.objectives:
+        raise ConfigError(f"meta.objectives: invalid value {cfg.meta.objectives!r}")
+    if cfg.meta.meta_batch_size % cfg.train.num_workers:
+        raise ConfigError(
+            f"meta.meta_batch_size: {cfg.meta.meta_batch_size} is not divisible by "
+            f"train.num_workers={cfg.train.num_workers}"
+        )
+    return cfg
+
+
+def get_field(cfg: Any, path: str) -> Any:
+    """``get_field(cfg, "meta.inner_lr")``."""
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain nested dicts (for YAML dumps and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"meta": {"inner_lr": 1e-3}}`` → ``{"meta.inner_lr": 1e-3}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k != "mix":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def from_dict(values: dict, overrides: list[str] | None = None, source: str = "") -> RunConfig:
+    """Build and validate a RunConfig from nested dicts plus dotted overrides."""
+    tree = _numbers_in_strings(values or {})
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _set_path(tree, keys, value)
+    try:
+        return validate(_build(RunConfig, tree))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load ``path`` (YAML; None = the embedded defaults) and apply dotted overrides."""
+    values: dict = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(values).__name__}")
+    return from_dict(values, overrides, source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to the same tree)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

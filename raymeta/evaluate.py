@@ -1,0 +1,186 @@
+"""NC / Prompt / FT evaluation of a model over a triple set, with the shortcut controls.
+
+Settings (each test triple i scored with the model's greedy answer and the NLL of r_i):
+  NC             q_i alone
+  Prompt         c_i + q_i
+  FT             one inner update (lr η, ``inner_steps`` steps) on c_i, then q_i
+  FT_irrelevant  the update on c_j of another fact j, then q_i: accuracy = r_i,
+                 leak = the answer is r_j (the recency shortcut)
+  FT2            the update on c_i and c_j together, then q_i: accuracy = r_i, leak = r_j
+The partner j of i is a seeded derangement, the same for every model evaluated.
+Accuracy: the greedy answer, normalised (lower case, no punctuation, single
+spaces), equals the normalised response or starts with it followed by a space.
+Per-example records are kept for later reports (e.g. the paper's Table 4).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+
+from raymeta.data.batches import (
+    Tokens,
+    context_batch,
+    pad_id,
+    prompt_batch,
+    prompt_text,
+    scoring_batch,
+)
+from raymeta.data.triples import Triple
+from raymeta.meta.decode import greedy_decode, model_forward
+from raymeta.meta.engines import Engine
+from raymeta.meta.inner import InnerSpec, double_backward_attention
+from raymeta.meta.losses import token_nll
+from raymeta.progress import Progress
+
+SETTINGS = ("NC", "Prompt", "FT", "FT_irrelevant", "FT2")
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def matches(prediction: str, response: str) -> bool:
+    """The normalised prediction equals the response or starts with it (word boundary)."""
+    p, r = normalise(prediction), normalise(response)
+    return bool(r) and (p == r or p.startswith(r + " "))
+
+
+def partners(n: int, seed: int) -> list[int]:
+    """A seeded derangement of range(n): partner[i] != i (n >= 2)."""
+    if n < 2:
+        return [0] * n
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    out = [0] * n
+    for k in range(n):
+        out[order[k]] = order[(k + 1) % n]
+    return out
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+
+
+def score_batch(tokenizer, forward, prefixes, responses, max_new_tokens):
+    """(predictions, response NLLs) for one batch; ``forward`` maps [N,T] → logits."""
+    dev = getattr(forward, "device", None)
+    scored = scoring_batch(tokenizer, prefixes, responses).to(dev)
+    with torch.no_grad():
+        nll, _ = token_nll(forward(scored), scored.labels)
+    prompts = prompt_batch(tokenizer, prefixes).to(dev)
+    answers = greedy_decode(forward, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id(tokenizer))
+    return [decode_text(tokenizer, a) for a in answers], nll.tolist()
+
+
+def adapted_forward(model, engine: Engine, state, device):
+    """The adapted models of B tasks as a Forward over ``[B, T]`` (row b → task b)."""
+
+    def forward(batch: Tokens) -> torch.Tensor:
+        b = batch.input_ids.shape[0]
+        with torch.no_grad(), double_backward_attention():
+            return engine.logits(model, state, batch.view_lead(b, 1))[:, 0]
+
+    forward.device = device
+    return forward
+
+
+def plain_forward(model, device):
+    fwd = model_forward(model)
+
+    def forward(batch: Tokens) -> torch.Tensor:
+        with torch.no_grad():
+            return fwd(batch)
+
+    forward.device = device
+    return forward
+
+
+def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog):
+    """Records of one setting over all ``triples``."""
+    records = []
+    bs = cfg.batch_size
+    for start in range(0, len(triples), bs):
+        idx = list(range(start, min(start + bs, len(triples))))
+        batch = [triples[i] for i in idx]
+        others = [triples[partner[i]] for i in idx]
+        prefixes = [t.query for t in batch]
+        if setting == "NC":
+            forward = plain_forward(model, device)
+        elif setting == "Prompt":
+            forward = plain_forward(model, device)
+            prefixes = [prompt_text(t.context, t.query) for t in batch]
+        else:
+            if setting == "FT":
+                groups = [[t.context] for t in batch]
+            elif setting == "FT_irrelevant":
+                groups = [[o.context] for o in others]
+            else:
+                groups = [[t.context, o.context] for t, o in zip(batch, others)]
+            ctx = context_batch(tokenizer, groups).to(device)
+            with torch.enable_grad(), double_backward_attention():
+                state = engine.adapt(model, ctx, spec)
+            forward = adapted_forward(model, engine, state, device)
+        preds, nlls = score_batch(tokenizer, forward, prefixes, [t.response for t in batch], cfg.max_new_tokens)
+        for i, t, o, p, nll in zip(idx, batch, others, preds, nlls):
+            rec = {"index": i, "setting": setting, "prediction": p, "response": t.response,
+                   "correct": matches(p, t.response), "nll": nll}
+            if setting in ("FT_irrelevant", "FT2"):
+                rec["other"] = partner[i]
+                rec["leak"] = matches(p, o.response) and normalise(o.response) != normalise(t.response)
+            if "heldout_query" in t.meta:
+                rec["heldout_query"] = t.meta["heldout_query"]
+            records.append(rec)
+        prog.update(len(records), len(idx))
+    return records
+
+
+def summarise(records: Sequence[dict]) -> dict[str, float]:
+    """accuracy, nll (and leak) averaged over records; ``n`` counts them."""
+    n = max(1, len(records))
+    out = {"accuracy": sum(r["correct"] for r in records) / n, "nll": sum(r["nll"] for r in records) / n}
+    if records and "leak" in records[0]:
+        out["leak"] = sum(r["leak"] for r in records) / n
+    held = [r for r in records if r.get("heldout_query")]
+    if held:
+        out["accuracy_heldout_queries"] = sum(r["correct"] for r in held) / len(held)
+    out["n"] = len(records)
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    triples: Sequence[Triple],
+    cfg,
+    engine: Engine,
+    spec: InnerSpec,
+    device="cpu",
+    label: str = "eval",
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Metrics per setting and the per-example records. ``cfg``: an EvalConfig.
+
+    ``spec`` gives the FT settings' inner update (its lr, steps, parameters); the
+    update is first order here since no outer gradient is taken."""
+    triples = list(triples[: cfg.n_examples] if cfg.n_examples else triples)
+    partner = partners(len(triples), seed + 12345)
+    if spec is not None:
+        spec = InnerSpec(lr=spec.lr, names=spec.names, steps=spec.steps, second_order=False)
+    was_training = model.training
+    model.eval()
+    metrics, records = {}, []
+    for setting in cfg.settings:
+        prog = Progress(f"{label} {setting}", len(triples), every=10**9, unit="examples")
+        recs = run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog)
+        metrics[setting] = summarise(recs)
+        records += recs
+    model.train(was_training)
+    return metrics, records

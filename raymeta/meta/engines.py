@@ -1,0 +1,46 @@
+"""Engine registry: each engine is a pair of functions (adapt, logits).
+
+``adapt(model, contexts [B,n,Tc], spec) -> state`` (state has ``inner_loss [B]``) and
+``logits(model, state, queries [B,m,T]) -> [B,m,T,V]``. ``select_engine`` resolves
+``auto`` to the fast-weights engine where it is exact, else to the reference one,
+and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from raymeta.meta import reference
+
+log = logging.getLogger("raymeta.meta")
+
+
+class Engine(NamedTuple):
+    name: str
+    adapt: object
+    logits: object
+
+
+def fastweights_ineligibility(model, spec) -> str | None:
+    """Why the fast-weights engine cannot run this model exactly (None = it can)."""
+    try:
+        from raymeta.meta import fastweights
+    except ImportError:
+        return "the fast-weights engine is not installed in this build"
+    return fastweights.ineligibility(model, spec)
+
+
+def select_engine(name: str, model, spec) -> Engine:
+    """The engine called ``name`` (reference, fastweights, auto) for ``model`` and ``spec``."""
+    if name == "reference":
+        return Engine("reference", reference.adapt, reference.logits)
+    reason = fastweights_ineligibility(model, spec)
+    if reason is None:
+        from raymeta.meta import fastweights
+
+        return Engine("fastweights", fastweights.adapt, fastweights.logits)
+    if name == "fastweights":
+        raise ValueError(f"meta.engine=fastweights cannot run exactly here: {reason}")
+    log.warning("meta.engine=auto: using the reference engine because %s", reason)
+    return Engine("reference", reference.adapt, reference.logits)

@@ -1,0 +1,407 @@
+"""The fast-weights engine: exact, batched inner SGD steps that never build θ'.
+
+For a linear layer the inner gradient over a task's context tokens is
+``G = Σ_t d_t h_t^T`` (h: the layer's input, d = dL_inner/dy), so the adapted
+layer's output on a query is ``x W^T - η (x H^T) D``. Forward hooks add such
+corrections (see ``fastweights_terms``) to every module that holds an inner
+parameter; D comes from ``torch.autograd.grad`` of the inner loss w.r.t. the
+modules' outputs (with ``create_graph`` for the second order), so the inner step
+never writes parameter ``.grad`` and the outer backward is the only backward
+into the parameters. Design notes: ``FASTWEIGHTS.md``.
+
+Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
+and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
+head: the cross terms are included), ``nn.LayerNorm`` and Llama-style RMSNorm
+scales. Anything else makes ``ineligibility`` return a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymeta.data.batches import Tokens
+from raymeta.meta.fastweights_terms import (
+    Dense,
+    LowRank,
+    Rows,
+    detach,
+    linear_delta,
+    lookup_delta,
+    vector_delta,
+)
+from raymeta.meta.inner import InnerSpec, call, context_loss, double_backward_attention
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""RMSNorm classes computing ``weight * normalise(x)`` (Gemma's ``1 + weight`` is not one)."""
+
+
+class Ineligible(ValueError):
+    """The fast-weights engine would not be exact for this model and these parameters."""
+
+
+@dataclass
+class Use:
+    """A module holding inner parameters: its kind and the inner names of its weight and bias."""
+
+    module: nn.Module
+    path: str
+    kind: str  # linear | conv1d | embedding | norm
+    weight: str | None = None
+    bias: str | None = None
+
+
+@dataclass
+class FastState:
+    """What ``logits`` needs: the hooked modules, the update terms per parameter name
+    (each ``[B, ...]``, see fastweights_terms), the task count and the first inner loss ``[B]``."""
+
+    uses: list[Use]
+    terms: dict[str, list] = field(default_factory=dict)
+    tasks: int = 0
+    inner_loss: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------
+# eligibility
+# ---------------------------------------------------------------------------
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """linear / conv1d / embedding / norm, or None for a module kind this engine does not know."""
+    t = type(module)
+    if t is nn.Linear:
+        return "linear"
+    if t is nn.Embedding:
+        plain = module.max_norm is None and not module.scale_grad_by_freq
+        return "embedding" if plain else None
+    if t is nn.LayerNorm:
+        return "norm" if len(module.normalized_shape) == 1 else None
+    if t.__name__ in RMS_NORMS and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return "norm"
+    if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
+        return "conv1d"
+    return None
+
+
+def module_reason(model) -> str | None:
+    """A model-wide reason to refuse (HF gradient checkpointing, peft variants), or None."""
+    for path, m in model.named_modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            return (
+                f"module {path or type(m).__name__} has Hugging Face gradient checkpointing on, "
+                "whose recomputation would run without the fast-weights corrections "
+                "(use InnerSpec.checkpoint_inner instead)"
+            )
+        if getattr(m, "lora_variant", None):
+            return (
+                f"peft layer {path} uses a LoRA variant (e.g. DoRA) that this engine does not model"
+            )
+    return None
+
+
+def find_uses(model, names) -> list[Use]:
+    """The modules holding the inner parameters ``names``; raises Ineligible with a reason."""
+    reason = module_reason(model)
+    if reason:
+        raise Ineligible(reason)
+    named = dict(model.named_parameters())
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, m in model.named_modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((path, m, attr))
+    uses: dict[int, Use] = {}
+    for name in names:
+        if name not in named:
+            raise Ineligible(f"inner parameter {name} is not a parameter of the model")
+        kinds = set()
+        for path, m, attr in owners[id(named[name])]:
+            kind = module_kind(m)
+            if (
+                kind is None
+                or attr not in ("weight", "bias")
+                or (kind == "embedding" and attr != "weight")
+            ):
+                raise Ineligible(
+                    f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
+                    f"(as {attr!r}), which the fast-weights engine does not know"
+                )
+            use = uses.setdefault(id(m), Use(m, path, kind))
+            setattr(use, attr, name)
+            kinds.add(kind)
+        if "conv1d" in kinds and len(kinds) > 1:
+            raise Ineligible(f"parameter {name} is shared between a Conv1D and another layout")
+    return list(uses.values())
+
+
+def ineligibility(model, spec: InnerSpec) -> str | None:
+    """None when the engine is exact for ``model`` and ``spec.names``, else why not."""
+    try:
+        find_uses(model, spec.names)
+    except Ineligible as e:
+        return str(e)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One hooked call in an inner forward: input (grouped ``[B, R, in]``, or ids ``[B, R]``),
+    the normalised input of a norm (or None) and the output the rest of the model saw."""
+
+    use: Use
+    x: torch.Tensor
+    nx: torch.Tensor | None
+    out: torch.Tensor
+
+
+class Hooks:
+    """Forward hooks adding ``terms``' corrections during one forward of ``rows`` × ``length`` tokens.
+
+    ``inner``: the forward is an inner step's (outputs are made to require grad so that
+    D can be taken w.r.t. them); ``record``: keep a Record per hooked call."""
+
+    def __init__(self, uses, terms, tasks, rows, length, inner=False, record=False):
+        self.uses, self.terms, self.tasks = uses, terms, tasks
+        self.rows, self.length = rows, length
+        self.inner, self.record = inner, record
+        self.records: list[Record] = []
+        self.handles = []
+        self.busy = False
+
+    def __enter__(self):
+        for use in self.uses:
+            self.handles.append(use.module.register_forward_hook(functools.partial(self.hook, use)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, length, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
+        want = (self.rows, self.length)
+        if tuple(x.shape[:2]) != want or x.dim() != (2 if use.kind == "embedding" else 3):
+            raise RuntimeError(
+                f"fast-weights: module {use.path} got an input of shape {tuple(x.shape)}, "
+                f"expected [{want[0]}, {want[1]}, ...]; this model calls it in a way the engine "
+                "cannot group by task"
+            )
+        return x.reshape(self.tasks, -1, *x.shape[2:])
+
+    def hook(self, use: Use, module, inputs, output):
+        if self.busy:
+            return None
+        x = self.group(use, inputs[0])
+        nx = self.normalised(use, x) if use.kind == "norm" and use.weight else None
+        delta = correction(use, self.terms, x, nx, output.shape[-1])
+        out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
+        if self.inner and torch.is_grad_enabled() and not out.requires_grad:
+            out = out.detach().requires_grad_()
+        if self.record:
+            self.records.append(Record(use, x, nx, out))
+        return out
+
+    def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
+        """The norm's output with unit scale and no bias: ``[B, R, d]``."""
+        m = use.module
+        if type(m) is nn.LayerNorm:
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        self.busy = True
+        try:
+            ones = {"weight": torch.ones_like(m.weight)}
+            return torch.func.functional_call(m, ones, (x,))
+        finally:
+            self.busy = False
+
+
+def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
+    """The adapted module's output minus its plain output, grouped ``[B, R, out]`` (None: no change)."""
+    w_terms = terms.get(use.weight, []) if use.weight else []
+    b_terms = terms.get(use.bias, []) if use.bias else []
+    if use.kind == "norm":
+        total = None
+        w = vector_delta(w_terms)
+        if w is not None:
+            total = w[:, None, :] * nx
+        b = vector_delta(b_terms)
+        if b is not None:
+            total = b[:, None, :] if total is None else total + b[:, None, :]
+        return total
+    if use.kind == "embedding":
+        parts = [lookup_delta(t, x) for t in w_terms]
+        pad = use.module.padding_idx
+        if pad is not None and parts:  # nn.Embedding sends no gradient into the padding row
+            keep = (x == pad)[..., None]
+            parts = [torch.where(keep, p.detach(), p) for p in parts]
+    else:
+        parts = [linear_delta(t, x, out_dim) for t in w_terms]
+    b = vector_delta(b_terms)
+    if b is not None:
+        parts.append(b[:, None, :])
+    if not parts:
+        return None
+    return functools.reduce(torch.add, parts)
+
+
+def new_terms(rec: Record, d: torch.Tensor, lr: float):
+    """(name, term) pairs of one hooked call's ``-η G`` given d = dL/d(out) ``[rows, length, out]``."""
+    use = rec.use
+    d = d.reshape(rec.x.shape[0], -1, d.shape[-1]) * (-lr)
+    out = []
+    if use.kind in ("linear", "conv1d"):
+        if use.weight:
+            out.append((use.weight, LowRank(d, rec.x)))
+        if use.bias:
+            out.append((use.bias, Dense(d.sum(1))))
+    elif use.kind == "embedding":
+        pad = use.module.padding_idx
+        if pad is not None:  # nn.Embedding gives the padding row no gradient
+            d = d * (rec.x != pad)[..., None].to(d.dtype)
+        out.append((use.weight, Rows(rec.x, d)))
+    else:
+        if use.weight:
+            out.append((use.weight, Dense((d * rec.nx).sum(1))))
+        if use.bias:
+            out.append((use.bias, Dense(d.sum(1))))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# activation checkpointing of the inner pass
+# ---------------------------------------------------------------------------
+
+
+def decoder_blocks(model) -> list[nn.Module]:
+    """The repeated blocks: the ModuleList of one class holding the most parameters."""
+    lists = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1
+    ]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
+
+
+def run_checkpointed(fn, context_fn, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs
+    )
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model, enabled: bool, replay):
+    """While active, each decoder block's forward runs under non-reentrant checkpointing;
+    ``replay()`` gives the context of its recomputation (hooks as in this forward)."""
+    if not enabled:
+        yield
+        return
+
+    def context_fn():
+        return contextlib.nullcontext(), replay()
+
+    patched = []
+    for blk in decoder_blocks(model):
+        had = "forward" in blk.__dict__
+        orig = blk.forward
+        blk.forward = functools.partial(run_checkpointed, orig, context_fn)
+        patched.append((blk, had, orig))
+    try:
+        yield
+    finally:
+        for blk, had, orig in patched:
+            if had:
+                blk.forward = orig
+            else:
+                del blk.__dict__["forward"]
+
+
+class Replay:
+    """The recomputation of a checkpointed inner block: same hooks, no records, math SDPA.
+
+    Reusable: checkpointing may recompute a block more than once (inner and outer backward)."""
+
+    def __init__(self, uses, terms, tasks, rows, length):
+        self.args = (uses, terms, tasks, rows, length)
+        self.stack: list[contextlib.ExitStack] = []
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(Hooks(*self.args, inner=True))
+        stack.enter_context(double_backward_attention())
+        self.stack.append(stack)
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.pop().close()
+
+
+# ---------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------
+
+
+def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: bool):
+    """Logits ``[B*n, Tc, V]`` of the contexts with ``terms`` applied, and the Records."""
+    rows, length = contexts.input_ids.shape
+    snapshot = {k: list(v) for k, v in terms.items()}
+    replay = functools.partial(Replay, uses, snapshot, tasks, rows, length)
+    hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
+    with hooks, checkpointed_blocks(model, checkpoint, replay):
+        logits = call(model, contexts)
+    return logits, hooks.records
+
+
+def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
+    """``spec.steps`` SGD steps per task on its contexts ``[B, n, Tc]`` (kept as update terms)."""
+    try:
+        uses = find_uses(model, spec.names)
+    except Ineligible as e:
+        raise ValueError(f"fast-weights engine: {e}") from None
+    b, n, tc = contexts.input_ids.shape
+    flat = contexts.flat()
+    state = FastState(uses, {}, b)
+    with torch.enable_grad():
+        for k in range(spec.steps):
+            logits, records = inner_forward(
+                model, uses, state.terms, flat, b, spec.checkpoint_inner
+            )
+            loss = context_loss(logits.view(b, n, tc, -1), contexts)
+            if k == 0:
+                state.inner_loss = loss.detach()
+            ds = torch.autograd.grad(
+                loss.sum(),
+                [r.out for r in records],
+                create_graph=spec.second_order,
+                allow_unused=True,
+            )
+            for rec, d in zip(records, ds):
+                if d is None:
+                    continue
+                for name, term in new_terms(rec, d, spec.lr):
+                    term = term if spec.second_order else detach(term)
+                    state.terms.setdefault(name, []).append(term)
+            del logits, loss, records, ds
+    return state
+
+
+def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
+    """Adapted logits ``[B, m, T, V]`` of queries ``[B, m, T]`` (row b uses task b's θ')."""
+    b, m, t = queries.input_ids.shape
+    if b != state.tasks:
+        raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
+    with Hooks(state.uses, state.terms, b, b * m, t):
+        out = call(model, queries.flat())
+    return out.view(b, m, t, -1)

@@ -1,0 +1,162 @@
+"""Loading causal LMs (any Hugging Face model, or the offline tiny one) and LoRA wrapping.
+
+Everything loads through ``from_pretrained``: a hub name, a local path, or the
+tiny model this module builds (a small Llama saved with ``save_pretrained`` and
+a word-level tokenizer trained with the ``tokenizers`` library on the task
+texts). The attention implementation is one with double backward (eager, or
+SDPA which the meta step runs under its math backend).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def train_tokenizer(texts: Iterable[str], max_vocab: int = 16000):
+    """A word-level tokenizer (words and punctuation) trained on ``texts``.
+
+    Every word of the generated sets is one token, so a name is exactly two."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, special_tokens=SPECIALS)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def build_tiny_model(shape, vocab_size: int, seed: int = 0):
+    """A randomly initialised small Llama. ``shape``: a TinyModelConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=shape.tie_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> Path:
+    """``save_pretrained`` model and tokenizer into ``path`` (plus ``raymeta.json`` info)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if info is not None:
+        (path / "raymeta.json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str = "eager",
+    device: str | torch.device = "cpu",
+):
+    """(model, tokenizer) from a hub name or local directory through ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype: {dtype!r} is not one of {list(DTYPES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except OSError as e:
+        raise OSError(
+            f"model.name_or_path: cannot load {name_or_path!r} ({e}). Offline machines need a "
+            "local directory written by save_pretrained, or model.name_or_path=tiny."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap ``model`` with a peft LoRA adapter (``lora_cfg``: a LoraConfig); base frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        target_modules=list(lora_cfg.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = None) -> list[str]:
+    """Names of the parameters the inner step updates.
+
+    ``["all"]``: every trainable parameter (with LoRA in adapter mode: the adapter;
+    in ``outer_lora_inner_full`` mode: every base weight, not the adapter). Otherwise
+    every parameter whose name contains one of the patterns. Raises if none match."""
+    named = list(model.named_parameters())
+    if lora_mode == "outer_lora_inner_full":
+        pool = [n for n, _ in named if "lora_" not in n]
+    else:
+        pool = [n for n, p in named if p.requires_grad]
+    if patterns == ["all"]:
+        names = pool
+    else:
+        names = [n for n in pool if any(p in n for p in patterns)]
+    if not names:
+        raise ValueError(f"meta.inner_params: {patterns!r} matches no parameter of the model")
+    return names
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    h = hidden_states.to(dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * h.to(hidden_states.dtype)
+
+
+def keep_float64(model):
+    """Make RMSNorm layers compute in float64 when the model is float64.
+
+    HF's RMSNorm rounds through float32, which caps float64 checks (finite
+    differences, engine equivalence) at float32 accuracy. Returns ``model``."""
+    import types
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rmsnorm_full_precision, module)
+    return model

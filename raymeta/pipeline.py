@@ -1,0 +1,138 @@
+"""The main job in one process: data → (tiny model) → preparation → BM eval → meta-train → eval.
+
+Writes ``DIR/results.json`` shaped ``{"BM"|"LG"|"LC": {setting: {"accuracy", "nll"|"leak", ...}}}``,
+per-example records ``DIR/records/<model>.jsonl``, the resolved config and a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from raymeta.config import RunConfig, dump_config
+from raymeta.data.sets import load_task_set, save_task_set
+from raymeta.evaluate import SETTINGS, evaluate
+from raymeta.finetune import prepare
+from raymeta.meta.engines import select_engine
+from raymeta.outer import inner_spec, lm_sampler, meta_train_local
+
+
+def setup_torch(cfg: RunConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+
+def prompt_accuracy_fn(tokenizer, device):
+    """``f(model, triples) -> Prompt accuracy`` (used to watch the tiny model's pretraining)."""
+    from raymeta.config import EvalConfig
+
+    ecfg = EvalConfig(settings=["Prompt"], n_examples=0, max_new_tokens=4, batch_size=64)
+
+    def f(model, triples):
+        metrics, _ = evaluate(model, tokenizer, triples, ecfg, None, None, device, label="pretrain-val")
+        return metrics["Prompt"]["accuracy"]
+
+    return f
+
+
+def load_base_model(cfg: RunConfig, train, test, device):
+    """(model, tokenizer, path) of the configured model; builds the tiny one when asked."""
+    from raymeta.models import apply_lora, keep_float64, load_model, train_tokenizer
+    from raymeta.pretrain import ensure_tiny_model, tokenizer_texts
+
+    path = cfg.model.name_or_path
+    if path == "tiny":
+        tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
+        path = str(ensure_tiny_model(cfg, train, test, device, prompt_accuracy_fn(tok, device)))
+    model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
+    if cfg.model.dtype == "float64":
+        keep_float64(model)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    return model, tok, path
+
+
+def format_table(results: dict) -> str:
+    """results.json as a markdown table: model × setting (accuracy, and nll / leak)."""
+    settings = [s for s in SETTINGS if any(s in r for r in results.values())]
+    head = "| model | " + " | ".join(settings) + " |"
+    lines = [head, "|" + " --- |" * (len(settings) + 1)]
+    for name, res in results.items():
+        cells = []
+        for s in settings:
+            m = res.get(s)
+            if m is None:
+                cells.append("-")
+            elif "leak" in m:
+                cells.append(f"{m['accuracy']:.3f} (leak {m['leak']:.3f})")
+            else:
+                cells.append(f"{m['accuracy']:.3f} (nll {m['nll']:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_records(out: Path, name: str, records: list[dict]) -> None:
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    with open(out / "records" / f"{name}.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> dict:
+    """Run the whole job; returns results (also written to ``output_dir/results.json``).
+
+    ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher) -> history`` replaces
+    the in-process meta-training loop (the Ray Train path passes its own)."""
+    t0 = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    setup_torch(cfg)
+    device = torch.device(cfg.device)
+    print(f"[data] {cfg.data.dataset}", flush=True)
+    train, test = load_task_set(cfg.data)
+    save_task_set(out / "data", cfg.data, train, test)
+    print(f"[data] {len(train)} train / {len(test)} test triples", flush=True)
+    model, tok, path = load_base_model(cfg, train, test, device)
+    print(f"[model] {path}", flush=True)
+    prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
+    eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
+    results, histories = {}, {}
+
+    def run_eval(name, m):
+        spec = inner_spec(m, cfg.meta, cfg.model.lora, lr=eval_lr)
+        engine = select_engine(cfg.meta.engine, m, spec)
+        metrics, records = evaluate(m, tok, test, cfg.eval, engine, spec, device, label=f"eval {name}", seed=cfg.seed)
+        results[name] = metrics
+        write_records(out, name, records)
+        print(f"[eval {name}] " + "  ".join(f"{s}={v['accuracy']:.3f}" for s, v in metrics.items()), flush=True)
+
+    base = model
+    base.requires_grad_(True) if not cfg.model.lora.enabled else None
+    run_eval("BM", base)
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    trainer = meta_trainer or local_trainer
+    for objective in cfg.meta.objectives:
+        m = copy.deepcopy(base)
+        lc_teacher = teacher if objective == "LC" else None
+        histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
+        run_eval(objective, m)
+    table = format_table(results)
+    print("\n" + table + "\n", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(table + "\n")
+    summary = {"seconds": time.perf_counter() - t0, "model": path, "prepare": prep, "history": histories}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[done] {summary['seconds']:.0f} s; results in {out / 'results.json'}", flush=True)
+    return results
+
+
+def local_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+    """Meta-train in this process (see raymeta.outer.meta_train_local)."""
+    lm_next = lm_sampler(cfg, tokenizer, train, test)
+    return meta_train_local(model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next)

@@ -1,0 +1,1 @@
+"""Distributed training, sweeps and evaluation jobs (Ray Train, Ray Tune, MLflow)."""

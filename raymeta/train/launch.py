@@ -1,0 +1,232 @@
+"""Launching meta-training on Ray: the Ray instance, the TorchTrainer, and the whole job.
+
+* :func:`connect_ray` joins the cluster named by ``train.ray_address`` or
+  ``$RAY_ADDRESS`` (set by ``ray job submit``), else a running local cluster,
+  else starts a local instance sized by ``train.object_store_mb``.
+* :func:`fit_objective` trains one objective with a ``TorchTrainer``
+  (``train.num_workers`` workers, DeepSpeed in each, checkpoints and restarts
+  through ``FailureConfig(train.max_failures)``) and returns where the trained
+  weights are.
+* :func:`ray_trainer` adapts that to :func:`raymeta.pipeline.run_pipeline`'s
+  ``meta_trainer`` hook; :func:`run_job` is the ``jobs/metatrain.py`` entry:
+  MLflow run (fail fast), pipeline, results and records as artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raymeta.config import ConfigError, RunConfig, to_dict
+from raymeta.train.checkpoint import MODEL_DIR, read_state
+from raymeta.train.engine import check_zero_stage
+
+
+@dataclass
+class FitResult:
+    """What one distributed meta-training run left behind."""
+
+    model_dir: Path
+    """The trained weights (``save_pretrained`` directory inside the final checkpoint)."""
+    checkpoint_dir: Path
+    """The final Ray checkpoint directory."""
+    history: list[dict] = field(default_factory=list)
+    """Per-step metrics (rank 0), across restarts."""
+    steps_log: list[list[int]] = field(default_factory=list)
+    """``[step, attempt]`` of every step done."""
+
+
+def check_launchable(cfg: RunConfig) -> None:
+    """Raise ConfigError for settings the Ray path cannot run (before anything starts)."""
+    check_zero_stage(cfg.train)
+    if cfg.model.lora.enabled:
+        raise ConfigError(
+            "model.lora.enabled: LoRA is not supported with train.launcher=ray yet "
+            "(workers load full save_pretrained checkpoints); use train.launcher=local"
+        )
+    if cfg.train.precision == "bf16" and cfg.model.dtype != "float32":
+        raise ConfigError("train.precision=bf16 expects model.dtype=float32 master weights")
+
+
+def connect_ray(train_cfg) -> None:
+    """``ray.init`` against the configured cluster, else a running one, else a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    address = train_cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return
+    except ConnectionError:
+        pass
+    kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    if train_cfg.object_store_mb:
+        kwargs["object_store_memory"] = train_cfg.object_store_mb * 1024**2
+    ray.init(**kwargs)
+
+
+def fit_objective(cfg: RunConfig, objective: str, model_dir: str | Path, train, test,
+                  output_dir: str | Path, tracking: dict | None = None,
+                  fault: dict | None = None) -> FitResult:
+    """Meta-train ``objective`` from ``model_dir`` on Ray workers; the trained weights' location.
+
+    Checkpoints live under ``output_dir/ray`` (Ray's storage path; use a shared
+    filesystem on a multi-node cluster). ``fault`` is a test hook (see worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raymeta.train.worker import train_loop
+
+    check_launchable(cfg)
+    connect_ray(cfg.train)
+    t = cfg.train
+    storage = Path(output_dir).expanduser().resolve() / "ray"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg), "objective": objective, "model_dir": str(model_dir),
+            "train": list(train), "test": list(test), "tracking": tracking, "fault": fault,
+        },
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name=f"{cfg.name}-{objective}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
+    ckpt = Path(result.checkpoint.path)
+    state = read_state(ckpt)
+    history = json.loads((ckpt / "history.json").read_text())
+    return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)
+
+
+def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:
+    """Copy the trained weights of ``model_dir`` into ``model`` in place."""
+    from raymeta.models import load_model
+
+    trained, _ = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation, "cpu")
+    state = {k: v.to(p.device) for (k, v), p in zip(trained.state_dict().items(),
+                                                   model.state_dict().values())}
+    model.load_state_dict(state)
+
+
+def ray_trainer(output_dir: str | Path, parent=None):
+    """A ``meta_trainer`` for run_pipeline that trains each objective on Ray workers.
+
+    The base model is written once with save_pretrained; the workers load it
+    (and a frozen copy as the LC teacher). ``parent``: the driver's Tracker;
+    each objective gets an MLflow child run that rank 0 logs per-step metrics to."""
+    out = Path(output_dir).expanduser().resolve()
+    base_dir = out / "ray" / "base_model"
+
+    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+        from raymeta.models import save_model
+
+        if not (base_dir / "config.json").is_file():
+            save_model(model, tokenizer, base_dir)
+        child, info = _child_run(cfg, objective, out, parent)
+        try:
+            result = fit_objective(cfg, objective, base_dir, train, test, out, info)
+        except BaseException:
+            child.finish("FAILED")
+            raise
+        load_weights_into(model, result.model_dir, cfg)
+        model.eval()
+        child.finish()
+        return result.history
+
+    return meta_trainer
+
+
+def _child_run(cfg: RunConfig, objective: str, out: Path, parent):
+    """(tracker, worker info) of an MLflow child run for ``objective`` (no-op without a parent)."""
+    from raymeta.train.tracking import Tracker, start_run
+
+    if parent is None or parent.run_id is None:
+        return Tracker(), None
+    child = start_run(cfg.tracking, default_dir=out, run_name=f"{cfg.name}-{objective}",
+                      params={"objective": objective},
+                      tags={**run_tags(cfg, objective), "mlflow.parentRunId": parent.run_id})
+    info = {"uri": child.uri, "experiment_id": child.experiment_id, "run_id": child.run_id,
+            "spill_dir": str(out / "mlflow_spill")}
+    return child, info
+
+
+def run_tags(cfg: RunConfig, model_kind: str) -> dict[str, str]:
+    """The house tags: experiment, dataset, model_kind, setting."""
+    return {
+        "experiment": cfg.experiment,
+        "dataset": cfg.data.dataset,
+        "model_kind": model_kind,
+        "setting": ",".join(cfg.eval.settings),
+        "launcher": cfg.train.launcher,
+    }
+
+
+def local_trainer_logged(tracker):
+    """The in-process meta_trainer, logging per-step metrics as ``<objective>/<name>``."""
+    from raymeta.outer import lm_sampler, meta_train_local
+
+    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+        lm_next = lm_sampler(cfg, tokenizer, train, test)
+
+        def on_log(stats, step):
+            tracker.log_metrics({f"{objective}/{k}": v for k, v in stats.items()
+                                 if k != "step" and isinstance(v, (int, float))}, step)
+
+        return meta_train_local(model, tokenizer, train, cfg, objective, teacher, cfg.device,
+                                lm_next, on_log=on_log)
+
+    return meta_trainer
+
+
+def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
+    """The metatrain job: MLflow run, pipeline (Ray or in-process), results to MLflow."""
+    from raymeta.pipeline import run_pipeline
+    from raymeta.train.tracking import start_run
+
+    out = Path(output_dir).expanduser().resolve()
+    if cfg.train.launcher == "ray":
+        check_launchable(cfg)
+    kinds = "BM," + ",".join(cfg.meta.objectives)
+    tracker = start_run(cfg.tracking, default_dir=out, run_name=cfg.name, params=to_dict(cfg),
+                        tags=run_tags(cfg, kinds))
+    status = "FAILED"
+    try:
+        if cfg.train.launcher == "ray":
+            connect_ray(cfg.train)
+            trainer = ray_trainer(out, tracker)
+        else:
+            trainer = local_trainer_logged(tracker)
+        results = run_pipeline(cfg, out, meta_trainer=trainer)
+        log_results(tracker, out, results)
+        status = "FINISHED"
+        return results
+    finally:
+        tracker.finish(status)
+
+
+def log_results(tracker, out: Path, results: dict) -> None:
+    """Eval metrics (``<model>.<setting>.<metric>``), the results table and records as artifacts."""
+    metrics = {f"{model}.{setting}.{k}": v for model, res in results.items()
+               for setting, m in res.items() for k, v in m.items() if isinstance(v, (int, float))}
+    tracker.log_metrics(metrics, step=0)
+    for name in ("results.json", "results.md", "summary.json", "config.yaml"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name)
+    if (out / "records").is_dir():
+        tracker.log_artifact(out / "records", "records")

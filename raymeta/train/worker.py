@@ -1,0 +1,239 @@
+"""The Ray Train loop: one worker's share of the distributed outer loop.
+
+Every worker loads the base model from a ``save_pretrained`` directory, wraps
+it in a DeepSpeed engine and runs the same steps as
+:func:`raymeta.outer.meta_train_local`: at each global step it takes its own
+disjoint shard of the global meta-batch (:func:`raymeta.data.tasks.shard_batch`),
+computes :func:`raymeta.outer.step_loss` through ``engine.module``, and lets the
+engine reduce, clip and apply Adam. Rank 0 prints progress, logs per-step
+metrics to the run's MLflow child run, and evaluates on held-out data every
+``train.eval_every`` steps. Metrics go to ``ray.train.report`` every
+``train.report_every`` steps; checkpoints (engine + loop state) every
+``train.checkpoint_every`` steps and at the end, where rank 0 also writes the
+trained model with ``save_pretrained``. A restarted worker group resumes from
+the last checkpoint at the same step and sampler position.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raymeta.train.checkpoint import MODEL_DIR, LoopState, load_checkpoint, save_checkpoint
+
+METRIC_KEYS = ("outer_loss", "inner_loss", "loss", "lm_loss", "grad_norm")
+
+
+def train_loop(config: dict) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer (see :func:`raymeta.train.launch.fit_objective`).
+
+    ``config`` keys: ``cfg`` (the RunConfig as a dict), ``objective``, ``model_dir``,
+    ``train``/``test`` (triples), ``tracking`` (MLflow child run or None), ``fault``
+    (test hook: ``{"step", "rank", "flag"}`` kills this worker at that step once)."""
+    import ray.train
+
+    from raymeta.config import from_dict
+    from raymeta.data.tasks import advance, group_facts, shard_batch
+    from raymeta.meta.engines import select_engine
+    from raymeta.outer import inner_spec, lm_sampler, step_loss, total_steps
+    from raymeta.progress import Progress
+    from raymeta.train.engine import init_engine
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = from_dict(config["cfg"])
+    meta, objective = cfg.meta, config["objective"]
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+    model, tok = _load(config["model_dir"], cfg, device, trainable=True)
+    teacher = None
+    if objective == "LC":
+        teacher, _ = _load(config["model_dir"], cfg, device, trainable=False)
+    train, test = config["train"], config["test"]
+    groups = group_facts(train, meta.contexts_per_update, cfg.seed)
+    steps = total_steps(meta, len(groups))
+    spec = inner_spec(model, meta, cfg.model.lora)
+    engine = select_engine(meta.engine, model, spec)
+    ds = init_engine(model, cfg, world)
+    lm_next = lm_sampler(cfg, tok, train, test)
+
+    state = LoopState(objective)
+    history: list[dict] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(ds, d)
+            history = _read_history(d)
+        state.attempt += 1
+        if rank == 0:
+            print(f"[meta-train {objective}] resumed at step {state.step}/{steps} "
+                  f"(epoch {state.position.epoch}, batch {state.position.step}), "
+                  f"attempt {state.attempt}", flush=True)
+    tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
+    prog = Progress(f"meta-train {objective} ({engine.name}, {world} workers, "
+                    f"ZeRO-{cfg.train.zero_stage})", steps, every=meta.log_every,
+                    stream=None if rank == 0 else open(os.devnull, "w"))  # noqa: SIM115
+    fault = config.get("fault")
+    ds.module.train()
+    t_last, tasks_since = time.perf_counter(), 0
+    while state.step < steps:
+        step = state.step + 1
+        _maybe_fail(fault, step, rank)
+        idx = shard_batch(len(groups), meta.meta_batch_size, rank, world, cfg.seed, state.position)
+        loss, stats = step_loss(ds.module, engine, spec, tok, [groups[i] for i in idx],
+                                objective, meta, teacher, lm_next, device)
+        ds.backward(loss)
+        ds.step()
+        stats = _mean_over_workers(stats, world)
+        stats["grad_norm"] = _grad_norm(ds)
+        state.step, state.position = step, advance(state.position, len(groups), meta.meta_batch_size)
+        state.steps_log.append([step, state.attempt])
+        tasks_since += meta.meta_batch_size
+        prog.update(step, meta.meta_batch_size, outer_loss=stats["outer_loss"],
+                    inner_loss=stats["inner_loss"], grad_norm=stats["grad_norm"])
+        record = {"step": step, **{k: stats[k] for k in METRIC_KEYS if k in stats}}
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+            record.update(_evaluate(ds.module, tok, test, cfg, engine, spec, device, rank, step))
+        report_now = step % cfg.train.report_every == 0 or step == steps
+        ckpt_now = step == steps or (cfg.train.checkpoint_every
+                                     and step % cfg.train.checkpoint_every == 0)
+        if report_now or ckpt_now:
+            now = time.perf_counter()
+            record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
+            t_last, tasks_since = now, 0
+        history.append(record)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
+        if ckpt_now:
+            _report_checkpoint(ds, state, history, record, tok, rank, final=step == steps)
+        elif report_now:
+            ray.train.report(_reportable(record))
+    ds.module.eval()
+    if tracker is not None:
+        tracker.finish()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(cfg) -> torch.device:
+    if cfg.train.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _load(model_dir: str, cfg, device, trainable: bool):
+    """(model, tokenizer) from the driver's ``save_pretrained`` directory."""
+    from raymeta.models import keep_float64, load_model
+
+    model, tok = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, device)
+    if cfg.model.dtype == "float64":
+        keep_float64(model)
+    model.requires_grad_(trainable)
+    if not trainable:
+        model.eval()
+    return model, tok
+
+
+def _mean_over_workers(stats: dict, world: int) -> dict:
+    """Average the float stats over workers (each worker holds an equal share of tasks)."""
+    if world == 1:
+        return dict(stats)
+    import torch.distributed as dist
+
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {**stats, **{k: float(v) / world for k, v in zip(keys, t.tolist())}}
+
+
+def _grad_norm(ds) -> float:
+    """The global norm of the reduced meta-gradient before clipping."""
+    norm = ds.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def _evaluate(model, tok, test, cfg, engine, spec, device, rank: int, step: int) -> dict:
+    """Held-out metrics on rank 0 (``eval/<setting>_accuracy``); other ranks return {}."""
+    if rank != 0:
+        return {}
+    from raymeta.evaluate import evaluate
+    from raymeta.outer import inner_spec
+
+    eval_spec = inner_spec(model, cfg.meta, cfg.model.lora, lr=cfg.eval.inner_lr or cfg.meta.inner_lr)
+    model.eval()
+    metrics, _ = evaluate(model, tok, test, cfg.eval, engine, eval_spec, device,
+                          label=f"eval step {step}", seed=cfg.seed)
+    model.train()
+    out = {f"eval_{s}_accuracy": float(m["accuracy"]) for s, m in metrics.items()}
+    print(f"[eval step {step}] " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
+    return out
+
+
+def _reportable(record: dict) -> dict:
+    return {k: float(v) for k, v in record.items()}
+
+
+def _report_checkpoint(ds, state, history, record, tok, rank: int, final: bool) -> None:
+    """Save the engine (all ranks) and loop state (rank 0), then ray.train.report it."""
+    import json
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raymeta-ckpt-") as d:
+        save_checkpoint(ds, state, d, rank)
+        if rank == 0:
+            Path(d, "history.json").write_text(json.dumps(history))
+            if final:
+                from raymeta.models import save_model
+
+                save_model(ds.module, tok, Path(d) / MODEL_DIR)
+        ray.train.report(_reportable(record), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _read_history(directory) -> list[dict]:
+    import json
+
+    path = Path(directory) / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _attach_tracker(info: dict | None):
+    """Rank 0's tracker bound to the MLflow child run the driver opened (None = no tracking)."""
+    if not info:
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        from raymeta.train.tracking import MlflowTracker, disable_telemetry
+
+        disable_telemetry()
+        return MlflowTracker(MlflowClient(tracking_uri=info["uri"]), uri=info["uri"],
+                             experiment_id=info["experiment_id"], run_id=info["run_id"],
+                             spill_dir=Path(info["spill_dir"]))
+    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+        print(f"[raymeta.tracking] rank 0 cannot log to MLflow ({e}); training continues",
+              flush=True)
+        return None
+
+
+def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
+    """Fault injection for tests: SIGKILL this worker at ``fault['step']`` the first time."""
+    if not fault or step != fault["step"] or rank != fault.get("rank", 0):
+        return
+    flag = Path(fault["flag"])
+    if flag.exists():
+        return
+    flag.write_text(f"killed pid {os.getpid()} at step {step}\n")
+    print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,7 @@
+# Environment for raymeta jobs and tests on a single machine (sourced by the scripts).
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
+export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.1}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}

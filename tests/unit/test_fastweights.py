@@ -1,0 +1,233 @@
+"""The fast-weights engine against the reference engine, in float64 on tiny random models.
+
+Outer loss and every parameter gradient must agree within 1e-8 relative, for
+k = 1, 2 inner steps, n = 1, 3 contexts per update, padded contexts and queries,
+second and first order, on: a Llama with tied embeddings (and a padding_idx hit
+by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learned
+positions, untied head), and peft LoRA (adapter-only inner; LoRA outer with a
+full-rank inner step on the frozen base weights).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from raymeta.meta import fastweights, reference
+from raymeta.meta.engines import select_engine
+from raymeta.meta.inner import InnerSpec, double_backward_attention
+from raymeta.meta.losses import scored_positions
+from raymeta.meta.objectives import lc_loss, lg_loss
+from raymeta.models import resolve_inner_params
+from tests.helpers import random_contexts, random_queries, tiny_llama
+
+VOCAB = 48
+TOL = 1e-8
+
+
+def perturb(model, pattern: str, scale: float = 0.1):
+    """Random offsets on parameters whose name contains ``pattern`` (norms, biases, lora_B)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if pattern in n:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def llama_tied():
+    model = tiny_llama(vocab=VOCAB, tie=True)
+    model.model.embed_tokens.padding_idx = 3  # real context tokens hit it (ids start at 3)
+    return model
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = GPT2LMHeadModel(cfg).to(torch.float64)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    return perturb(perturb(model, "ln"), "bias")
+
+
+def lora(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(vocab=VOCAB, tie=True, seed=seed)
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return perturb(get_peft_model(base, cfg), "lora_B", 0.3)
+
+
+def all_names(model):
+    return tuple(n for n, _ in model.named_parameters())
+
+
+MODELS = {
+    "llama_tied": (llama_tied, all_names),
+    "gpt2": (gpt2, all_names),
+    "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
+    "lora_outer_full_inner": (
+        lora,
+        lambda m: tuple(resolve_inner_params(m, ["all"], "outer_lora_inner_full")),
+    ),
+}
+
+
+def batch(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return random_contexts(2, n, VOCAB, gen), random_queries(2, 2, VOCAB, gen)
+
+
+def run(engine, model, spec, ctx, q, objective="LG"):
+    """Outer loss (float) and the parameter grads of one meta step with ``engine``."""
+    model.zero_grad(set_to_none=True)
+    with double_backward_attention():
+        state = engine.adapt(model, ctx, spec)
+        adapted = engine.logits(model, state, q)
+        if objective == "LG":
+            per_task = lg_loss(adapted, q)
+        else:
+            gen = torch.Generator().manual_seed(5)
+            p = int(scored_positions(q.labels).sum())
+            teacher = torch.log_softmax(
+                torch.randn(p, adapted.shape[-1], generator=gen, dtype=adapted.dtype), -1
+            )
+            per_task = lc_loss(adapted, q, teacher)
+    loss = per_task.mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), state.inner_loss, grads
+
+
+def max_rel_error(ref: dict, fw: dict) -> float:
+    assert ref.keys() == fw.keys()
+    assert ref, "no parameter received a gradient"
+    return max(((ref[n] - fw[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref)
+
+
+def compare(model, spec, ctx, q, objective="LG"):
+    lr, ir, gr = run(reference, model, spec, ctx, q, objective)
+    lf, if_, gf = run(fastweights, model, spec, ctx, q, objective)
+    assert lf == pytest.approx(lr, rel=TOL)
+    assert torch.allclose(if_, ir, rtol=TOL, atol=0)
+    err = max_rel_error(gr, gf)
+    assert err < TOL, err
+    return err
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_matches_reference(kind):
+    build, names_of = MODELS[kind]
+    model = build()
+    names = names_of(model)
+    assert fastweights.ineligibility(model, InnerSpec(0.5, names)) is None
+    worst = 0.0
+    for steps in (1, 2):
+        for n in (1, 3):
+            ctx, q = batch(n, seed=steps * 10 + n)
+            for second in (True, False):
+                spec = InnerSpec(lr=0.5, names=names, steps=steps, second_order=second)
+                worst = max(worst, compare(model, spec, ctx, q))
+    print(f"{kind}: max relative gradient error {worst:.2e}")
+
+
+def test_lc_objective_and_checkpointed_inner(monkeypatch):
+    """LC outer loss once; inner-pass checkpointing recomputes and stays exact (k=2, 2nd order)."""
+    recomputed = []
+    enter = fastweights.Replay.__enter__
+
+    def counting_enter(self):
+        recomputed.append(1)
+        return enter(self)
+
+    monkeypatch.setattr(fastweights.Replay, "__enter__", counting_enter)
+    model = llama_tied()
+    ctx, q = batch(2)
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=True)
+    compare(model, spec, ctx, q, objective="LC")
+    assert recomputed, "the checkpointed inner blocks were never recomputed"
+    gpt = gpt2()
+    compare(gpt, InnerSpec(lr=0.5, names=all_names(gpt), steps=2, checkpoint_inner=True), ctx, q)
+
+
+class OddLinear(nn.Linear):
+    """A Linear subclass: its forward could do anything, so the engine must refuse it."""
+
+
+def test_unknown_module_kind_falls_back(caplog):
+    model = tiny_llama(vocab=VOCAB)
+    mlp = model.model.layers[0].mlp
+    odd = OddLinear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    odd.weight = mlp.down_proj.weight
+    mlp.down_proj = odd
+    spec = InnerSpec(lr=0.5, names=all_names(model))
+    reason = fastweights.ineligibility(model, spec)
+    assert (
+        reason is not None
+        and "model.layers.0.mlp.down_proj.weight" in reason
+        and "OddLinear" in reason
+    )
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    assert "OddLinear" in caplog.text
+    with pytest.raises(ValueError, match="OddLinear"):
+        select_engine("fastweights", model, spec)
+    # restricted to parameters of known modules it is eligible again
+    ok = InnerSpec(lr=0.5, names=("model.layers.1.mlp.down_proj.weight", "model.norm.weight"))
+    assert select_engine("auto", model, ok).name == "fastweights"
+
+
+def plain_logits(model, q):
+    f = q.flat()
+    with torch.no_grad():
+        return model(
+            input_ids=f.input_ids, attention_mask=f.attention_mask, position_ids=f.position_ids
+        ).logits
+
+
+def test_model_unchanged_and_logits_repeatable():
+    model = llama_tied()
+    ctx, q = batch(2)
+    before = plain_logits(model, q)
+    spec = InnerSpec(lr=0.5, names=all_names(model), checkpoint_inner=True)
+    with double_backward_attention():
+        ref_state = reference.adapt(model, ctx, spec)
+        state = fastweights.adapt(model, ctx, spec)
+        with torch.no_grad():
+            for width in (
+                q.input_ids.shape[-1],
+                4,
+                q.input_ids.shape[-1],
+            ):  # growing/shrinking queries
+                part = type(q)(q.input_ids[..., :width], q.attention_mask[..., :width])
+                ref = reference.logits(model, ref_state, part)
+                fw = fastweights.logits(model, state, part)
+                assert torch.allclose(fw, ref, rtol=1e-10, atol=1e-12)
+                assert not torch.allclose(fw, plain_logits(model, part).view_as(fw))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all("forward" not in blk.__dict__ for blk in model.model.layers)
+    assert all(p.grad is None for p in model.parameters()), "the inner step wrote .grad"
+    assert torch.equal(plain_logits(model, q), before)

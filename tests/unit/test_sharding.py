@@ -1,0 +1,76 @@
+"""Task sharding for data parallelism: disjoint, balanced, every task once per epoch, reshuffled."""
+
+from __future__ import annotations
+
+import pytest
+
+from raymeta.data.tasks import Position, advance, epoch_order, shard_batch, steps_per_epoch
+
+
+def epoch_shards(num_tasks: int, batch: int, world: int, seed: int, epoch: int):
+    """{rank: [indices of every step of ``epoch``]} and the per-step shards."""
+    per_rank: dict[int, list[int]] = {r: [] for r in range(world)}
+    steps = []
+    pos = Position(epoch, 0)
+    for _ in range(steps_per_epoch(num_tasks, batch)):
+        shards = [shard_batch(num_tasks, batch, r, world, seed, pos) for r in range(world)]
+        steps.append(shards)
+        for r, s in enumerate(shards):
+            per_rank[r].extend(s)
+        pos = advance(pos, num_tasks, batch)
+    assert pos == Position(epoch + 1, 0)
+    return per_rank, steps
+
+
+@pytest.mark.parametrize("num_tasks,batch,world", [(64, 8, 2), (100, 12, 4), (37, 6, 3), (16, 4, 1)])
+def test_disjoint_balanced_each_task_once(num_tasks, batch, world):
+    per_rank, steps = epoch_shards(num_tasks, batch, world, seed=3, epoch=0)
+    for shards in steps:
+        assert all(len(s) == batch // world for s in shards)  # balanced
+        flat = [i for s in shards for i in s]
+        assert len(set(flat)) == len(flat)  # disjoint within a step
+    used = [i for r in per_rank.values() for i in r]
+    assert len(used) == len(set(used))  # no task twice in an epoch
+    full = steps_per_epoch(num_tasks, batch) * batch
+    assert len(used) == full
+    if num_tasks % batch == 0:
+        assert sorted(used) == list(range(num_tasks))  # every task once
+
+
+def test_world_split_matches_single_worker_batch():
+    """The union of the workers' shards of a step is the single worker's meta-batch."""
+    pos = Position(1, 3)
+    single = shard_batch(64, 8, 0, 1, 5, pos)
+    split = shard_batch(64, 8, 0, 2, 5, pos) + shard_batch(64, 8, 1, 2, 5, pos)
+    assert split == single
+
+
+def test_deterministic_and_reshuffled_per_epoch():
+    assert epoch_order(50, 7, 0) == epoch_order(50, 7, 0)
+    assert epoch_order(50, 7, 0) != epoch_order(50, 7, 1)
+    assert epoch_order(50, 7, 0) != epoch_order(50, 8, 0)
+    a, _ = epoch_shards(48, 8, 2, seed=1, epoch=0)
+    b, _ = epoch_shards(48, 8, 2, seed=1, epoch=1)
+    assert a[0] != b[0]
+    assert sorted(a[0] + a[1]) == sorted(b[0] + b[1]) == list(range(48))
+
+
+def test_resume_position_continues_the_same_sequence():
+    """Stopping at any position and resuming from it yields the same remaining shards."""
+    seq, pos = [], Position()
+    for _ in range(10):
+        seq.append(shard_batch(20, 4, 1, 2, 0, pos))
+        pos = advance(pos, 20, 4)
+    pos = Position()
+    for _ in range(6):
+        pos = advance(pos, 20, 4)
+    resumed = []
+    for _ in range(4):
+        resumed.append(shard_batch(20, 4, 1, 2, 0, pos))
+        pos = advance(pos, 20, 4)
+    assert resumed == seq[6:]
+
+
+def test_indivisible_batch_is_refused():
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_batch(20, 5, 0, 2, 0, Position())
