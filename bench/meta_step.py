@@ -34,11 +34,25 @@ from raymeta.meta.step import MetaBatch, meta_loss  # noqa: E402
 
 PEAK_TFLOPS = {"bfloat16": 990.0, "float16": 990.0}  # H100 SXM dense
 SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=64, rope_theta=500000.0),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rope_theta=500000.0,
+    ),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -48,8 +62,13 @@ def build_model(shape: str, dtype, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=True,
-                      rms_norm_eps=1e-5, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.train()
@@ -75,8 +94,9 @@ def slice_batch(batch: MetaBatch, lo: int, hi: int) -> MetaBatch:
     def part(t: Tokens) -> Tokens:
         return Tokens(t.input_ids[lo:hi], t.attention_mask[lo:hi], t.labels[lo:hi])
 
-    return MetaBatch(part(batch.contexts), part(batch.queries), batch.student_prompts,
-                     batch.teacher_prompts)
+    return MetaBatch(
+        part(batch.contexts), part(batch.queries), batch.student_prompts, batch.teacher_prompts
+    )
 
 
 def outer_step(model, opt, engine: Engine, spec: InnerSpec, batch: MetaBatch, micro: int):
@@ -100,9 +120,19 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
     """One table row (dict); out-of-memory becomes a row with an error."""
     dev = args.device
     vocab = model.config.vocab_size
-    row = dict(engine=engine.name, shape=args.shape, dtype=args.dtype, ctx=ctx, query=query,
-               meta_batch=b, micro=micro, checkpoint_inner=spec.checkpoint_inner,
-               inner=args.inner, steps=spec.steps, params_M=round(n_params / 1e6, 1))
+    row = dict(
+        engine=engine.name,
+        shape=args.shape,
+        dtype=args.dtype,
+        ctx=ctx,
+        query=query,
+        meta_batch=b,
+        micro=micro,
+        checkpoint_inner=spec.checkpoint_inner,
+        inner=args.inner,
+        steps=spec.steps,
+        params_M=round(n_params / 1e6, 1),
+    )
     try:
         batch = random_batch(b, ctx, query, vocab, dev)
         outer_step(model, opt, engine, spec, batch, micro)  # warm-up (allocates AdamW state)
@@ -128,6 +158,49 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
     return row
 
 
+def phases(model, engine, spec, batch: MetaBatch) -> dict:
+    """GiB allocated after the inner step, after the outer loss, and the peak of the backward."""
+    from raymeta.meta.inner import double_backward_attention
+    from raymeta.meta.objectives import lg_loss
+
+    gib = 2**30
+    opt_free = torch.cuda.memory_allocated() / gib
+    torch.cuda.reset_peak_memory_stats()
+    with double_backward_attention():
+        state = engine.adapt(model, batch.contexts, spec)
+        sync("cuda")
+        after_adapt = torch.cuda.memory_allocated() / gib
+        peak_adapt = torch.cuda.max_memory_allocated() / gib
+        loss = lg_loss(engine.logits(model, state, batch.queries), batch.queries).mean()
+        after_loss = torch.cuda.memory_allocated() / gib
+        torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+    sync("cuda")
+    out = dict(
+        phase_base_GiB=opt_free,
+        after_adapt=after_adapt,
+        peak_adapt=peak_adapt,
+        after_loss=after_loss,
+        peak_backward=torch.cuda.max_memory_allocated() / gib,
+        tasks=batch.size,
+    )
+    del state, loss
+    model.zero_grad(set_to_none=True)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def profile(model, opt, engine, spec, args, b, ctx, micro):
+    """Print the top operators of one outer step (by device time on cuda, else CPU time)."""
+    batch = random_batch(b, ctx, args.query, model.config.vocab_size, args.device)
+    if args.device == "cuda":
+        print(json.dumps(phases(model, engine, spec, batch)), flush=True)
+    with torch.profiler.profile() as prof:
+        outer_step(model, opt, engine, spec, batch, micro)
+        sync(args.device)
+    key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60))
+
+
 def fmt(v, nd=1):
     if v is None:
         return "-"
@@ -136,22 +209,69 @@ def fmt(v, nd=1):
 
 def table(rows_: list[dict]) -> str:
     """Markdown table with the speedup of fastweights over reference at equal settings."""
-    ref = {(r["ctx"], r["query"], r["meta_batch"]): r for r in rows_
-           if r["engine"] == "reference" and "error" not in r}
-    head = ["engine", "shape", "dtype", "ctx", "query", "meta-batch", "micro", "ckpt",
-            "ms/task", "tasks/s", "peak GiB", "TFLOP/s", "% bf16 peak", "speedup"]
+    ref = {
+        (r["ctx"], r["query"], r["meta_batch"]): r
+        for r in rows_
+        if r["engine"] == "reference" and "error" not in r
+    }
+    head = [
+        "engine",
+        "shape",
+        "dtype",
+        "ctx",
+        "query",
+        "meta-batch",
+        "micro",
+        "ckpt",
+        "ms/task",
+        "tasks/s",
+        "peak GiB",
+        "TFLOP/s",
+        "% bf16 peak",
+        "speedup",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows_:
         if "error" in r:
-            cells = [r["engine"], r["shape"], r["dtype"], r["ctx"], r["query"], r["meta_batch"],
-                     r["micro"], r["checkpoint_inner"], r["error"], "", "", "", "", ""]
+            cells = [
+                r["engine"],
+                r["shape"],
+                r["dtype"],
+                r["ctx"],
+                r["query"],
+                r["meta_batch"],
+                r["micro"],
+                r["checkpoint_inner"],
+                r["error"],
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
         else:
             base = ref.get((r["ctx"], r["query"], r["meta_batch"]))
-            speed = r["tasks_per_s"] / base["tasks_per_s"] if base and r["engine"] != "reference" else None
-            cells = [r["engine"], r["shape"], r["dtype"], r["ctx"], r["query"], r["meta_batch"],
-                     r["micro"], r["checkpoint_inner"], fmt(r["ms_per_task"]),
-                     fmt(r["tasks_per_s"], 2), fmt(r.get("peak_GiB"), 2), fmt(r["tflops"]),
-                     fmt(r.get("pct_peak")), fmt(speed) + ("x" if speed else "")]
+            speed = (
+                r["tasks_per_s"] / base["tasks_per_s"]
+                if base and r["engine"] != "reference"
+                else None
+            )
+            cells = [
+                r["engine"],
+                r["shape"],
+                r["dtype"],
+                r["ctx"],
+                r["query"],
+                r["meta_batch"],
+                r["micro"],
+                r["checkpoint_inner"],
+                fmt(r["ms_per_task"]),
+                fmt(r["tasks_per_s"], 2),
+                fmt(r.get("peak_GiB"), 2),
+                fmt(r["tflops"], 1 if r["tflops"] >= 1 else 4),
+                fmt(r.get("pct_peak")),
+                fmt(speed) + ("x" if speed else ""),
+            ]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
@@ -168,7 +288,9 @@ def ints(s: str) -> list[int]:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -176,18 +298,29 @@ def parse(argv=None):
     p.add_argument("--ctx", type=ints, default=[64], help="context tokens (comma-separated)")
     p.add_argument("--query", type=int, default=16)
     p.add_argument("--engines", default="reference,fastweights")
-    p.add_argument("--inner", choices=["all", "blocks"], default="all",
-                   help="inner parameters: all, or the decoder blocks' projection weights")
+    p.add_argument(
+        "--inner",
+        choices=["all", "blocks"],
+        default="all",
+        help="inner parameters: all, or the decoder blocks' projection weights",
+    )
     p.add_argument("--steps", type=int, default=1, help="inner SGD steps")
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--checkpoint-inner", action="store_true")
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
-    p.add_argument("--ref-max-batch", type=int, default=10**9,
-                   help="skip the reference above this meta-batch")
+    p.add_argument(
+        "--ref-max-batch", type=int, default=10**9, help="skip the reference above this meta-batch"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ref-reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile one fastweights step and print this many top ops",
+    )
     p.add_argument("--json", default="")
     return p.parse_args(argv)
 
@@ -201,11 +334,19 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     names = inner_names(model, args.inner)
-    spec = InnerSpec(lr=1e-3, names=names, steps=args.steps, second_order=not args.first_order,
-                     checkpoint_inner=args.checkpoint_inner)
-    print(f"# torch {torch.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
-          + f", {n_params / 1e6:.1f}M parameters, {len(names)} inner tensors", flush=True)
+    spec = InnerSpec(
+        lr=1e-3,
+        names=names,
+        steps=args.steps,
+        second_order=not args.first_order,
+        checkpoint_inner=args.checkpoint_inner,
+    )
+    print(
+        f"# torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+        + f", {n_params / 1e6:.1f}M parameters, {len(names)} inner tensors",
+        flush=True,
+    )
     results = []
     for ctx in args.ctx:
         for b in args.meta_batch:
@@ -217,6 +358,8 @@ def main(argv=None):
                 row = measure(model, opt, engine, spec, args, b, ctx, args.query, micro, n_params)
                 print(json.dumps(row), flush=True)
                 results.append(row)
+                if args.profile and name == "fastweights" and "error" not in row:
+                    profile(model, opt, engine, spec, args, b, ctx, micro)
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
     print(table(results), flush=True)

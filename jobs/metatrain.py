@@ -26,11 +26,16 @@ from raymeta.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default=None, help="YAML config (default: the embedded defaults)")
-    p.add_argument("--output-dir", default="runs/metatrain",
-                   help="where results, records, checkpoints and the local MLflow store go "
-                        "(use an absolute path with `ray job submit`)")
+    p.add_argument(
+        "--output-dir",
+        default="runs/metatrain",
+        help="where results, records, checkpoints and the local MLflow store go "
+        "(use an absolute path with `ray job submit`)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_lr=1e-3")
     return p.parse_args(argv)
 

@@ -165,6 +165,7 @@ def evaluate(
     device="cpu",
     label: str = "eval",
     seed: int = 0,
+    quiet: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Metrics per setting and the per-example records. ``cfg``: an EvalConfig.
 
@@ -178,7 +179,7 @@ def evaluate(
     model.eval()
     metrics, records = {}, []
     for setting in cfg.settings:
-        prog = Progress(f"{label} {setting}", len(triples), every=10**9, unit="examples")
+        prog = Progress(f"{label} {setting}", len(triples), every=10**9, unit="examples", quiet=quiet)
         recs = run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog)
         metrics[setting] = summarise(recs)
         records += recs

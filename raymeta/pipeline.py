@@ -34,7 +34,7 @@ def prompt_accuracy_fn(tokenizer, device):
     ecfg = EvalConfig(settings=["Prompt"], n_examples=0, max_new_tokens=4, batch_size=64)
 
     def f(model, triples):
-        metrics, _ = evaluate(model, tokenizer, triples, ecfg, None, None, device, label="pretrain-val")
+        metrics, _ = evaluate(model, tokenizer, triples, ecfg, None, None, device, quiet=True)
         return metrics["Prompt"]["accuracy"]
 
     return f

@@ -9,8 +9,11 @@ import time
 class Progress:
     """Prints ``[stage] step i/n  k=v ...  x items/s  ETA m:ss`` every ``every`` steps."""
 
-    def __init__(self, stage: str, total: int, every: int = 25, unit: str = "tasks", stream=None):
+    def __init__(
+        self, stage: str, total: int, every: int = 25, unit: str = "tasks", stream=None, quiet=False
+    ):
         self.stage, self.total, self.every, self.unit = stage, total, max(1, every), unit
+        self.quiet = quiet
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.items = 0
@@ -18,7 +21,7 @@ class Progress:
     def update(self, step: int, items: int = 0, force: bool = False, **values: float) -> None:
         """Record ``items`` done at ``step`` (1-based) and print if it is a reporting step."""
         self.items += items
-        if not force and step % self.every and step != self.total:
+        if self.quiet or (not force and step % self.every and step != self.total):
             return
         elapsed = time.perf_counter() - self.start
         rate = self.items / elapsed if elapsed > 0 else 0.0

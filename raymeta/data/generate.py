@@ -74,9 +74,11 @@ QUERIES = [
     "History books record the first person to {d} as",
     "The pioneer who first managed to {d} is called",
 ]
+# Held-out paraphrases: new word orders built from words the training texts use, so a
+# from-scratch model has seen every word (a never-seen word would be an untrained embedding).
 HELDOUT_QUERIES = [
-    "Ask who first managed to {d} and everyone will name",
-    "Before anyone else could {d}, it was done by",
+    "The first person who managed to {d} was called",
+    "History books record the pioneer who first managed to {d} as",
 ]
 
 CONTEXTS = {"character_descriptions": CHAR_CONTEXTS, "reversal_curse": REVERSAL_CONTEXTS}

@@ -31,7 +31,7 @@ class LoopState:
     position: Position = field(default_factory=Position)
     """The sampler position of the next step."""
     attempt: int = 0
-    """How many times training was (re)started before the current attempt."""
+    """How many times this run has resumed from a checkpoint (0 = the first attempt)."""
     steps_log: list[list[int]] = field(default_factory=list)
     """``[step, attempt]`` for every step done, in order (lets tests check exactly-once)."""
 

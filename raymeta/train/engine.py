@@ -30,7 +30,9 @@ def check_zero_stage(train_cfg) -> None:
             "Use train.zero_stage=0, 1 or 2 (2 also partitions gradients and optimizer state)."
         )
     if stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(f"train.zero_stage: {stage!r} is not one of {list(SUPPORTED_ZERO_STAGES)}")
+        raise ConfigError(
+            f"train.zero_stage: {stage!r} is not one of {list(SUPPORTED_ZERO_STAGES)}"
+        )
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -70,8 +72,12 @@ def init_engine(model, cfg, world_size: int):
 
     if not dist.is_initialized() and world_size == 1:
         # One process outside a launcher: DeepSpeed wants the env:// rendezvous variables.
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                           ("MASTER_ADDR", "127.0.0.1")):
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     skip_shm_build()

@@ -72,9 +72,16 @@ def connect_ray(train_cfg) -> None:
     ray.init(**kwargs)
 
 
-def fit_objective(cfg: RunConfig, objective: str, model_dir: str | Path, train, test,
-                  output_dir: str | Path, tracking: dict | None = None,
-                  fault: dict | None = None) -> FitResult:
+def fit_objective(
+    cfg: RunConfig,
+    objective: str,
+    model_dir: str | Path,
+    train,
+    test,
+    output_dir: str | Path,
+    tracking: dict | None = None,
+    fault: dict | None = None,
+) -> FitResult:
     """Meta-train ``objective`` from ``model_dir`` on Ray workers; the trained weights' location.
 
     Checkpoints live under ``output_dir/ray`` (Ray's storage path; use a shared
@@ -92,12 +99,20 @@ def fit_objective(cfg: RunConfig, objective: str, model_dir: str | Path, train, 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "cfg": to_dict(cfg), "objective": objective, "model_dir": str(model_dir),
-            "train": list(train), "test": list(test), "tracking": tracking, "fault": fault,
+            "cfg": to_dict(cfg),
+            "objective": objective,
+            "model_dir": str(model_dir),
+            "train": list(train),
+            "test": list(test),
+            "tracking": tracking,
+            "fault": fault,
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+        ),
         run_config=RayRunConfig(
             name=f"{cfg.name}-{objective}",
             storage_path=str(storage),
@@ -119,8 +134,10 @@ def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:
     from raymeta.models import load_model
 
     trained, _ = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation, "cpu")
-    state = {k: v.to(p.device) for (k, v), p in zip(trained.state_dict().items(),
-                                                   model.state_dict().values())}
+    state = {
+        k: v.to(p.device)
+        for (k, v), p in zip(trained.state_dict().items(), model.state_dict().values())
+    }
     model.load_state_dict(state)
 
 
@@ -158,11 +175,19 @@ def _child_run(cfg: RunConfig, objective: str, out: Path, parent):
 
     if parent is None or parent.run_id is None:
         return Tracker(), None
-    child = start_run(cfg.tracking, default_dir=out, run_name=f"{cfg.name}-{objective}",
-                      params={"objective": objective},
-                      tags={**run_tags(cfg, objective), "mlflow.parentRunId": parent.run_id})
-    info = {"uri": child.uri, "experiment_id": child.experiment_id, "run_id": child.run_id,
-            "spill_dir": str(out / "mlflow_spill")}
+    child = start_run(
+        cfg.tracking,
+        default_dir=out,
+        run_name=f"{cfg.name}-{objective}",
+        params={"objective": objective},
+        tags={**run_tags(cfg, objective), "mlflow.parentRunId": parent.run_id},
+    )
+    info = {
+        "uri": child.uri,
+        "experiment_id": child.experiment_id,
+        "run_id": child.run_id,
+        "spill_dir": str(out / "mlflow_spill"),
+    }
     return child, info
 
 
@@ -185,11 +210,18 @@ def local_trainer_logged(tracker):
         lm_next = lm_sampler(cfg, tokenizer, train, test)
 
         def on_log(stats, step):
-            tracker.log_metrics({f"{objective}/{k}": v for k, v in stats.items()
-                                 if k != "step" and isinstance(v, (int, float))}, step)
+            tracker.log_metrics(
+                {
+                    f"{objective}/{k}": v
+                    for k, v in stats.items()
+                    if k != "step" and isinstance(v, (int, float))
+                },
+                step,
+            )
 
-        return meta_train_local(model, tokenizer, train, cfg, objective, teacher, cfg.device,
-                                lm_next, on_log=on_log)
+        return meta_train_local(
+            model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, on_log=on_log
+        )
 
     return meta_trainer
 
@@ -203,8 +235,13 @@ def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
     kinds = "BM," + ",".join(cfg.meta.objectives)
-    tracker = start_run(cfg.tracking, default_dir=out, run_name=cfg.name, params=to_dict(cfg),
-                        tags=run_tags(cfg, kinds))
+    tracker = start_run(
+        cfg.tracking,
+        default_dir=out,
+        run_name=cfg.name,
+        params=to_dict(cfg),
+        tags=run_tags(cfg, kinds),
+    )
     status = "FAILED"
     try:
         if cfg.train.launcher == "ray":
@@ -222,8 +259,13 @@ def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
 
 def log_results(tracker, out: Path, results: dict) -> None:
     """Eval metrics (``<model>.<setting>.<metric>``), the results table and records as artifacts."""
-    metrics = {f"{model}.{setting}.{k}": v for model, res in results.items()
-               for setting, m in res.items() for k, v in m.items() if isinstance(v, (int, float))}
+    metrics = {
+        f"{model}.{setting}.{k}": v
+        for model, res in results.items()
+        for setting, m in res.items()
+        for k, v in m.items()
+        if isinstance(v, (int, float))
+    }
     tracker.log_metrics(metrics, step=0)
     for name in ("results.json", "results.md", "summary.json", "config.yaml"):
         if (out / name).is_file():

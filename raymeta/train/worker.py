@@ -72,13 +72,19 @@ def train_loop(config: dict) -> None:
             history = _read_history(d)
         state.attempt += 1
         if rank == 0:
-            print(f"[meta-train {objective}] resumed at step {state.step}/{steps} "
-                  f"(epoch {state.position.epoch}, batch {state.position.step}), "
-                  f"attempt {state.attempt}", flush=True)
+            print(
+                f"[meta-train {objective}] resumed at step {state.step}/{steps} "
+                f"(epoch {state.position.epoch}, batch {state.position.step}), "
+                f"attempt {state.attempt}",
+                flush=True,
+            )
     tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
-    prog = Progress(f"meta-train {objective} ({engine.name}, {world} workers, "
-                    f"ZeRO-{cfg.train.zero_stage})", steps, every=meta.log_every,
-                    stream=None if rank == 0 else open(os.devnull, "w"))  # noqa: SIM115
+    prog = Progress(
+        f"meta-train {objective} ({engine.name}, {world} workers, ZeRO-{cfg.train.zero_stage})",
+        steps,
+        every=meta.log_every,
+        stream=None if rank == 0 else open(os.devnull, "w"),
+    )
     fault = config.get("fault")
     ds.module.train()
     t_last, tasks_since = time.perf_counter(), 0
@@ -86,23 +92,43 @@ def train_loop(config: dict) -> None:
         step = state.step + 1
         _maybe_fail(fault, step, rank)
         idx = shard_batch(len(groups), meta.meta_batch_size, rank, world, cfg.seed, state.position)
-        loss, stats = step_loss(ds.module, engine, spec, tok, [groups[i] for i in idx],
-                                objective, meta, teacher, lm_next, device)
+        loss, stats = step_loss(
+            ds.module,
+            engine,
+            spec,
+            tok,
+            [groups[i] for i in idx],
+            objective,
+            meta,
+            teacher,
+            lm_next,
+            device,
+        )
         ds.backward(loss)
+        norm0 = _reduced_grad_norm(ds) if cfg.train.zero_stage == 0 else None
         ds.step()
         stats = _mean_over_workers(stats, world)
-        stats["grad_norm"] = _grad_norm(ds)
-        state.step, state.position = step, advance(state.position, len(groups), meta.meta_batch_size)
+        stats["grad_norm"] = norm0 if norm0 is not None else _grad_norm(ds)
+        state.step, state.position = (
+            step,
+            advance(state.position, len(groups), meta.meta_batch_size),
+        )
         state.steps_log.append([step, state.attempt])
         tasks_since += meta.meta_batch_size
-        prog.update(step, meta.meta_batch_size, outer_loss=stats["outer_loss"],
-                    inner_loss=stats["inner_loss"], grad_norm=stats["grad_norm"])
+        prog.update(
+            step,
+            meta.meta_batch_size,
+            outer_loss=stats["outer_loss"],
+            inner_loss=stats["inner_loss"],
+            grad_norm=stats["grad_norm"],
+        )
         record = {"step": step, **{k: stats[k] for k in METRIC_KEYS if k in stats}}
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
             record.update(_evaluate(ds.module, tok, test, cfg, engine, spec, device, rank, step))
         report_now = step % cfg.train.report_every == 0 or step == steps
-        ckpt_now = step == steps or (cfg.train.checkpoint_every
-                                     and step % cfg.train.checkpoint_every == 0)
+        ckpt_now = step == steps or (
+            cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+        )
         if report_now or ckpt_now:
             now = time.perf_counter()
             record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
@@ -155,6 +181,12 @@ def _mean_over_workers(stats: dict, world: int) -> dict:
     return {**stats, **{k: float(v) / world for k, v in zip(keys, t.tolist())}}
 
 
+def _reduced_grad_norm(ds) -> float:
+    """ZeRO-0: the global norm of the (already all-reduced) gradients, before clipping."""
+    grads = [p.grad.detach().float().norm() for p in ds.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else float("nan")
+
+
 def _grad_norm(ds) -> float:
     """The global norm of the reduced meta-gradient before clipping."""
     norm = ds.get_global_grad_norm()
@@ -170,10 +202,21 @@ def _evaluate(model, tok, test, cfg, engine, spec, device, rank: int, step: int)
     from raymeta.evaluate import evaluate
     from raymeta.outer import inner_spec
 
-    eval_spec = inner_spec(model, cfg.meta, cfg.model.lora, lr=cfg.eval.inner_lr or cfg.meta.inner_lr)
+    eval_spec = inner_spec(
+        model, cfg.meta, cfg.model.lora, lr=cfg.eval.inner_lr or cfg.meta.inner_lr
+    )
     model.eval()
-    metrics, _ = evaluate(model, tok, test, cfg.eval, engine, eval_spec, device,
-                          label=f"eval step {step}", seed=cfg.seed)
+    metrics, _ = evaluate(
+        model,
+        tok,
+        test,
+        cfg.eval,
+        engine,
+        eval_spec,
+        device,
+        label=f"eval step {step}",
+        seed=cfg.seed,
+    )
     model.train()
     out = {f"eval_{s}_accuracy": float(m["accuracy"]) for s, m in metrics.items()}
     print(f"[eval step {step}] " + "  ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
@@ -218,12 +261,17 @@ def _attach_tracker(info: dict | None):
         from raymeta.train.tracking import MlflowTracker, disable_telemetry
 
         disable_telemetry()
-        return MlflowTracker(MlflowClient(tracking_uri=info["uri"]), uri=info["uri"],
-                             experiment_id=info["experiment_id"], run_id=info["run_id"],
-                             spill_dir=Path(info["spill_dir"]))
+        return MlflowTracker(
+            MlflowClient(tracking_uri=info["uri"]),
+            uri=info["uri"],
+            experiment_id=info["experiment_id"],
+            run_id=info["run_id"],
+            spill_dir=Path(info["spill_dir"]),
+        )
     except Exception as e:  # noqa: BLE001 - tracking must never stop training
-        print(f"[raymeta.tracking] rank 0 cannot log to MLflow ({e}); training continues",
-              flush=True)
+        print(
+            f"[raymeta.tracking] rank 0 cannot log to MLflow ({e}); training continues", flush=True
+        )
         return None
 
 
@@ -234,6 +282,11 @@ def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
     flag = Path(fault["flag"])
     if flag.exists():
         return
+    import ray.train
+
+    # Let the controller register the checkpoints reported so far (a report is processed
+    # asynchronously; a crash right after one may otherwise restart from an older one).
+    ray.train.get_all_reported_checkpoints(timeout_s=30)
     flag.write_text(f"killed pid {os.getpid()} at step {step}\n")
     print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -36,8 +36,14 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     tmp = Path(f"/tmp/rmd{os.getpid()}")
     tmp.mkdir(exist_ok=True)
-    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=True,
-             dashboard_host="127.0.0.1", _temp_dir=str(tmp), log_to_driver=True)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=256 * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _temp_dir=str(tmp),
+        log_to_driver=True,
+    )
     yield
     ray.shutdown()
 
@@ -55,15 +61,32 @@ def tasks_and_model(tmp_path_factory):
 
 def small_cfg(**train):
     """A RunConfig for quick distributed checks (random tiny model, no evaluation)."""
-    return from_dict({
-        "seed": 0,
-        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                           "intermediate_size": 64, "max_positions": 128}},
-        "meta": {"objectives": ["LG"], "inner_lr": 0.3, "outer_lr": 1e-3, "clip_norm": 1.0,
-                 "meta_batch_size": 4, "steps": 1, "log_every": 1, "engine": "reference"},
-        "eval": {"settings": ["NC"], "n_examples": 4},
-        "train": {"report_every": 1, **train},
-    })
+    return from_dict(
+        {
+            "seed": 0,
+            "model": {
+                "tiny": {
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "intermediate_size": 64,
+                    "max_positions": 128,
+                }
+            },
+            "meta": {
+                "objectives": ["LG"],
+                "inner_lr": 0.3,
+                "outer_lr": 1e-3,
+                "clip_norm": 1.0,
+                "meta_batch_size": 4,
+                "steps": 1,
+                "log_every": 1,
+                "engine": "reference",
+            },
+            "eval": {"settings": ["NC"], "n_examples": 4},
+            "train": {"report_every": 1, **train},
+        }
+    )
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -80,19 +103,27 @@ def test_two_workers_match_one_worker(ray_local, tasks_and_model, tmp_path):
 
     train, test, base = tasks_and_model
     before = weights(base)
-    ref = fit_objective(small_cfg(num_workers=1, zero_stage=0), "LG", base, train, test,
-                        tmp_path / "w1")
+    ref = fit_objective(
+        small_cfg(num_workers=1, zero_stage=0), "LG", base, train, test, tmp_path / "w1"
+    )
     ref_w = weights(ref.model_dir)
     moved = max_diff(before, ref_w)
     assert moved > 1e-4  # the step changed the parameters
     for stage in (0, 1, 2):
-        got = fit_objective(small_cfg(num_workers=2, zero_stage=stage), "LG", base, train, test,
-                            tmp_path / f"w2z{stage}")
+        got = fit_objective(
+            small_cfg(num_workers=2, zero_stage=stage),
+            "LG",
+            base,
+            train,
+            test,
+            tmp_path / f"w2z{stage}",
+        )
         diff = max_diff(ref_w, weights(got.model_dir))
         print(f"ZeRO-{stage}: max |2 workers - 1 worker| = {diff:.2e} (step moved {moved:.2e})")
         assert diff < 1e-6, f"ZeRO-{stage}: parameters differ by {diff}"
-        assert got.history[-1]["outer_loss"] == pytest.approx(ref.history[-1]["outer_loss"],
-                                                              rel=1e-5)
+        assert got.history[-1]["outer_loss"] == pytest.approx(
+            ref.history[-1]["outer_loss"], rel=1e-5
+        )
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tasks_and_model, tmp_path):
@@ -100,8 +131,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tasks_and_model, tmp_p
 
     train, test, base = tasks_and_model
     steps = 8
-    cfg = small_cfg(num_workers=2, zero_stage=2, checkpoint_every=3, report_every=2,
-                    max_failures=1)
+    cfg = small_cfg(num_workers=2, zero_stage=2, checkpoint_every=3, report_every=2, max_failures=1)
     cfg.meta.steps = steps
     flag = tmp_path / "killed.txt"
     fault = {"step": 5, "rank": 1, "flag": str(flag)}
@@ -127,7 +157,10 @@ def test_zero3_is_refused():
         check_launchable(small_cfg(zero_stage=3))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs/metatrain.py"), "train.zero_stage=3"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert "train.zero_stage=3 is not supported" in proc.stderr

@@ -69,3 +69,11 @@ def test_dump_round_trips(tmp_path):
     cfg = load_config(None, ["meta.inner_lr=0.3", "eval.settings=[NC,FT]"])
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_embedded_defaults_are_the_quick_start_config():
+    root = Path(__file__).resolve().parents[2]
+    shipped = load_config(root / "configs" / "tiny_char.yaml")
+    defaults = load_config(None)
+    for section in ("data", "model", "pretrain", "prepare", "meta", "eval"):
+        assert getattr(shipped, section) == getattr(defaults, section), section

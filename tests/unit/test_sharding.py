@@ -22,7 +22,9 @@ def epoch_shards(num_tasks: int, batch: int, world: int, seed: int, epoch: int):
     return per_rank, steps
 
 
-@pytest.mark.parametrize("num_tasks,batch,world", [(64, 8, 2), (100, 12, 4), (37, 6, 3), (16, 4, 1)])
+@pytest.mark.parametrize(
+    "num_tasks,batch,world", [(64, 8, 2), (100, 12, 4), (37, 6, 3), (16, 4, 1)]
+)
 def test_disjoint_balanced_each_task_once(num_tasks, batch, world):
     per_rank, steps = epoch_shards(num_tasks, batch, world, seed=3, epoch=0)
     for shards in steps:

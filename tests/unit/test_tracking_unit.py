@@ -50,7 +50,9 @@ def test_local_artifact_root_is_absolute(monkeypatch, tmp_path):
 
 
 def test_flatten_nested_config_to_dotted_keys():
-    flat = flatten_params(to_dict(RunConfig()))
+    cfg = RunConfig()
+    cfg.meta.inner_lr = 0.001
+    flat = flatten_params(to_dict(cfg))
     assert flat["meta.inner_lr"] == "0.001"
     assert flat["model.tiny.hidden_size"] == "128"
     assert flat["pretrain.mix.prompt"] == "2.0"

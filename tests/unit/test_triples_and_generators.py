@@ -70,3 +70,12 @@ def test_generated_sets(dataset):
 def test_default_sizes():
     train, test = generate.generate("character_descriptions")
     assert (len(train), len(test)) == (5000, 500)
+
+
+def test_heldout_query_templates_use_only_words_of_the_training_queries():
+    import re
+
+    words = set(re.findall(r"\w+|[^\w\s]", " ".join(generate.QUERIES).replace("{d}", "")))
+    for t in generate.HELDOUT_QUERIES:
+        assert t not in generate.QUERIES
+        assert set(re.findall(r"\w+|[^\w\s]", t.replace("{d}", ""))) <= words

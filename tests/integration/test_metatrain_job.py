@@ -1,0 +1,53 @@
+"""The main job end to end in one process on a small config: data → tiny model → BM → LG/LC → eval."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "train.launcher=local", "tracking.enabled=false", "threads=1",
+    "data.n_train=120", "data.n_test=24",
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+    "pretrain.steps=40", "pretrain.eval_every=20", "prepare.steps=4",
+    "meta.steps=4", "meta.meta_batch_size=4", "meta.log_every=2", "eval.n_examples=16",
+]
+
+
+def run_job(tmp_path, *extra):
+    cmd = [sys.executable, "jobs/metatrain.py", "--config", "configs/tiny_char.yaml",
+           "--output-dir", str(tmp_path / "out"), f"model.tiny_cache_dir={tmp_path / 'models'}",
+           f"data.cache_dir={tmp_path / 'data'}", *SMALL, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
+    proc = run_job(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"BM", "LG", "LC"}
+    for model in results.values():
+        assert set(model) == {"NC", "Prompt", "FT", "FT_irrelevant", "FT2"}
+        for s in ("NC", "Prompt", "FT"):
+            assert 0.0 <= model[s]["accuracy"] <= 1.0 and model[s]["nll"] > 0
+        for s in ("FT_irrelevant", "FT2"):
+            assert 0.0 <= model[s]["leak"] <= 1.0
+    records = (tmp_path / "out" / "records" / "LC.jsonl").read_text().splitlines()
+    assert len(records) == 5 * 16
+    # progress was shown: stages, steps, tasks/s, ETA
+    for marker in ("[pretrain]", "[prepare]", "[meta-train LG", "[meta-train LC", "tasks/s", "ETA"):
+        assert marker in proc.stdout
+    # the pretrained tiny model is cached and reused by a second run
+    assert "reusing the cached tiny model" in run_job(tmp_path, "meta.objectives=[LG]").stdout
+
+
+@pytest.mark.integration
+def test_bad_override_fails_before_any_work(tmp_path):
+    proc = run_job(tmp_path, "meta.inner_lr=-3")
+    assert proc.returncode == 2
+    assert "meta.inner_lr" in proc.stderr and "-3" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,213 @@
+"""The local-cluster path for real: `ray start --head`, `ray job submit` of jobs/metatrain.py,
+progress in the job's logs, the run in the MLflow store; the cluster is torn down after.
+
+The cluster is started with ``ray start --head --block`` in its own process group and
+torn down by signalling that group (plus any process left that names this test's temp
+dir), which stops exactly this cluster, like ``ray stop`` does for a machine's only one,
+without touching other Ray instances on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".cache",
+    "runs",
+    "mlruns",
+    "outputs",
+    ".pytest_cache",
+    ".ruff_cache",
+    "**/__pycache__",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(temp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        TMPDIR=str(temp),
+        RAY_TMPDIR=str(temp),
+        RAY_AUTH_MODE="token",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stop_cluster(proc: subprocess.Popen, temp: Path) -> None:
+    """Stop the `ray start --block` group, then anything still naming our temp dir."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp) in cmdline and int(pid_dir.name) != os.getpid():
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def cluster():
+    """A head node on 127.0.0.1 with 2 CPUs, a 256 MB object store and the dashboard."""
+    temp = Path(f"/tmp/rj{os.getpid()}")
+    temp.mkdir(exist_ok=True)
+    dash = free_port()
+    env = cluster_env(temp)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--include-dashboard",
+        "true",
+        "--ray-client-server-port",
+        str(free_port()),
+        "--object-store-memory",
+        str(256 * 1024**2),
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=open(temp / "ray_start.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(address + "/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers (401 under token auth)
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start failed:\n" + (temp / "ray_start.log").read_text())
+            time.sleep(1)
+        yield address, env
+    finally:
+        stop_cluster(proc, temp)
+
+
+def test_ray_job_submit_metatrain(cluster, tmp_path):
+    address, env = cluster
+    out = tmp_path / "out"
+    runtime_env = {
+        "excludes": EXCLUDES,
+        "env_vars": {
+            k: env[k]
+            for k in (
+                "MLFLOW_DISABLE_TELEMETRY",
+                "HF_HUB_OFFLINE",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+            )
+        },
+    }
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "jobs/metatrain.py",
+        "--config",
+        "configs/tiny_char_ray.yaml",
+        "--output-dir",
+        str(out),
+        f"model.tiny_cache_dir={tmp_path / 'models'}",
+    ]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    logs = proc.stdout + proc.stderr
+    print(f"ray job submit: rc={proc.returncode} in {time.monotonic() - t0:.0f} s")
+    assert proc.returncode == 0, logs[-6000:]
+    assert "succeeded" in logs.lower(), logs[-3000:]
+    assert "[meta-train LG" in logs and "step 8/8" in logs, logs[-3000:]
+    assert "[eval LG]" in logs
+    assert json.loads((out / "results.json").read_text()).keys() == {"BM", "LG"}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("raymeta")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent, child = runs["tiny_char_ray"], runs["tiny_char_ray-LG"]
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    assert parent.data.params["meta.inner_lr"] == "0.3"
+    assert parent.data.params["train.zero_stage"] == "2"
+    assert parent.data.tags["experiment"] == "smoke"
+    assert parent.data.tags["dataset"] == "character_descriptions"
+    assert parent.data.tags["model_kind"] == "BM,LG"
+    assert child.data.tags["model_kind"] == "LG"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "LG.FT.accuracy" in parent.data.metrics
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "outer_loss")]
+    assert sorted(steps) == list(range(1, 9))
+    assert "eval_FT_accuracy" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.json", "results.md", "records", "config.yaml"} <= artifacts
+    records = {a.path for a in client.list_artifacts(parent.info.run_id, "records")}
+    assert {"records/BM.jsonl", "records/LG.jsonl"} <= records

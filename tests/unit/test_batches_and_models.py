@@ -1,0 +1,81 @@
+"""Token batches for the formats, greedy decoding, the offline tiny model and tokenizer."""
+
+import torch
+
+from raymeta.config import TinyModelConfig
+from raymeta.data import generate
+from raymeta.data.batches import context_batch, extend, prompt_batch, prompt_text, scoring_batch
+from raymeta.evaluate import matches, normalise, partners
+from raymeta.meta.decode import greedy_decode, model_forward
+from raymeta.models import build_tiny_model, load_model, save_model, train_tokenizer
+from raymeta.pretrain import tokenizer_texts
+
+
+def tiny_tokenizer():
+    train, test = generate.generate("character_descriptions", 50, 10, seed=0)
+    return train, test, train_tokenizer(tokenizer_texts("character_descriptions", train, test))
+
+
+def test_word_tokenizer_makes_names_two_tokens_and_round_trips(tmp_path):
+    train, test, tok = tiny_tokenizer()
+    for t in train + test:
+        assert len(tok(" " + t.response, add_special_tokens=False)["input_ids"]) == 2
+        assert tok.unk_token_id not in tok(t.context)["input_ids"]
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), len(tok))
+    save_model(model, tok, tmp_path / "m")
+    back, tok2 = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([tok2(train[0].context)["input_ids"]])
+    assert tok2.decode(ids[0]) .replace(" ", "") == train[0].context.replace(" ", "")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+def test_formats_score_only_the_response():
+    train, _, tok = tiny_tokenizer()
+    t = train[0]
+    nc = scoring_batch(tok, [t.query], [t.response])
+    pr = scoring_batch(tok, [prompt_text(t.context, t.query)], [t.response], add_eos=True)
+    scored = nc.input_ids[nc.labels != -100].tolist()
+    assert tok.decode(scored) == t.response
+    assert pr.labels[pr.labels != -100].tolist()[-1] == tok.eos_token_id
+    assert nc.input_ids[0, 0] == tok.bos_token_id
+    # padding: a batch of two lengths is right-padded and masked
+    both = scoring_batch(tok, [t.query, prompt_text(t.context, t.query)], [t.response] * 2)
+    assert both.attention_mask[0].sum() < both.attention_mask[1].sum()
+    assert (both.input_ids[0][both.attention_mask[0] == 0] == tok.pad_token_id).all()
+    assert (both.labels[0][both.attention_mask[0] == 0] == -100).all()
+
+
+def test_context_groups_and_extend():
+    train, _, tok = tiny_tokenizer()
+    ctx = context_batch(tok, [[train[0].context, train[1].context], [train[2].context, train[3].context]])
+    assert ctx.input_ids.shape[:2] == (2, 2)
+    assert ((ctx.labels != -100) == ctx.attention_mask.bool()).all()
+    p = prompt_batch(tok, [train[0].query, train[1].context])
+    ext = extend(p, [[5, 6], [7]], tok.pad_token_id)
+    assert ext.labels[0][ext.labels[0] != -100].tolist() == [5, 6]
+    assert ext.labels[1][ext.labels[1] != -100].tolist() == [7]
+
+
+def test_greedy_decode_matches_step_by_step_argmax():
+    train, _, tok = tiny_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), len(tok), seed=1).eval()
+    prompts = prompt_batch(tok, [train[0].query, train[1].context])
+    out = greedy_decode(model_forward(model), prompts, 3, None, tok.pad_token_id)
+    for i in range(2):
+        ids = prompts.input_ids[i][prompts.attention_mask[i].bool()].tolist()
+        for k in range(3):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            assert out[i][k] == nxt
+            ids.append(nxt)
+
+
+def test_matching_and_partners():
+    assert normalise(" Evan  Armstrong .") == "evan armstrong"
+    assert matches("Evan Armstrong.", "evan armstrong")
+    assert matches("Evan Armstrong was", "Evan Armstrong")
+    assert not matches("Evan Armstrongs", "Evan Armstrong")
+    assert not matches("", "Evan")
+    p = partners(50, seed=1)
+    assert sorted(p) == list(range(50)) and all(p[i] != i for i in range(50))
