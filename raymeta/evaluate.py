@@ -76,7 +76,9 @@ def score_batch(tokenizer, forward, prefixes, responses, max_new_tokens):
     with torch.no_grad():
         nll, _ = token_nll(forward(scored), scored.labels)
     prompts = prompt_batch(tokenizer, prefixes).to(dev)
-    answers = greedy_decode(forward, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id(tokenizer))
+    answers = greedy_decode(
+        forward, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id(tokenizer)
+    )
     return [decode_text(tokenizer, a) for a in answers], nll.tolist()
 
 
@@ -128,13 +130,23 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
             with torch.enable_grad(), double_backward_attention():
                 state = engine.adapt(model, ctx, spec)
             forward = adapted_forward(model, engine, state, device)
-        preds, nlls = score_batch(tokenizer, forward, prefixes, [t.response for t in batch], cfg.max_new_tokens)
+        preds, nlls = score_batch(
+            tokenizer, forward, prefixes, [t.response for t in batch], cfg.max_new_tokens
+        )
         for i, t, o, p, nll in zip(idx, batch, others, preds, nlls):
-            rec = {"index": i, "setting": setting, "prediction": p, "response": t.response,
-                   "correct": matches(p, t.response), "nll": nll}
+            rec = {
+                "index": i,
+                "setting": setting,
+                "prediction": p,
+                "response": t.response,
+                "correct": matches(p, t.response),
+                "nll": nll,
+            }
             if setting in ("FT_irrelevant", "FT2"):
                 rec["other"] = partner[i]
-                rec["leak"] = matches(p, o.response) and normalise(o.response) != normalise(t.response)
+                rec["leak"] = matches(p, o.response) and normalise(o.response) != normalise(
+                    t.response
+                )
             if "heldout_query" in t.meta:
                 rec["heldout_query"] = t.meta["heldout_query"]
             records.append(rec)
@@ -145,7 +157,10 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
 def summarise(records: Sequence[dict]) -> dict[str, float]:
     """accuracy, nll (and leak) averaged over records; ``n`` counts them."""
     n = max(1, len(records))
-    out = {"accuracy": sum(r["correct"] for r in records) / n, "nll": sum(r["nll"] for r in records) / n}
+    out = {
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "nll": sum(r["nll"] for r in records) / n,
+    }
     if records and "leak" in records[0]:
         out["leak"] = sum(r["leak"] for r in records) / n
     held = [r for r in records if r.get("heldout_query")]
@@ -179,8 +194,12 @@ def evaluate(
     model.eval()
     metrics, records = {}, []
     for setting in cfg.settings:
-        prog = Progress(f"{label} {setting}", len(triples), every=10**9, unit="examples", quiet=quiet)
-        recs = run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog)
+        prog = Progress(
+            f"{label} {setting}", len(triples), every=10**9, unit="examples", quiet=quiet
+        )
+        recs = run_setting(
+            model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog
+        )
         metrics[setting] = summarise(recs)
         records += recs
     model.train(was_training)

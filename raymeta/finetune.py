@@ -36,9 +36,15 @@ def prepare(model, tokenizer, train: Sequence[Triple], cfg, seed: int = 0, devic
     loss_ema = None
     for step in range(1, cfg.steps + 1):
         batch = rng.sample(examples, min(cfg.batch_size, len(examples)))
-        tok = scoring_batch(tokenizer, [b[0] for b in batch], [b[1] for b in batch], add_eos=True).to(device)
-        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                    position_ids=tok.position_ids, labels=tok.labels)
+        tok = scoring_batch(
+            tokenizer, [b[0] for b in batch], [b[1] for b in batch], add_eos=True
+        ).to(device)
+        out = model(
+            input_ids=tok.input_ids,
+            attention_mask=tok.attention_mask,
+            position_ids=tok.position_ids,
+            labels=tok.labels,
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -34,11 +34,14 @@ def inner_spec(model, meta, lora=None, lr: float | None = None) -> InnerSpec:
     """The InnerSpec of a MetaConfig for ``model`` (``lr`` overrides meta.inner_lr)."""
     mode = lora.mode if lora is not None and lora.enabled else None
     names = tuple(resolve_inner_params(model, list(meta.inner_params), mode))
-    return InnerSpec(lr=lr or meta.inner_lr, names=names, steps=meta.inner_steps,
-                     second_order=meta.second_order)
+    return InnerSpec(
+        lr=lr or meta.inner_lr, names=names, steps=meta.inner_steps, second_order=meta.second_order
+    )
 
 
-def lm_sampler(cfg, tokenizer, train: Sequence[Triple], test: Sequence[Triple] = ()) -> Callable[[], Tokens] | None:
+def lm_sampler(
+    cfg, tokenizer, train: Sequence[Triple], test: Sequence[Triple] = ()
+) -> Callable[[], Tokens] | None:
     """A function returning one regulariser batch ``[N, T]`` (None when λ = 0).
 
     Sources (``meta.lm_source``): the training contexts, the tiny model's pretraining
@@ -63,14 +66,25 @@ def lm_sampler(cfg, tokenizer, train: Sequence[Triple], test: Sequence[Triple] =
     return lambda: lm_batch(tokenizer, rng.choices(texts, k=meta.lm_batch_size), max_len=256)
 
 
-def step_loss(model, engine: Engine, spec: InnerSpec, tokenizer, groups, objective: str, meta,
-              teacher=None, lm_next=None, device="cpu"):
+def step_loss(
+    model,
+    engine: Engine,
+    spec: InnerSpec,
+    tokenizer,
+    groups,
+    objective: str,
+    meta,
+    teacher=None,
+    lm_next=None,
+    device="cpu",
+):
     """Loss and stats of one meta-batch shard (``groups``: task groups of triples)."""
     batch = make_meta_batch(tokenizer, groups, meta.lc_teacher_context).to(device)
     lc = None
     if objective == "LC":
-        lc = lc_targets(teacher, batch, meta.max_answer_tokens, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id)
+        lc = lc_targets(
+            teacher, batch, meta.max_answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
     lm_texts = lm_next().to(device) if lm_next is not None else None
     return meta_loss(model, engine, spec, batch, objective, lc, lm_texts, meta.lm_weight)
 
@@ -79,12 +93,23 @@ def total_steps(meta, num_tasks: int) -> int:
     """Outer steps: ``meta.steps`` capped at ``meta.epochs`` passes over the tasks."""
     per_epoch = steps_per_epoch(num_tasks, meta.meta_batch_size)
     if per_epoch == 0:
-        raise ValueError(f"meta.meta_batch_size: {meta.meta_batch_size} exceeds the {num_tasks} tasks")
+        raise ValueError(
+            f"meta.meta_batch_size: {meta.meta_batch_size} exceeds the {num_tasks} tasks"
+        )
     return min(meta.steps, meta.epochs * per_epoch) if meta.steps else meta.epochs * per_epoch
 
 
-def meta_train_local(model, tokenizer, train: Sequence[Triple], cfg, objective: str,
-                     teacher=None, device="cpu", lm_next=None, on_log=None) -> list[dict]:
+def meta_train_local(
+    model,
+    tokenizer,
+    train: Sequence[Triple],
+    cfg,
+    objective: str,
+    teacher=None,
+    device="cpu",
+    lm_next=None,
+    on_log=None,
+) -> list[dict]:
     """Meta-train ``model`` in place in this process; returns the logged history."""
     meta = cfg.meta
     groups = group_facts(train, meta.contexts_per_update, cfg.seed)
@@ -98,15 +123,29 @@ def meta_train_local(model, tokenizer, train: Sequence[Triple], cfg, objective: 
     model.train()
     for step in range(1, steps + 1):
         idx = shard_batch(len(groups), meta.meta_batch_size, 0, 1, cfg.seed, pos)
-        loss, stats = step_loss(model, engine, spec, tokenizer, [groups[i] for i in idx],
-                                objective, meta, teacher, lm_next, device)
+        loss, stats = step_loss(
+            model,
+            engine,
+            spec,
+            tokenizer,
+            [groups[i] for i in idx],
+            objective,
+            meta,
+            teacher,
+            lm_next,
+            device,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, meta.clip_norm if meta.clip_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, meta.clip_norm if meta.clip_norm > 0 else float("inf")
+        )
         opt.step()
         stats["grad_norm"] = float(norm)
         pos = advance(pos, len(groups), meta.meta_batch_size)
-        prog.update(step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")})
+        prog.update(
+            step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")}
+        )
         if step % meta.log_every == 0 or step == steps:
             stats.update(step=step, tasks_per_s=prog.items / max(prog.elapsed, 1e-9))
             history.append(stats)

@@ -107,10 +107,15 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     def run_eval(name, m):
         spec = inner_spec(m, cfg.meta, cfg.model.lora, lr=eval_lr)
         engine = select_engine(cfg.meta.engine, m, spec)
-        metrics, records = evaluate(m, tok, test, cfg.eval, engine, spec, device, label=f"eval {name}", seed=cfg.seed)
+        metrics, records = evaluate(
+            m, tok, test, cfg.eval, engine, spec, device, label=f"eval {name}", seed=cfg.seed
+        )
         results[name] = metrics
         write_records(out, name, records)
-        print(f"[eval {name}] " + "  ".join(f"{s}={v['accuracy']:.3f}" for s, v in metrics.items()), flush=True)
+        print(
+            f"[eval {name}] " + "  ".join(f"{s}={v['accuracy']:.3f}" for s, v in metrics.items()),
+            flush=True,
+        )
 
     base = model
     base.requires_grad_(True) if not cfg.model.lora.enabled else None
@@ -126,7 +131,12 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     print("\n" + table + "\n", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table + "\n")
-    summary = {"seconds": time.perf_counter() - t0, "model": path, "prepare": prep, "history": histories}
+    summary = {
+        "seconds": time.perf_counter() - t0,
+        "model": path,
+        "prepare": prep,
+        "history": histories,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[done] {summary['seconds']:.0f} s; results in {out / 'results.json'}", flush=True)
     return results

@@ -64,7 +64,9 @@ def tokenizer_texts(dataset: str, train: Sequence[Triple], test: Sequence[Triple
 class TextSampler:
     """Samples pretraining sequences of each kind; see the module docstring."""
 
-    def __init__(self, dataset: str, train: Sequence[Triple], test: Sequence[Triple], tokenizer, seed: int):
+    def __init__(
+        self, dataset: str, train: Sequence[Triple], test: Sequence[Triple], tokenizer, seed: int
+    ):
         self.dataset, self.train, self.tok = dataset, list(train), tokenizer
         self.rng = random.Random(seed)
         self.generated = dataset in generate.CONTEXTS
@@ -155,7 +157,9 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step - 1, cfg.steps, cfg.lr)
         batch = sampler.batch(cfg.batch_size, cfg.mix).to(device)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,7 +169,9 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
             acc = prompt_accuracy(model, val)
             model.train()
             history.append({"step": step, "loss": loss_ema, "prompt_accuracy": acc})
-            prog.update(step, cfg.batch_size * cfg.eval_every, force=True, loss=loss_ema, prompt_acc=acc)
+            prog.update(
+                step, cfg.batch_size * cfg.eval_every, force=True, loss=loss_ema, prompt_acc=acc
+            )
             if cfg.target_prompt_accuracy and acc >= cfg.target_prompt_accuracy:
                 break
     model.eval()
@@ -186,7 +192,9 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
     model = build_tiny_model(cfg.model.tiny, len(tok), seed=cfg.pretrain.seed).to(device)
     n = sum(p.numel() for p in model.parameters())
     print(f"[pretrain] tiny Llama: {n / 1e6:.2f}M parameters, vocabulary {len(tok)}", flush=True)
-    report = pretrain_tiny(model, tok, cfg.data.dataset, train, test, cfg.pretrain, device, prompt_accuracy)
+    report = pretrain_tiny(
+        model, tok, cfg.data.dataset, train, test, cfg.pretrain, device, prompt_accuracy
+    )
     tmp = path.with_name(path.name + ".tmp")
     save_model(model.cpu(), tok, tmp, info={"pretrain": report})
     tmp.replace(path) if not path.exists() else None

@@ -8,16 +8,24 @@ from raymeta.data.batches import Tokens, pad
 from raymeta.models import keep_float64
 
 
-def tiny_llama(vocab=48, hidden=16, layers=2, heads=2, tie=False, dtype=torch.float64, seed=0, attn="sdpa"):
+def tiny_llama(
+    vocab=48, hidden=16, layers=2, heads=2, tie=False, dtype=torch.float64, seed=0, attn="sdpa"
+):
     """A random Llama in ``dtype``. SDPA (run under its math kernel by the meta step)
     keeps float64 throughout; HF eager attention takes its softmax in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=64, tie_word_embeddings=tie, attn_implementation=attn,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        attn_implementation=attn,
     )
     model = keep_float64(LlamaForCausalLM(cfg).to(dtype))
     # random norms so that the norm-scale gradients are not degenerate
@@ -29,7 +37,12 @@ def tiny_llama(vocab=48, hidden=16, layers=2, heads=2, tie=False, dtype=torch.fl
 
 
 def random_rows(n, lo, hi, vocab, gen):
-    return [torch.randint(3, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist() for _ in range(n)]
+    return [
+        torch.randint(
+            3, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        for _ in range(n)
+    ]
 
 
 def random_contexts(b, n, vocab, gen, lo=4, hi=9) -> Tokens:

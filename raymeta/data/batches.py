@@ -36,7 +36,7 @@ class Tokens:
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def to(self, device) -> Tokens:
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Tokens(move(self.input_ids), move(self.attention_mask), move(self.labels))
 
     def flat(self) -> Tokens:
@@ -49,9 +49,7 @@ class Tokens:
         """Reshape the leading dims: ``[N, T]`` → ``[*lead, T]``."""
         t = self.input_ids.shape[-1]
         lab = None if self.labels is None else self.labels.reshape(*lead, t)
-        return Tokens(
-            self.input_ids.reshape(*lead, t), self.attention_mask.reshape(*lead, t), lab
-        )
+        return Tokens(self.input_ids.reshape(*lead, t), self.attention_mask.reshape(*lead, t), lab)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -118,9 +116,7 @@ def scoring_batch(
     return pad(seqs, pad_id(tokenizer), "right", label_from=starts)
 
 
-def answer_batch(
-    tokenizer, prefixes: Sequence[str], answers: Sequence[Sequence[int]]
-) -> Tokens:
+def answer_batch(tokenizer, prefixes: Sequence[str], answers: Sequence[Sequence[int]]) -> Tokens:
     """Like scoring_batch, but the targets are given as token ids (e.g. a teacher's answer)."""
     seqs, starts = [], []
     for p, a_ids in zip(prefixes, answers):

@@ -134,7 +134,9 @@ def fact_triple(fact: Fact, dataset: str, rng: random.Random, test: bool, fact_i
 def generate(dataset: str, n_train: int = 5000, n_test: int = 500, seed: int = 0):
     """(train, test) triples of a generated set; disjoint names and descriptions."""
     if dataset not in CONTEXTS:
-        raise ValueError(f"data.dataset: unknown generated set {dataset!r} (known: {list(CONTEXTS)})")
+        raise ValueError(
+            f"data.dataset: unknown generated set {dataset!r} (known: {list(CONTEXTS)})"
+        )
     facts = sample_facts(n_train + n_test, seed)
     rng = random.Random(seed + 1)
     train = [fact_triple(f, dataset, rng, False, i) for i, f in enumerate(facts[:n_train])]
@@ -145,5 +147,9 @@ def generate(dataset: str, n_train: int = 5000, n_test: int = 500, seed: int = 0
 def template_texts(dataset: str) -> list[str]:
     """Every template with placeholders filled by all vocabulary (for tokenizer training)."""
     words = " ".join(FIRST_NAMES + LAST_NAMES + VERBS + OBJECTS + PLACES)
-    tmpl = " ".join(CONTEXTS[dataset] + QUERIES + HELDOUT_QUERIES).replace("{d}", "").replace("{n}", "")
+    tmpl = (
+        " ".join(CONTEXTS[dataset] + QUERIES + HELDOUT_QUERIES)
+        .replace("{d}", "")
+        .replace("{n}", "")
+    )
     return [words, tmpl]

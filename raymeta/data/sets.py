@@ -23,8 +23,13 @@ def load_task_set(data) -> tuple[list[Triple], list[Triple]]:
 
         def split(name: str, limit: int) -> list[Triple]:
             return load_hf_split(
-                data.dataset, data.source, name, max_context_chars=data.max_context_chars,
-                cache_dir=data.cache_dir, limit=limit, seed=data.seed,
+                data.dataset,
+                data.source,
+                name,
+                max_context_chars=data.max_context_chars,
+                cache_dir=data.cache_dir,
+                limit=limit,
+                seed=data.seed,
             )
 
         return split("train", data.n_train), split("test", data.n_test)

@@ -25,7 +25,9 @@ class ReferenceState:
 def inner_leaves(model, names) -> dict[str, torch.Tensor]:
     """The inner parameters as tensors that require grad (frozen ones become fresh leaves)."""
     named = dict(model.named_parameters())
-    return {n: named[n] if named[n].requires_grad else named[n].detach().requires_grad_() for n in names}
+    return {
+        n: named[n] if named[n].requires_grad else named[n].detach().requires_grad_() for n in names
+    }
 
 
 def adapt(model, contexts: Tokens, spec: InnerSpec) -> ReferenceState:

@@ -81,7 +81,9 @@ def meta_loss(
         elif objective == "LC":
             if lc is None:
                 raise ValueError("objective LC needs the teacher's targets (lc_targets)")
-            per_task = lc_loss(engine.logits(model, state, lc.students), lc.students, lc.teacher_logp)
+            per_task = lc_loss(
+                engine.logits(model, state, lc.students), lc.students, lc.teacher_logp
+            )
         else:
             raise ValueError(f"meta.objectives: unknown objective {objective!r}")
         outer = per_task.mean()

@@ -9,18 +9,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
-    "train.launcher=local", "tracking.enabled=false", "threads=1",
-    "data.n_train=120", "data.n_test=24",
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-    "pretrain.steps=40", "pretrain.eval_every=20", "prepare.steps=4",
-    "meta.steps=4", "meta.meta_batch_size=4", "meta.log_every=2", "eval.n_examples=16",
+    "train.launcher=local",
+    "tracking.enabled=false",
+    "threads=1",
+    "data.n_train=120",
+    "data.n_test=24",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "pretrain.steps=40",
+    "pretrain.eval_every=20",
+    "prepare.steps=4",
+    "meta.steps=4",
+    "meta.meta_batch_size=4",
+    "meta.log_every=2",
+    "eval.n_examples=16",
 ]
 
 
 def run_job(tmp_path, *extra):
-    cmd = [sys.executable, "jobs/metatrain.py", "--config", "configs/tiny_char.yaml",
-           "--output-dir", str(tmp_path / "out"), f"model.tiny_cache_dir={tmp_path / 'models'}",
-           f"data.cache_dir={tmp_path / 'data'}", *SMALL, *extra]
+    cmd = [
+        sys.executable,
+        "jobs/metatrain.py",
+        "--config",
+        "configs/tiny_char.yaml",
+        "--output-dir",
+        str(tmp_path / "out"),
+        f"model.tiny_cache_dir={tmp_path / 'models'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        *SMALL,
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

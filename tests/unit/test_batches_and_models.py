@@ -25,7 +25,7 @@ def test_word_tokenizer_makes_names_two_tokens_and_round_trips(tmp_path):
     save_model(model, tok, tmp_path / "m")
     back, tok2 = load_model(str(tmp_path / "m"))
     ids = torch.tensor([tok2(train[0].context)["input_ids"]])
-    assert tok2.decode(ids[0]) .replace(" ", "") == train[0].context.replace(" ", "")
+    assert tok2.decode(ids[0]).replace(" ", "") == train[0].context.replace(" ", "")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits)
 
@@ -48,7 +48,9 @@ def test_formats_score_only_the_response():
 
 def test_context_groups_and_extend():
     train, _, tok = tiny_tokenizer()
-    ctx = context_batch(tok, [[train[0].context, train[1].context], [train[2].context, train[3].context]])
+    ctx = context_batch(
+        tok, [[train[0].context, train[1].context], [train[2].context, train[3].context]]
+    )
     assert ctx.input_ids.shape[:2] == (2, 2)
     assert ((ctx.labels != -100) == ctx.attention_mask.bool()).all()
     p = prompt_batch(tok, [train[0].query, train[1].context])
@@ -59,7 +61,9 @@ def test_context_groups_and_extend():
 
 def test_greedy_decode_matches_step_by_step_argmax():
     train, _, tok = tiny_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64), len(tok), seed=1).eval()
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, intermediate_size=64), len(tok), seed=1
+    ).eval()
     prompts = prompt_batch(tok, [train[0].query, train[1].context])
     out = greedy_decode(model_forward(model), prompts, 3, None, tok.pad_token_id)
     for i in range(2):

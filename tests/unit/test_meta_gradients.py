@@ -45,8 +45,13 @@ def test_second_order_gradient_matches_finite_differences(steps):
     loss.backward()
     params = dict(model.named_parameters())
     checked = 0
-    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                 "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]:
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]:
         p = params[name]
         for i in probe_indices(p, 3, gen):
             eps = 1e-5
@@ -60,6 +65,12 @@ def test_second_order_gradient_matches_finite_differences(steps):
     assert checked == 15
     # the adaptation matters: the adapted loss differs from the unadapted one
     with torch.no_grad():
-        unadapted = lg_loss(model(input_ids=q.flat().input_ids, attention_mask=q.flat().attention_mask,
-                                  position_ids=q.flat().position_ids).logits.view(3, 2, *q.input_ids.shape[2:], -1), q).mean()
+        unadapted = lg_loss(
+            model(
+                input_ids=q.flat().input_ids,
+                attention_mask=q.flat().attention_mask,
+                position_ids=q.flat().position_ids,
+            ).logits.view(3, 2, *q.input_ids.shape[2:], -1),
+            q,
+        ).mean()
     assert abs(unadapted.item() - loss.item()) > 1e-3

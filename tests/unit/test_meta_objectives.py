@@ -4,8 +4,8 @@ import torch
 
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, call, context_loss, double_backward_attention
-from raymeta.meta.objectives import lc_loss, lg_loss
 from raymeta.meta.losses import scored_positions
+from raymeta.meta.objectives import lc_loss, lg_loss
 from tests.helpers import random_contexts, random_queries, tiny_llama
 
 
@@ -34,7 +34,9 @@ def test_first_order_drops_exactly_the_second_order_term():
     with double_backward_attention():
         inner = context_loss(call(model, c)[None], ctx)[0]
         g = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        adapted = {n: (p - eta * gi).detach().requires_grad_() for (n, p), gi in zip(params.items(), g)}
+        adapted = {
+            n: (p - eta * gi).detach().requires_grad_() for (n, p), gi in zip(params.items(), g)
+        }
         outer = lg_loss(call(model, q.view_lead(2), adapted)[None], q).mean()
         v = torch.autograd.grad(outer, list(adapted.values()))
         hv = torch.autograd.grad(g, list(params.values()), grad_outputs=v)

@@ -41,7 +41,9 @@ def test_malformed_line_names_file_line_and_problem(tmp_path, line, problem):
 def test_bring_your_own_triples(tmp_path):
     rows = [Triple(f"c{i}", f"q{i}", f"r{i}") for i in range(10)]
     write_triples(tmp_path / "own.jsonl", rows)
-    train, test = load_task_set(DataConfig(dataset="jsonl", source=str(tmp_path / "own.jsonl"), n_train=0, n_test=3))
+    train, test = load_task_set(
+        DataConfig(dataset="jsonl", source=str(tmp_path / "own.jsonl"), n_train=0, n_test=3)
+    )
     assert train == rows[:7] and test == rows[7:]
 
 
