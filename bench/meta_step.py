@@ -129,6 +129,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         meta_batch=b,
         micro=micro,
         checkpoint_inner=spec.checkpoint_inner,
+        fw_attention=args.fw_attention or "sdpa-math",
         inner=args.inner,
         steps=spec.steps,
         params_M=round(n_params / 1e6, 1),
@@ -307,6 +308,11 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=1, help="inner SGD steps")
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--checkpoint-inner", action="store_true")
+    p.add_argument(
+        "--fw-attention",
+        default="",
+        help="fastweights: attention for a half-precision SDPA model (eager; default: SDPA math)",
+    )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
     p.add_argument(
@@ -334,6 +340,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     names = inner_names(model, args.inner)
+    if args.fw_attention:
+        from raymeta.meta import fastweights
+
+        fastweights.HALF_PRECISION_ATTENTION = args.fw_attention
     spec = InnerSpec(
         lr=1e-3,
         names=names,

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 .venv/bin/ruff check raymeta jobs tests bench
+.venv/bin/ruff format --check raymeta jobs tests bench
 exec .venv/bin/python -m pytest -q "$@"

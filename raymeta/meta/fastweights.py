@@ -35,10 +35,38 @@ from raymeta.meta.fastweights_terms import (
     lookup_delta,
     vector_delta,
 )
-from raymeta.meta.inner import InnerSpec, call, context_loss, double_backward_attention
+from raymeta.meta.inner import InnerSpec, call, double_backward_attention
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """RMSNorm classes computing ``weight * normalise(x)`` (Gemma's ``1 + weight`` is not one)."""
+
+
+HALF_PRECISION_ATTENTION: str | None = None
+"""Attention implementation for the engine's passes over a bf16/fp16 model whose own is SDPA
+(None: keep SDPA, whose math kernel, the only one with double backward, computes in float32).
+"eager" runs Hugging Face's eager attention (half-precision matmuls, float32 softmax)."""
+
+
+@contextlib.contextmanager
+def attention_for(model):
+    """While active, a half-precision SDPA model runs ``HALF_PRECISION_ATTENTION`` instead."""
+    impl = HALF_PRECISION_ATTENTION
+    p = next(model.parameters(), None)
+    if impl is None or p is None or p.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    configs = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if getattr(c, "_attn_implementation_internal", None) == "sdpa":
+            configs[id(c)] = c
+    for c in configs.values():
+        c._attn_implementation_internal = impl
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c._attn_implementation_internal = "sdpa"
 
 
 class Ineligible(ValueError):
@@ -205,8 +233,16 @@ class Hooks:
             return None
         x = self.group(use, inputs[0])
         nx = self.normalised(use, x) if use.kind == "norm" and use.weight else None
-        delta = correction(use, self.terms, x, nx, output.shape[-1])
-        out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
+        if nx is not None and getattr(module, "bias", None) is None:
+            # weight * nx is the module's own output; building it from nx lets the module's
+            # graph go (a second normalisation kept for the second order costs ~1/4 of the
+            # activations), and (w + Δw) * nx is exactly the adapted module
+            w = vector_delta(self.terms.get(use.weight, []))
+            scale = module.weight if w is None else module.weight + w[:, None, :]
+            out = (scale * nx).reshape(output.shape)
+        else:
+            delta = correction(use, self.terms, x, nx, output.shape[-1])
+            out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
         if self.inner and torch.is_grad_enabled() and not out.requires_grad:
             out = out.detach().requires_grad_()
         if self.record:
@@ -255,10 +291,10 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
     return functools.reduce(torch.add, parts)
 
 
-def new_terms(rec: Record, d: torch.Tensor, lr: float):
-    """(name, term) pairs of one hooked call's ``-η G`` given d = dL/d(out) ``[rows, length, out]``."""
+def new_terms(rec: Record, d: torch.Tensor):
+    """(name, term) pairs of one hooked call's ``-η G`` given d = -η dL/d(out) ``[rows, length, out]``."""
     use = rec.use
-    d = d.reshape(rec.x.shape[0], -1, d.shape[-1]) * (-lr)
+    d = d.reshape(rec.x.shape[0], -1, d.shape[-1])
     out = []
     if use.kind in ("linear", "conv1d"):
         if use.weight:
@@ -276,6 +312,80 @@ def new_terms(rec: Record, d: torch.Tensor, lr: float):
         if use.bias:
             out.append((use.bias, Dense(d.sum(1))))
     return out
+
+
+# ---------------------------------------------------------------------------
+# the inner loss's gradient w.r.t. the logits
+# ---------------------------------------------------------------------------
+
+SEED_CHUNK = 2**26
+"""Elements of one chunk of float32 work over the vocabulary (256 MiB)."""
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NextTokenSeed(torch.autograd.Function):
+    """``seed = w ⊙ (softmax(z) - onehot(y))`` per row of z ``[M, V]`` and the rows' NLL ``[M]``.
+
+    This is ``w ⊙ dNLL/dz``; its derivative is ``w ⊙ (p ⊙ g - p (p·g))``. Both are taken in
+    float32 (or z's dtype if wider) over row chunks, so no ``[M, V]`` float32 tensor is
+    kept, and the second-order graph is this one node holding z (instead of the
+    upcast, the log-softmax and their backward's intermediates)."""
+
+    @staticmethod
+    def forward(ctx, z, y, w):
+        acc = _acc_dtype(z.dtype)
+        rows = max(1, SEED_CHUNK // z.shape[-1])
+        seed = torch.empty_like(z)
+        nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
+        for lo in range(0, z.shape[0], rows):
+            hi = min(lo + rows, z.shape[0])
+            zc = z[lo:hi].to(acc, copy=True)
+            lse = torch.logsumexp(zc, -1, keepdim=True)
+            yc = y[lo:hi, None]
+            nll[lo:hi] = (lse - zc.gather(-1, yc))[:, 0]
+            p = zc.sub_(lse).exp_()
+            p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=acc))
+            seed[lo:hi] = p.mul_(w[lo:hi, None])
+        ctx.save_for_backward(z, w)
+        ctx.mark_non_differentiable(nll)
+        return seed, nll
+
+    @staticmethod
+    def backward(ctx, g, _unused):
+        z, w = ctx.saved_tensors
+        acc = _acc_dtype(z.dtype)
+        rows = max(1, SEED_CHUNK // z.shape[-1])
+        out = torch.empty_like(z)
+        for lo in range(0, z.shape[0], rows):
+            hi = min(lo + rows, z.shape[0])
+            p = torch.softmax(z[lo:hi].to(acc), -1)
+            gc = g[lo:hi].to(acc, copy=True)
+            gc = gc.sub_((p * gc).sum(-1, keepdim=True))
+            out[lo:hi] = gc.mul_(p).mul_(w[lo:hi, None])
+        return out, None, None
+
+
+def next_token_seed(logits: torch.Tensor, labels: torch.Tensor, scale: float):
+    """``scale · dL/dlogits`` ``[rows, Tc, V]`` and the per-task inner loss ``[B]`` (detached).
+
+    L = Σ_b context_loss (the mean next-token NLL over each task's scored tokens, as in
+    ``inner.context_loss``); labels ``[B, n, Tc]``, logits ``[B*n, Tc, V]``."""
+    b = labels.shape[0]
+    v = logits.shape[-1]
+    target = torch.full_like(labels, -100)
+    target[..., :-1] = labels[..., 1:]
+    mask = target != -100
+    count = mask.reshape(b, -1).sum(-1).clamp(min=1)
+    acc = _acc_dtype(logits.dtype)
+    w = mask.to(acc) * (scale / count.to(acc)).view(b, *[1] * (labels.dim() - 1))
+    seed, nll = NextTokenSeed.apply(
+        logits.reshape(-1, v), target.clamp(min=0).reshape(-1), w.reshape(-1)
+    )
+    loss = (nll.view(b, -1) * mask.reshape(b, -1)).sum(-1) / count
+    return seed.view(logits.shape), loss
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +443,8 @@ class Replay:
 
     Reusable: checkpointing may recompute a block more than once (inner and outer backward)."""
 
-    def __init__(self, uses, terms, tasks, rows, length):
+    def __init__(self, model, uses, terms, tasks, rows, length):
+        self.model = model
         self.args = (uses, terms, tasks, rows, length)
         self.stack: list[contextlib.ExitStack] = []
 
@@ -341,6 +452,7 @@ class Replay:
         stack = contextlib.ExitStack()
         stack.enter_context(Hooks(*self.args, inner=True))
         stack.enter_context(double_backward_attention())
+        stack.enter_context(attention_for(self.model))
         self.stack.append(stack)
         return self
 
@@ -357,9 +469,9 @@ def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: 
     """Logits ``[B*n, Tc, V]`` of the contexts with ``terms`` applied, and the Records."""
     rows, length = contexts.input_ids.shape
     snapshot = {k: list(v) for k, v in terms.items()}
-    replay = functools.partial(Replay, uses, snapshot, tasks, rows, length)
+    replay = functools.partial(Replay, model, uses, snapshot, tasks, rows, length)
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
-    with hooks, checkpointed_blocks(model, checkpoint, replay):
+    with hooks, checkpointed_blocks(model, checkpoint, replay), attention_for(model):
         logits = call(model, contexts)
     return logits, hooks.records
 
@@ -378,22 +490,25 @@ def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
             logits, records = inner_forward(
                 model, uses, state.terms, flat, b, spec.checkpoint_inner
             )
-            loss = context_loss(logits.view(b, n, tc, -1), contexts)
+            # seed = -η dL_inner/dlogits (exact, lean; see next_token_seed): every D below
+            # comes out already scaled by -η, so no layer's D is copied to scale it
+            seed, loss = next_token_seed(logits, contexts.labels, -spec.lr)
             if k == 0:
-                state.inner_loss = loss.detach()
+                state.inner_loss = loss
             ds = torch.autograd.grad(
-                loss.sum(),
+                [logits],
                 [r.out for r in records],
+                grad_outputs=[seed],
                 create_graph=spec.second_order,
                 allow_unused=True,
             )
             for rec, d in zip(records, ds):
                 if d is None:
                     continue
-                for name, term in new_terms(rec, d, spec.lr):
+                for name, term in new_terms(rec, d):
                     term = term if spec.second_order else detach(term)
                     state.terms.setdefault(name, []).append(term)
-            del logits, loss, records, ds
+            del logits, seed, loss, records, ds
     return state
 
 
@@ -402,6 +517,6 @@ def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
     b, m, t = queries.input_ids.shape
     if b != state.tasks:
         raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
-    with Hooks(state.uses, state.terms, b, b * m, t):
+    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model):
         out = call(model, queries.flat())
     return out.view(b, m, t, -1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ def train_loop(config: dict) -> None:
     from raymeta.progress import Progress
     from raymeta.train.engine import init_engine
 
+    # Ray Train routes print() to its logger and, when a library has wrapped sys.stdout,
+    # also tees to it: every progress line would show twice on the driver.
+    sys.stdout = sys.__stdout__
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = from_dict(config["cfg"])

@@ -231,3 +231,34 @@ def test_model_unchanged_and_logits_repeatable():
     assert all("forward" not in blk.__dict__ for blk in model.model.layers)
     assert all(p.grad is None for p in model.parameters()), "the inner step wrote .grad"
     assert torch.equal(plain_logits(model, q), before)
+
+
+def test_next_token_seed_is_the_scaled_inner_gradient(monkeypatch):
+    """The analytic, chunked seed equals -η dL_inner/dlogits and its derivative is exact."""
+    from raymeta.meta.inner import context_loss
+
+    monkeypatch.setattr(fastweights, "SEED_CHUNK", 3 * VOCAB)  # several chunks
+    ctx, _ = batch(2)
+    b, n, tc = ctx.input_ids.shape
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(b * n, tc, VOCAB, generator=gen, dtype=torch.float64, requires_grad=True)
+    seed, loss = fastweights.next_token_seed(z, ctx.labels, -0.5)
+    want_loss = context_loss(z.view(b, n, tc, -1), ctx)
+    (want,) = torch.autograd.grad(want_loss.sum(), z, create_graph=True)
+    assert torch.allclose(loss, want_loss.detach(), rtol=1e-12, atol=0)
+    assert torch.allclose(seed, -0.5 * want, rtol=1e-12, atol=1e-15)
+    probe = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((seed * probe).sum(), z)
+    (g_want,) = torch.autograd.grad((-0.5 * want * probe).sum(), z)
+    assert torch.allclose(g, g_want, rtol=1e-10, atol=1e-14)
+
+
+def test_half_precision_attention_switch_restores(monkeypatch):
+    model = tiny_llama(vocab=VOCAB, dtype=torch.bfloat16)
+    monkeypatch.setattr(fastweights, "HALF_PRECISION_ATTENTION", "eager")
+    with fastweights.attention_for(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    f64 = tiny_llama(vocab=VOCAB)
+    with fastweights.attention_for(f64):  # float64 keeps SDPA (the exactness tests' path)
+        assert f64.config._attn_implementation == "sdpa"
