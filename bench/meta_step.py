@@ -307,7 +307,20 @@ def parse(argv=None):
     )
     p.add_argument("--steps", type=int, default=1, help="inner SGD steps")
     p.add_argument("--first-order", action="store_true")
-    p.add_argument("--checkpoint-inner", action="store_true")
+    p.add_argument(
+        "--checkpoint-inner",
+        nargs="?",
+        const="vjp",
+        default=False,
+        choices=["vjp", "forward"],
+        help="InnerSpec.checkpoint_inner: vjp (the default when given: the inner backward "
+        "checkpointed per decoder block) or forward (only the inner forward's blocks)",
+    )
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="after timing, add GiB allocated by phase of one fastweights step (cuda)",
+    )
     p.add_argument(
         "--fw-attention",
         default="",
@@ -368,6 +381,16 @@ def main(argv=None):
                 row = measure(model, opt, engine, spec, args, b, ctx, args.query, micro, n_params)
                 print(json.dumps(row), flush=True)
                 results.append(row)
+                if args.phases and args.device == "cuda" and name == "fastweights":
+                    if "error" not in row:
+                        batch = random_batch(b, ctx, args.query, model.config.vocab_size, "cuda")
+                        try:
+                            row.update(phases(model, engine, spec, batch))
+                        except torch.OutOfMemoryError:
+                            row["phases"] = "out of memory"
+                            model.zero_grad(set_to_none=True)
+                        del batch
+                        print(json.dumps(row), flush=True)
                 if args.profile and name == "fastweights" and "error" not in row:
                     profile(model, opt, engine, spec, args, b, ctx, micro)
                 if args.device == "cuda":

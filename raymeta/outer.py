@@ -41,29 +41,49 @@ def inner_spec(model, meta, lora=None, lr: float | None = None) -> InnerSpec:
 
 def lm_sampler(
     cfg, tokenizer, train: Sequence[Triple], test: Sequence[Triple] = ()
-) -> Callable[[], Tokens] | None:
-    """A function returning one regulariser batch ``[N, T]`` (None when λ = 0).
+) -> Callable[[int, int, int], Tokens] | None:
+    """``f(step, rank, world)``: worker ``rank``'s share of step ``step``'s regulariser batch.
 
-    Sources (``meta.lm_source``): the training contexts, the tiny model's pretraining
-    mix (raymeta.pretrain; test facts excluded), or a text file, one document a line."""
+    None when λ = 0. The global batch (``meta.lm_batch_size`` texts) is a pure function of
+    (seed, step), so a resumed run and any number of workers see the same texts; worker r
+    takes its contiguous share. Sources (``meta.lm_source``): the training contexts, the
+    tiny model's pretraining mix (raymeta.pretrain; test facts excluded), or a text file,
+    one document a line."""
     meta = cfg.meta
     if meta.lm_weight <= 0:
         return None
-    rng = random.Random(cfg.seed + 7)
     if meta.lm_source == "pretrain_mix":
         from raymeta.pretrain import TextSampler
 
         sampler = TextSampler(cfg.data.dataset, train, test, tokenizer, cfg.seed + 7)
-        return lambda: sampler.batch(meta.lm_batch_size, cfg.pretrain.mix)
-    if meta.lm_source == "file":
-        from pathlib import Path
 
-        lines = [x for x in Path(meta.lm_file).read_text().splitlines() if x.strip()]
-        if not lines:
-            raise ValueError(f"meta.lm_file: {meta.lm_file} holds no text")
-        return lambda: lm_batch(tokenizer, rng.choices(lines, k=meta.lm_batch_size), max_len=256)
-    texts = [t.context for t in train]
-    return lambda: lm_batch(tokenizer, rng.choices(texts, k=meta.lm_batch_size), max_len=256)
+        def texts(rng: random.Random) -> Tokens:
+            sampler.rng = rng
+            return sampler.batch(meta.lm_batch_size, cfg.pretrain.mix)
+    else:
+        if meta.lm_source == "file":
+            from pathlib import Path
+
+            pool = [x for x in Path(meta.lm_file).read_text().splitlines() if x.strip()]
+            if not pool:
+                raise ValueError(f"meta.lm_file: {meta.lm_file} holds no text")
+        else:
+            pool = [t.context for t in train]
+
+        def texts(rng: random.Random) -> Tokens:
+            return lm_batch(tokenizer, rng.choices(pool, k=meta.lm_batch_size), max_len=256)
+
+    def share(step: int, rank: int = 0, world: int = 1) -> Tokens:
+        if meta.lm_batch_size % world:
+            raise ValueError(
+                f"meta.lm_batch_size: {meta.lm_batch_size} is not divisible by {world} workers"
+            )
+        batch = texts(random.Random(f"{cfg.seed}-lm-{step}"))
+        per = meta.lm_batch_size // world
+        rows = slice(rank * per, (rank + 1) * per)
+        return Tokens(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+
+    return share
 
 
 def step_loss(
@@ -75,17 +95,19 @@ def step_loss(
     objective: str,
     meta,
     teacher=None,
-    lm_next=None,
+    lm_texts: Tokens | None = None,
     device="cpu",
 ):
-    """Loss and stats of one meta-batch shard (``groups``: task groups of triples)."""
+    """Loss and stats of one meta-batch shard (``groups``: task groups of triples;
+    ``lm_texts``: this shard's regulariser texts ``[N, T]``)."""
     batch = make_meta_batch(tokenizer, groups, meta.lc_teacher_context).to(device)
     lc = None
     if objective == "LC":
         lc = lc_targets(
             teacher, batch, meta.max_answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-    lm_texts = lm_next().to(device) if lm_next is not None else None
+    if lm_texts is not None:
+        lm_texts = lm_texts.to(device)
     return meta_loss(model, engine, spec, batch, objective, lc, lm_texts, meta.lm_weight)
 
 
@@ -132,7 +154,7 @@ def meta_train_local(
             objective,
             meta,
             teacher,
-            lm_next,
+            lm_next(step) if lm_next is not None else None,
             device,
         )
         opt.zero_grad(set_to_none=True)

@@ -18,11 +18,13 @@ scales. Anything else makes ``ineligibility`` return a reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree
 from torch import nn
 
 from raymeta.data.batches import Tokens
@@ -461,6 +463,298 @@ class Replay:
 
 
 # ---------------------------------------------------------------------------
+# checkpointing the inner backward per decoder block ("vjp" mode)
+# ---------------------------------------------------------------------------
+
+CHECKPOINT_MODES = {False: None, None: None, True: "vjp", "vjp": "vjp", "forward": "forward"}
+"""``InnerSpec.checkpoint_inner`` values: True / "vjp" checkpoints the inner *backward* per
+decoder block (see ``BlockVJP``); "forward" only recomputes the inner forward's blocks (the
+create_graph inner backward then keeps the recomputed activations)."""
+
+
+def checkpoint_mode(value) -> str | None:
+    try:
+        return CHECKPOINT_MODES[value]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"checkpoint_inner={value!r}: expected False, True, 'vjp' or 'forward'"
+        ) from None
+
+
+def _fields(term) -> list[torch.Tensor]:
+    return [getattr(term, f.name) for f in dataclasses.fields(term)]
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+class Block:
+    """One decoder block's call in an inner forward, re-runnable from its input.
+
+    ``run`` applies the update terms of the block's own parameters (given flat, so that
+    they can be autograd inputs of ``BlockForward`` / ``BlockVJP``) through fresh hooks;
+    ``vjp`` gives the block's input gradient and the new update terms of its layers."""
+
+    def __init__(self, model, blk, orig, args, kwargs, uses, terms, shape):
+        self.model, self.orig, self.args, self.kwargs = model, orig, args, kwargs
+        inside = {id(m) for m in blk.modules()}
+        self.uses = [u for u in uses if id(u.module) in inside]
+        names = sorted({n for u in self.uses for n in (u.weight, u.bias) if n and terms.get(n)})
+        self.terms = [(n, t) for n in names for t in terms[n]]
+        self.flat = [x for _, t in self.terms for x in _fields(t)]
+        self.params = [p for p in blk.parameters() if p.requires_grad]
+        self.shape = shape  # tasks, rows, length
+        self.layout: list | None = None  # (name, term class, output indices) per new term
+        self.x: torch.Tensor | None = None
+
+    def rebuild(self, flat) -> dict[str, list]:
+        out: dict[str, list] = {}
+        i = 0
+        for name, t in self.terms:
+            k = len(dataclasses.fields(t))
+            out.setdefault(name, []).append(type(t)(*flat[i : i + k]))
+            i += k
+        return out
+
+    def run(self, x, flat, record=False):
+        """The block's output (and the Records of its hooked calls) on input ``x``."""
+        args, kwargs = self.args, dict(self.kwargs)
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs["hidden_states"] = x
+        hooks = Hooks(self.uses, self.rebuild(flat), *self.shape, inner=True, record=record)
+        with hooks, double_backward_attention(), attention_for(self.model):
+            y = self.orig(*args, **kwargs)
+        if not isinstance(y, torch.Tensor):
+            raise RuntimeError(
+                "fast-weights checkpoint_inner='vjp': a decoder block returned "
+                f"{type(y).__name__}, not a tensor"
+            )
+        return y, hooks.records
+
+    def vjp(self, x, dy, flat, create_graph) -> list[torch.Tensor]:
+        """``[dx, *tensors of the new terms]`` (shared tensors once) for output gradient ``dy``."""
+        y, records = self.run(x, flat, record=True)
+        ds = torch.autograd.grad(
+            [y], [x, *(r.out for r in records)], [dy], create_graph=create_graph, allow_unused=True
+        )
+        outs = [torch.zeros_like(x) if ds[0] is None else ds[0]]
+        index: dict = {}
+        layout = []
+        for rec, d in zip(records, ds[1:]):
+            if d is None:
+                continue
+            for name, term in new_terms(rec, d):
+                where = []
+                for t in _fields(term):
+                    k = _key(t)
+                    if k not in index:
+                        index[k] = len(outs)
+                        outs.append(t)
+                    where.append(index[k])
+                layout.append((name, type(term), where))
+        if self.layout is None:
+            self.layout = layout
+        elif [(n, c, len(w)) for n, c, w in layout] != [(n, c, len(w)) for n, c, w in self.layout]:
+            raise RuntimeError("fast-weights: a recomputed decoder block recorded other calls")
+        return outs
+
+    def new_terms(self, outs) -> list[tuple[str, object]]:
+        return [(n, cls(*(outs[i] for i in where))) for n, cls, where in self.layout]
+
+
+def _inputs(ctx, first: int, tensors):
+    """Detached copies of saved ``tensors``, requiring grad where the Function's input does."""
+    out = []
+    for i, t in enumerate(tensors):
+        t = t.detach()
+        if ctx.needs_input_grad[first + i] and t.is_floating_point():
+            t.requires_grad_()
+        out.append(t)
+    return out
+
+
+def _grads(outputs, grad_outputs, wrt):
+    """Gradients for ``wrt`` (None where it does not require grad or is unreached)."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    need = [t for t in wrt if t.requires_grad]
+    got = iter(
+        torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True)
+        if pairs and need
+        else [None] * len(need)
+    )
+    return [next(got) if t.requires_grad else None for t in wrt]
+
+
+class BlockForward(torch.autograd.Function):
+    """A block's output, computed without keeping its activations; the backward recomputes it
+    (first order: the outer backward's path through the inner forward)."""
+
+    @staticmethod
+    def forward(ctx, block: Block, x, *rest):
+        ctx.block = block
+        ctx.save_for_backward(x, *rest[: len(block.flat)])
+        with torch.no_grad():
+            y, _ = block.run(x, list(rest[: len(block.flat)]))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        block = ctx.block
+        x, flat = _inputs(ctx, 1, ctx.saved_tensors[:1])[0], _inputs(ctx, 2, ctx.saved_tensors[1:])
+        with torch.enable_grad():
+            y, _ = block.run(x, flat)
+            grads = _grads([y], [gy], [x, *flat, *block.params])
+        return None, *grads
+
+
+class BlockVJP(torch.autograd.Function):
+    """``Block.vjp`` as one node: its forward keeps no graph (only x, dy and the terms it reads
+    are saved); its backward recomputes the block's forward and create_graph VJP and
+    differentiates them (the second-order part of the outer backward, one block at a time)."""
+
+    @staticmethod
+    def forward(ctx, block: Block, x, dy, *rest):
+        ctx.block = block
+        ctx.set_materialize_grads(False)
+        n = len(block.flat)
+        ctx.save_for_backward(x, dy, *rest[:n])
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_()
+            outs = block.vjp(xs, dy.detach(), [t.detach() for t in rest[:n]], False)
+        ptrs = {x.data_ptr(), dy.data_ptr()}
+        # no output may alias an input (a layer whose output is the block's gets d = dy)
+        return tuple(o.detach().clone() if o.data_ptr() in ptrs else o.detach() for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gouts):
+        block = ctx.block
+        x, dy, *flat = _inputs(ctx, 1, ctx.saved_tensors)
+        x.requires_grad_()  # the VJP is taken w.r.t. x even when x needs no gradient
+        with torch.enable_grad():
+            outs = block.vjp(x, dy, flat, True)
+            grads = _grads(outs, gouts, [x, dy, *flat, *block.params])
+        if not ctx.needs_input_grad[1]:
+            grads[0] = None
+        return None, *grads
+
+
+class BlockCalls:
+    """While active, each decoder block's call in an inner forward runs as a ``BlockForward``
+    (the outer hooks pause inside it; blocks must be chained: each one's input is the
+    previous one's output). ``blocks``: the Block of each call, in order; ``first``: the
+    number of records taken before the first block."""
+
+    def __init__(self, model, hooks: Hooks):
+        self.model, self.hooks = model, hooks
+        self.blocks: list[Block] = []
+        self.outputs: list[torch.Tensor] = []
+        self.first = 0
+        self.patched = []
+
+    def __enter__(self):
+        blocks = decoder_blocks(self.model)
+        if not blocks:
+            raise RuntimeError("fast-weights checkpoint_inner='vjp': no decoder blocks found")
+        for blk in blocks:
+            had = "forward" in blk.__dict__
+            orig = blk.forward
+            blk.forward = functools.partial(self.call, blk, orig)
+            self.patched.append((blk, had, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for blk, had, orig in self.patched:
+            if had:
+                blk.forward = orig
+            else:
+                del blk.__dict__["forward"]
+        self.patched = []
+
+    def call(self, blk, orig, *args, **kwargs):
+        h = self.hooks
+        x = args[0] if args else kwargs["hidden_states"]
+        if self.outputs and x is not self.outputs[-1]:
+            raise RuntimeError(
+                "fast-weights checkpoint_inner='vjp': a decoder block's input is not the "
+                "previous block's output"
+            )
+        rest = [t for t in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if t is not x]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
+            raise RuntimeError(
+                "fast-weights checkpoint_inner='vjp': a decoder block got a differentiable "
+                "input other than its hidden states"
+            )
+        if not self.blocks:
+            self.first = len(h.records)
+        block = Block(
+            self.model, blk, orig, args, kwargs, h.uses, h.terms, (h.tasks, h.rows, h.length)
+        )
+        block.x = x
+        h.busy = True
+        try:
+            y = BlockForward.apply(block, x, *block.flat, *block.params)
+        finally:
+            h.busy = False
+        self.blocks.append(block)
+        self.outputs.append(y)
+        return y
+
+
+def inner_step_blocks(model, uses, terms, contexts: Tokens, labels, tasks, lr, second_order):
+    """One inner step with the inner backward checkpointed per decoder block.
+
+    The forward keeps only each block's input; the backward through the head is taken as
+    usual, then each block's ``BlockVJP`` (top to bottom) gives the gradient of its input
+    and its layers' terms, and the layers before the first block are differentiated last.
+    Returns (new (name, term) pairs in forward order, per-task inner loss)."""
+    rows, length = contexts.input_ids.shape
+    snapshot = {k: list(v) for k, v in terms.items()}
+    hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
+    calls = BlockCalls(model, hooks)
+    with hooks, calls, attention_for(model):
+        logits = call(model, contexts)
+    pre, post = hooks.records[: calls.first], hooks.records[calls.first :]
+    seed, loss = next_token_seed(logits, labels, -lr)
+    top = calls.outputs[-1]
+    *d_post, dy = torch.autograd.grad(
+        [logits],
+        [*(r.out for r in post), top],
+        grad_outputs=[seed],
+        create_graph=second_order,
+        allow_unused=True,
+    )
+    del logits, seed
+    if dy is None:
+        dy = torch.zeros_like(top)
+    per_block = []
+    with contextlib.nullcontext() if second_order else torch.no_grad():
+        for block in reversed(calls.blocks):
+            outs = BlockVJP.apply(block, block.x, dy, *block.flat, *block.params)
+            dy = outs[0]
+            per_block.append(block.new_terms(outs))
+    new = []
+    if pre:
+        x0 = calls.blocks[0].x
+        d_pre = (
+            torch.autograd.grad(
+                [x0], [r.out for r in pre], [dy], create_graph=second_order, allow_unused=True
+            )
+            if x0.requires_grad
+            else [None] * len(pre)
+        )
+        new += [nt for rec, d in zip(pre, d_pre) if d is not None for nt in new_terms(rec, d)]
+    for pairs in reversed(per_block):
+        new += pairs
+    new += [nt for rec, d in zip(post, d_post) if d is not None for nt in new_terms(rec, d)]
+    return new, loss
+
+
+# ---------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------
 
@@ -485,11 +779,20 @@ def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
     b, n, tc = contexts.input_ids.shape
     flat = contexts.flat()
     state = FastState(uses, {}, b)
+    mode = checkpoint_mode(spec.checkpoint_inner)
     with torch.enable_grad():
         for k in range(spec.steps):
-            logits, records = inner_forward(
-                model, uses, state.terms, flat, b, spec.checkpoint_inner
-            )
+            if mode == "vjp":
+                pairs, loss = inner_step_blocks(
+                    model, uses, state.terms, flat, contexts.labels, b, spec.lr, spec.second_order
+                )
+                if k == 0:
+                    state.inner_loss = loss
+                for name, term in pairs:
+                    term = term if spec.second_order else detach(term)
+                    state.terms.setdefault(name, []).append(term)
+                continue
+            logits, records = inner_forward(model, uses, state.terms, flat, b, mode == "forward")
             # seed = -η dL_inner/dlogits (exact, lean; see next_token_seed): every D below
             # comes out already scaled by -η, so no layer's D is copied to scale it
             seed, loss = next_token_seed(logits, contexts.labels, -spec.lr)

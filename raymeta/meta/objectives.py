@@ -10,7 +10,6 @@ from raymeta.meta.losses import (
     kl_teacher_student,
     mean_token_nll,
     scored_positions,
-    token_nll,
     upcast,
 )
 
@@ -46,7 +45,6 @@ def lc_loss(
 
 
 def lm_loss(model, texts: Tokens) -> torch.Tensor:
-    """Plain LM loss of θ (no adaptation): mean NLL over all tokens of ``texts`` ``[N, T]``."""
-    logits = call(model, texts)
-    nll, n = token_nll(logits, texts.labels)
-    return nll.sum() / n.sum().clamp(min=1)
+    """Plain LM loss of θ (no adaptation): the mean over texts ``[N, T]`` of each text's
+    mean token NLL (a mean over texts, so equal shares on W workers average to it)."""
+    return mean_token_nll(call(model, texts), texts.labels).mean()

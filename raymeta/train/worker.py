@@ -105,7 +105,7 @@ def train_loop(config: dict) -> None:
             objective,
             meta,
             teacher,
-            lm_next,
+            lm_next(step, rank, world) if lm_next is not None else None,
             device,
         )
         ds.backward(loss)

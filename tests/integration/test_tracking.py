@@ -103,6 +103,7 @@ def test_local_default_store(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     cfg = RunConfig()
+    cfg.meta.inner_lr = 0.001
     tracker = start_run(
         TrackingConfig(enabled=True, experiment="exp-local"),
         default_dir=out,
