@@ -154,23 +154,73 @@ def test_matches_reference(kind):
     print(f"{kind}: max relative gradient error {worst:.2e}")
 
 
-def test_lc_objective_and_checkpointed_inner(monkeypatch):
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
+    """checkpoint_inner=True ("vjp": the inner backward checkpointed per decoder block) is
+    exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed."""
+    calls = {"vjp": 0, "forward": 0}
+    for cls, key in ((fastweights.BlockVJP, "vjp"), (fastweights.BlockForward, "forward")):
+        orig = cls.backward
+
+        def counted(ctx, *grads, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(ctx, *grads)
+
+        monkeypatch.setattr(cls, "backward", staticmethod(counted))
+    build, names_of = MODELS[kind]
+    model = build()
+    names = names_of(model)
+    blocks = len(fastweights.decoder_blocks(model))
+    worst = 0.0
+    for steps in (1, 2):
+        for n in (1, 3):
+            ctx, q = batch(n, seed=steps * 10 + n)
+            for second in (True, False):
+                spec = InnerSpec(
+                    lr=0.5,
+                    names=names,
+                    steps=steps,
+                    second_order=second,
+                    checkpoint_inner=True,
+                )
+                before = dict(calls)
+                worst = max(worst, compare(model, spec, ctx, q))
+                if second:  # the outer backward recomputed every block's forward and VJP
+                    assert calls["vjp"] - before["vjp"] == steps * blocks
+                    assert calls["forward"] - before["forward"] == steps * blocks
+    assert all("forward" not in blk.__dict__ for blk in fastweights.decoder_blocks(model))
+    print(f"{kind} (checkpointed inner backward): max relative gradient error {worst:.2e}")
+
+
+def test_checkpoint_inner_values():
+    assert fastweights.checkpoint_mode(False) is None
+    assert fastweights.checkpoint_mode(True) == "vjp"
+    assert fastweights.checkpoint_mode("forward") == "forward"
+    with pytest.raises(ValueError, match="checkpoint_inner"):
+        fastweights.checkpoint_mode("everything")
+
+
+@pytest.mark.parametrize("mode", [True, "forward"])
+def test_lc_objective_and_checkpointed_inner(mode, monkeypatch):
     """LC outer loss once; inner-pass checkpointing recomputes and stays exact (k=2, 2nd order)."""
     recomputed = []
-    enter = fastweights.Replay.__enter__
+    cls, method = (
+        (fastweights.Replay, "__enter__") if mode == "forward" else (fastweights.Block, "run")
+    )
+    orig = getattr(cls, method)
 
-    def counting_enter(self):
+    def counting(self, *args, **kwargs):
         recomputed.append(1)
-        return enter(self)
+        return orig(self, *args, **kwargs)
 
-    monkeypatch.setattr(fastweights.Replay, "__enter__", counting_enter)
+    monkeypatch.setattr(cls, method, counting)
     model = llama_tied()
     ctx, q = batch(2)
-    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=True)
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode)
     compare(model, spec, ctx, q, objective="LC")
     assert recomputed, "the checkpointed inner blocks were never recomputed"
     gpt = gpt2()
-    compare(gpt, InnerSpec(lr=0.5, names=all_names(gpt), steps=2, checkpoint_inner=True), ctx, q)
+    compare(gpt, InnerSpec(lr=0.5, names=all_names(gpt), steps=2, checkpoint_inner=mode), ctx, q)
 
 
 class OddLinear(nn.Linear):
@@ -208,11 +258,12 @@ def plain_logits(model, q):
         ).logits
 
 
-def test_model_unchanged_and_logits_repeatable():
+@pytest.mark.parametrize("mode", [True, "forward"])
+def test_model_unchanged_and_logits_repeatable(mode):
     model = llama_tied()
     ctx, q = batch(2)
     before = plain_logits(model, q)
-    spec = InnerSpec(lr=0.5, names=all_names(model), checkpoint_inner=True)
+    spec = InnerSpec(lr=0.5, names=all_names(model), checkpoint_inner=mode)
     with double_backward_attention():
         ref_state = reference.adapt(model, ctx, spec)
         state = fastweights.adapt(model, ctx, spec)
