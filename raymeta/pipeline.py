@@ -131,6 +131,9 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     print("\n" + table + "\n", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(table + "\n")
+    from raymeta.plots import plot_results
+
+    plot_results(results, histories, out / "results.png")
     summary = {
         "seconds": time.perf_counter() - t0,
         "model": path,

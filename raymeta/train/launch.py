@@ -267,7 +267,7 @@ def log_results(tracker, out: Path, results: dict) -> None:
         if isinstance(v, (int, float))
     }
     tracker.log_metrics(metrics, step=0)
-    for name in ("results.json", "results.md", "summary.json", "config.yaml"):
+    for name in ("results.json", "results.md", "results.png", "summary.json", "config.yaml"):
         if (out / name).is_file():
             tracker.log_artifact(out / name)
     if (out / "records").is_dir():

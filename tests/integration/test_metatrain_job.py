@@ -54,6 +54,7 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
             assert 0.0 <= model[s]["accuracy"] <= 1.0 and model[s]["nll"] > 0
         for s in ("FT_irrelevant", "FT2"):
             assert 0.0 <= model[s]["leak"] <= 1.0
+    assert (tmp_path / "out" / "results.png").stat().st_size > 10_000  # the figure
     records = (tmp_path / "out" / "records" / "LC.jsonl").read_text().splitlines()
     assert len(records) == 5 * 16
     # progress was shown: stages, steps, tasks/s, ETA

@@ -1,0 +1,45 @@
+"""Figures of a run: accuracy per model and setting, and the meta-training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
+    """Write a PNG: left, accuracy of each model (BM, LG, LC) per setting, with the leak of
+    the control settings hatched; right, outer loss against step for each objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    settings = [s for s in next(iter(results.values()))] if results else []
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(1, len(models))
+    for i, name in enumerate(models):
+        xs = [k + i * width for k in range(len(settings))]
+        acc = [results[name][s]["accuracy"] for s in settings]
+        leak = [results[name][s].get("leak", 0.0) for s in settings]
+        bars = ax.bar(xs, acc, width, label=name)
+        ax.bar(xs, leak, width, bottom=0, fill=False, hatch="//", edgecolor=bars[0].get_facecolor())
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(settings))], settings)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (hatched: leak)")
+    ax.legend()
+    ax.set_title("evaluation")
+    for objective, hist in histories.items():
+        steps = [h["step"] for h in hist if "outer_loss" in h]
+        if steps:
+            bx.plot(steps, [h["outer_loss"] for h in hist if "outer_loss" in h], label=objective)
+    bx.set_xlabel("outer step")
+    bx.set_ylabel("outer loss")
+    bx.set_yscale("log")
+    if histories:
+        bx.legend()
+    bx.set_title("meta-training")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
