@@ -69,20 +69,19 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
 
 
-def score_batch(tokenizer, forward, prefixes, responses, max_new_tokens):
+def score_batch(tokenizer, forward, prefixes, responses, max_new_tokens, device):
     """(predictions, response NLLs) for one batch; ``forward`` maps [N,T] → logits."""
-    dev = getattr(forward, "device", None)
-    scored = scoring_batch(tokenizer, prefixes, responses).to(dev)
+    scored = scoring_batch(tokenizer, prefixes, responses).to(device)
     with torch.no_grad():
         nll, _ = token_nll(forward(scored), scored.labels)
-    prompts = prompt_batch(tokenizer, prefixes).to(dev)
+    prompts = prompt_batch(tokenizer, prefixes).to(device)
     answers = greedy_decode(
         forward, prompts, max_new_tokens, tokenizer.eos_token_id, pad_id(tokenizer)
     )
     return [decode_text(tokenizer, a) for a in answers], nll.tolist()
 
 
-def adapted_forward(model, engine: Engine, state, device):
+def adapted_forward(model, engine: Engine, state):
     """The adapted models of B tasks as a Forward over ``[B, T]`` (row b → task b)."""
 
     def forward(batch: Tokens) -> torch.Tensor:
@@ -90,18 +89,16 @@ def adapted_forward(model, engine: Engine, state, device):
         with torch.no_grad(), double_backward_attention():
             return engine.logits(model, state, batch.view_lead(b, 1))[:, 0]
 
-    forward.device = device
     return forward
 
 
-def plain_forward(model, device):
+def plain_forward(model):
     fwd = model_forward(model)
 
     def forward(batch: Tokens) -> torch.Tensor:
         with torch.no_grad():
             return fwd(batch)
 
-    forward.device = device
     return forward
 
 
@@ -115,9 +112,9 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
         others = [triples[partner[i]] for i in idx]
         prefixes = [t.query for t in batch]
         if setting == "NC":
-            forward = plain_forward(model, device)
+            forward = plain_forward(model)
         elif setting == "Prompt":
-            forward = plain_forward(model, device)
+            forward = plain_forward(model)
             prefixes = [prompt_text(t.context, t.query) for t in batch]
         else:
             if setting == "FT":
@@ -129,9 +126,9 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
             ctx = context_batch(tokenizer, groups).to(device)
             with torch.enable_grad(), double_backward_attention():
                 state = engine.adapt(model, ctx, spec)
-            forward = adapted_forward(model, engine, state, device)
+            forward = adapted_forward(model, engine, state)
         preds, nlls = score_batch(
-            tokenizer, forward, prefixes, [t.response for t in batch], cfg.max_new_tokens
+            tokenizer, forward, prefixes, [t.response for t in batch], cfg.max_new_tokens, device
         )
         for i, t, o, p, nll in zip(idx, batch, others, preds, nlls):
             rec = {

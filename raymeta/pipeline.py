@@ -118,7 +118,6 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
         )
 
     base = model
-    base.requires_grad_(True) if not cfg.model.lora.enabled else None
     run_eval("BM", base)
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     trainer = meta_trainer or local_trainer

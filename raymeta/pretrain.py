@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,7 +197,10 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
     report = pretrain_tiny(
         model, tok, cfg.data.dataset, train, test, cfg.pretrain, device, prompt_accuracy
     )
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_model(model.cpu(), tok, tmp, info={"pretrain": report})
-    tmp.replace(path) if not path.exists() else None
+    if path.exists():  # another process finished the same model first
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(path)
     return path
