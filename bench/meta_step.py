@@ -232,24 +232,11 @@ def table(rows_: list[dict]) -> str:
         "speedup",
     ]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    keys = ("engine", "shape", "dtype", "ctx", "query", "meta_batch", "micro", "checkpoint_inner")
     for r in rows_:
+        cells = [r[k] for k in keys]
         if "error" in r:
-            cells = [
-                r["engine"],
-                r["shape"],
-                r["dtype"],
-                r["ctx"],
-                r["query"],
-                r["meta_batch"],
-                r["micro"],
-                r["checkpoint_inner"],
-                r["error"],
-                "",
-                "",
-                "",
-                "",
-                "",
-            ]
+            cells += [r["error"]] + [""] * 5
         else:
             base = ref.get((r["ctx"], r["query"], r["meta_batch"]))
             speed = (
@@ -257,15 +244,7 @@ def table(rows_: list[dict]) -> str:
                 if base and r["engine"] != "reference"
                 else None
             )
-            cells = [
-                r["engine"],
-                r["shape"],
-                r["dtype"],
-                r["ctx"],
-                r["query"],
-                r["meta_batch"],
-                r["micro"],
-                r["checkpoint_inner"],
+            cells += [
                 fmt(r["ms_per_task"]),
                 fmt(r["tasks_per_s"], 2),
                 fmt(r.get("peak_GiB"), 2),
