@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -83,6 +84,23 @@ def write_records(out: Path, name: str, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+RESULT_FILES = ("results.json", "results.md", "results.png", "summary.json", "config.yaml")
+
+
+def keep_previous(out: Path) -> Path | None:
+    """Move an earlier run's results in ``out`` to ``out/previous/<time>`` (never overwrite)."""
+    if not (out / "results.json").exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((out / "results.json").stat().st_mtime))
+    dest = out / "previous" / stamp
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (*RESULT_FILES, "records", "data"):
+        if (out / name).exists():
+            shutil.move(str(out / name), str(dest / name))
+    print(f"[output] the earlier results in {out} were moved to {dest}", flush=True)
+    return dest
+
+
 def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> dict:
     """Run the whole job; returns results (also written to ``output_dir/results.json``).
 
@@ -91,6 +109,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    keep_previous(out)
     dump_config(cfg, out / "config.yaml")
     setup_torch(cfg)
     device = torch.device(cfg.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +82,13 @@ def fit_objective(
     output_dir: str | Path,
     tracking: dict | None = None,
     fault: dict | None = None,
+    run_name: str | None = None,
 ) -> FitResult:
     """Meta-train ``objective`` from ``model_dir`` on Ray workers; the trained weights' location.
 
-    Checkpoints live under ``output_dir/ray`` (Ray's storage path; use a shared
-    filesystem on a multi-node cluster). ``fault`` is a test hook (see worker)."""
+    Checkpoints live under ``output_dir/ray/<run_name>`` (Ray's storage path; use a shared
+    filesystem on a multi-node cluster). Ray resumes a run of the same name from its last
+    checkpoint, so every job gives its own ``run_name``. ``fault`` is a test hook (see worker)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -114,7 +117,7 @@ def fit_objective(
             resources_per_worker={"CPU": t.cpus_per_worker},
         ),
         run_config=RayRunConfig(
-            name=f"{cfg.name}-{objective}",
+            name=run_name or f"{cfg.name}-{objective}",
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -148,16 +151,26 @@ def ray_trainer(output_dir: str | Path, parent=None):
     (and a frozen copy as the LC teacher). ``parent``: the driver's Tracker;
     each objective gets an MLflow child run that rank 0 logs per-step metrics to."""
     out = Path(output_dir).expanduser().resolve()
-    base_dir = out / "ray" / "base_model"
+    job = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    base_dir = out / "ray" / f"base_model-{job}"
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
         from raymeta.models import save_model
 
-        if not (base_dir / "config.json").is_file():
+        if not (base_dir / "config.json").is_file():  # once per job: the base of every objective
             save_model(model, tokenizer, base_dir)
         child, info = _child_run(cfg, objective, out, parent)
         try:
-            result = fit_objective(cfg, objective, base_dir, train, test, out, info)
+            result = fit_objective(
+                cfg,
+                objective,
+                base_dir,
+                train,
+                test,
+                out,
+                info,
+                run_name=f"{cfg.name}-{objective}-{job}",
+            )
         except BaseException:
             child.finish("FAILED")
             raise

@@ -60,8 +60,13 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     # progress was shown: stages, steps, tasks/s, ETA
     for marker in ("[pretrain]", "[prepare]", "[meta-train LG", "[meta-train LC", "tasks/s", "ETA"):
         assert marker in proc.stdout
-    # the pretrained tiny model is cached and reused by a second run
+    # the pretrained tiny model is cached and reused by a second run into the same directory,
+    # which keeps the first run's results
+    first = (tmp_path / "out" / "results.json").read_text()
     assert "reusing the cached tiny model" in run_job(tmp_path, "meta.objectives=[LG]").stdout
+    kept = list((tmp_path / "out" / "previous").glob("*/results.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+    assert set(json.loads((tmp_path / "out" / "results.json").read_text())) == {"BM", "LG"}
 
 
 @pytest.mark.integration

@@ -211,3 +211,17 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert {"results.json", "results.md", "records", "config.yaml"} <= artifacts
     records = {a.path for a in client.list_artifacts(parent.info.run_id, "records")}
     assert {"records/BM.jsonl", "records/LG.jsonl"} <= records
+    assert "results.png" in artifacts
+
+    # a second job into the same output directory trains afresh (Ray must not resume the
+    # first job's finished run) and keeps the first job's results
+    first = (out / "results.json").read_text()
+    cmd[-1:] = [cmd[-1], "meta.steps=4"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-6000:]
+    assert "step 4/4" in logs and "resumed at step" not in logs, logs[-3000:]
+    kept = list((out / "previous").glob("*/results.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny_char_ray'")
+    assert len(parents) == 2
