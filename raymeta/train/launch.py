@@ -137,11 +137,8 @@ def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:
     from raymeta.models import load_model
 
     trained, _ = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation, "cpu")
-    state = {
-        k: v.to(p.device)
-        for (k, v), p in zip(trained.state_dict().items(), model.state_dict().values())
-    }
-    model.load_state_dict(state)
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in trained.state_dict().items()})
 
 
 def ray_trainer(output_dir: str | Path, parent=None):
