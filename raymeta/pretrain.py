@@ -184,7 +184,7 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
     """The cached tiny model directory for ``cfg``, building and pretraining it if missing.
 
     The result is loaded like any other model, through ``from_pretrained``."""
-    from raymeta.models import build_tiny_model, save_model, train_tokenizer
+    from raymeta.models import build_tiny_model, count_parameters, save_model, train_tokenizer
 
     path = Path(cfg.model.tiny_cache_dir) / f"tiny-{tiny_cache_key(cfg)}"
     if (path / "raymeta.json").is_file():
@@ -192,7 +192,7 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
         return path
     tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
     model = build_tiny_model(cfg.model.tiny, len(tok), seed=cfg.pretrain.seed).to(device)
-    n = sum(p.numel() for p in model.parameters())
+    n = count_parameters(model)
     print(f"[pretrain] tiny Llama: {n / 1e6:.2f}M parameters, vocabulary {len(tok)}", flush=True)
     report = pretrain_tiny(
         model, tok, cfg.data.dataset, train, test, cfg.pretrain, device, prompt_accuracy

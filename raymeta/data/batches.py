@@ -116,16 +116,6 @@ def scoring_batch(
     return pad(seqs, pad_id(tokenizer), "right", label_from=starts)
 
 
-def answer_batch(tokenizer, prefixes: Sequence[str], answers: Sequence[Sequence[int]]) -> Tokens:
-    """Like scoring_batch, but the targets are given as token ids (e.g. a teacher's answer)."""
-    seqs, starts = [], []
-    for p, a_ids in zip(prefixes, answers):
-        a = prefix_ids(tokenizer, p)
-        seqs.append(a + list(a_ids))
-        starts.append(len(a))
-    return pad(seqs, pad_id(tokenizer), "right", label_from=starts)
-
-
 def prompt_batch(tokenizer, prefixes: Sequence[str]) -> Tokens:
     """Prefixes only, right-padded, for greedy decoding. ``[N, T]``."""
     return pad([prefix_ids(tokenizer, p) for p in prefixes], pad_id(tokenizer), "right")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -96,7 +96,3 @@ def content_hash(triples: Iterable[Triple]) -> str:
         h.update(json.dumps([t.context, t.query, t.response], ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def as_dict(t: Triple) -> dict:
-    return asdict(t)
