@@ -66,11 +66,38 @@ def build_tiny_model(shape, vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+ADAPTER_DIR = "adapter"
+"""Subdirectory of a saved model holding its peft LoRA adapter (``save_pretrained`` of peft)."""
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` is a peft-wrapped model (it has a ``peft_config``)."""
+    return isinstance(getattr(model, "peft_config", None), dict)
+
+
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict of a peft model's base model without its adapter (original key names)."""
+    base = model.get_base_model()
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
 def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> Path:
-    """``save_pretrained`` model and tokenizer into ``path`` (plus ``raymeta.json`` info)."""
+    """``save_pretrained`` model and tokenizer into ``path`` (plus ``raymeta.json`` info).
+
+    A peft model is written as its base model (``path``) plus its adapter
+    (``path/adapter``), which :func:`load_model` puts back together."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    if is_peft(model):
+        model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model))
+        model.save_pretrained(path / ADAPTER_DIR)
+    else:
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if info is not None:
         (path / "raymeta.json").write_text(json.dumps(info, indent=1))
@@ -83,7 +110,10 @@ def load_model(
     attn_implementation: str = "eager",
     device: str | torch.device = "cpu",
 ):
-    """(model, tokenizer) from a hub name or local directory through ``from_pretrained``."""
+    """(model, tokenizer) from a hub name or local directory through ``from_pretrained``.
+
+    A directory written by :func:`save_model` from a peft model comes back as that peft
+    model (base weights plus the adapter in ``adapter/``, adapter trainable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -100,6 +130,12 @@ def load_model(
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    adapter = Path(name_or_path) / ADAPTER_DIR
+    if (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        # trainable like apply_lora's model: the adapter trains, the base is frozen
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model.to(device), tokenizer
 
 

@@ -42,11 +42,6 @@ class FitResult:
 def check_launchable(cfg: RunConfig) -> None:
     """Raise ConfigError for settings the Ray path cannot run (before anything starts)."""
     check_zero_stage(cfg.train)
-    if cfg.model.lora.enabled:
-        raise ConfigError(
-            "model.lora.enabled: LoRA is not supported with train.launcher=ray yet "
-            "(workers load full save_pretrained checkpoints); use train.launcher=local"
-        )
     if cfg.train.precision == "bf16" and cfg.model.dtype != "float32":
         raise ConfigError("train.precision=bf16 expects model.dtype=float32 master weights")
 

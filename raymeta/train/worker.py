@@ -161,15 +161,25 @@ def _device(cfg) -> torch.device:
 
 
 def _load(model_dir: str, cfg, device, trainable: bool):
-    """(model, tokenizer) from the driver's ``save_pretrained`` directory."""
-    from raymeta.models import keep_float64, load_model
+    """(model, tokenizer) from the driver's ``save_pretrained`` directory.
+
+    With LoRA the directory holds the base model and the adapter (see ``save_model``):
+    only the adapter trains, as in the driver's model."""
+    from raymeta.models import is_peft, keep_float64, load_model
 
     model, tok = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, device)
+    if is_peft(model) != cfg.model.lora.enabled:
+        raise ValueError(
+            f"model.lora.enabled={cfg.model.lora.enabled}, but {model_dir} "
+            + ("holds" if is_peft(model) else "does not hold")
+            + " a LoRA adapter"
+        )
     if cfg.model.dtype == "float64":
         keep_float64(model)
-    model.requires_grad_(trainable)
     if not trainable:
-        model.eval()
+        model.requires_grad_(False).eval()
+    elif not is_peft(model):
+        model.requires_grad_(True)
     return model, tok
 
 

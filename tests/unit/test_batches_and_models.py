@@ -83,3 +83,43 @@ def test_matching_and_partners():
     assert not matches("", "Evan")
     p = partners(50, seed=1)
     assert sorted(p) == list(range(50)) and all(p[i] != i for i in range(50))
+
+
+def test_lora_model_saves_as_base_plus_adapter_and_loads_back(tmp_path):
+    from raymeta.config import LoraConfig
+    from raymeta.models import ADAPTER_DIR, apply_lora, is_peft
+
+    _, _, tok = tiny_tokenizer()
+    plain = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2), len(tok))
+    base_weights = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = apply_lora(
+        plain, LoraConfig(enabled=True, rank=2, target_modules=["q_proj", "up_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a trained adapter: it changes the outputs
+    save_model(model, tok, tmp_path / "m")
+    assert (tmp_path / "m" / ADAPTER_DIR / "adapter_config.json").is_file()
+
+    back, _ = load_model(str(tmp_path / "m"))
+    assert is_peft(back)
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in back.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-6)
+
+    # the base model alone is the model before the adapter, under the usual names
+    (tmp_path / "base").mkdir()
+    for f in (tmp_path / "m").iterdir():
+        if f.is_file():
+            (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    base, _ = load_model(str(tmp_path / "base"))
+    assert not is_peft(base)
+    assert base.state_dict().keys() == base_weights.keys()
+    for k, v in base_weights.items():
+        assert torch.equal(base.state_dict()[k], v), k
