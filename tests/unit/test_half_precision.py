@@ -1,0 +1,50 @@
+"""The fast-weights engine in bfloat16 and float32 is as accurate as the reference engine.
+
+Both engines run the same second-order meta step in low precision; their gradients are
+compared with the float64 reference (the truth). The fast-weights engine's own
+precision choices (the inner loss's logit gradient in float32 chunks, update terms in
+the model's dtype, checkpointed blocks) must not make it less accurate than the
+textbook computation in the same dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from raymeta.meta import fastweights, reference
+from raymeta.meta.inner import InnerSpec
+from tests.unit.test_fastweights import all_names, batch, gpt2, llama_tied, run
+
+
+def errors(grads: dict, truth: dict) -> tuple[float, float]:
+    """(relative error of all gradients together, worst relative error of one tensor)."""
+    num = sum(float(((grads[n].double() - truth[n]) ** 2).sum()) for n in truth) ** 0.5
+    den = sum(float((truth[n] ** 2).sum()) for n in truth) ** 0.5
+    worst = max(float((grads[n].double() - truth[n]).norm() / truth[n].norm()) for n in truth)
+    return num / den, worst
+
+
+@pytest.mark.parametrize("build", [llama_tied, gpt2], ids=["llama_tied", "gpt2"])
+@pytest.mark.parametrize("checkpoint", [False, "vjp"])
+def test_low_precision_as_accurate_as_reference(build, checkpoint):
+    model = build()
+    names = all_names(model)
+    for steps in (1, 2):
+        spec = InnerSpec(0.5, names, steps=steps, checkpoint_inner=checkpoint)
+        ctx, q = batch(3, seed=7 + steps)
+        _, _, truth = run(reference, model, spec, ctx, q)
+        low = copy.deepcopy(model).to(torch.float32)
+        _, _, g = run(fastweights, low, spec, ctx, q)
+        assert errors(g, truth)[1] < 1e-4
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        ref_all, ref_worst = errors(run(reference, low, spec, ctx, q)[2], truth)
+        fw_all, fw_worst = errors(run(fastweights, low, spec, ctx, q)[2], truth)
+        print(
+            f"k={steps} bf16 error: reference {ref_all:.4f} ({ref_worst:.4f} worst tensor), "
+            f"fastweights {fw_all:.4f} ({fw_worst:.4f})"
+        )
+        assert 0 < ref_all < 0.05
+        assert fw_all < 1.5 * ref_all and fw_worst < 1.5 * ref_worst
