@@ -43,6 +43,15 @@ SHAPES = {
         num_key_value_heads=2,
         head_dim=16,
     ),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+    ),
     "llama-1b": dict(
         vocab_size=128256,
         hidden_size=2048,

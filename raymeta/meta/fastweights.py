@@ -13,6 +13,9 @@ Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included), ``nn.LayerNorm`` and Llama-style RMSNorm
 scales. Anything else makes ``ineligibility`` return a reason.
+
+The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused`` (Functions
+with hand-written first and second derivatives: a leaner second-order graph).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from raymeta.meta.fastweights_terms import (
     lookup_delta,
     vector_delta,
 )
+from raymeta.meta.fused import fused_mlps, rms_dtype, rms_normalise
 from raymeta.meta.inner import InnerSpec, call, double_backward_attention
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -252,10 +256,14 @@ class Hooks:
         return out
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
-        """The norm's output with unit scale and no bias: ``[B, R, d]``."""
+        """The norm's output with unit scale and no bias: ``[B, R, d]`` (an RMSNorm's through
+        ``fused.rms_normalise`` where its arithmetic is known, else through its own forward)."""
         m = use.module
         if type(m) is nn.LayerNorm:
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        acc = rms_dtype(m, x.dtype)
+        if acc is not None:
+            return rms_normalise(x, m.variance_epsilon, acc)
         self.busy = True
         try:
             ones = {"weight": torch.ones_like(m.weight)}
@@ -455,6 +463,7 @@ class Replay:
         stack.enter_context(Hooks(*self.args, inner=True))
         stack.enter_context(double_backward_attention())
         stack.enter_context(attention_for(self.model))
+        stack.enter_context(fused_mlps(self.model))
         self.stack.append(stack)
         return self
 
@@ -498,6 +507,7 @@ class Block:
 
     def __init__(self, model, blk, orig, args, kwargs, uses, terms, shape):
         self.model, self.orig, self.args, self.kwargs = model, orig, args, kwargs
+        self.module = blk
         inside = {id(m) for m in blk.modules()}
         self.uses = [u for u in uses if id(u.module) in inside]
         names = sorted({n for u in self.uses for n in (u.weight, u.bias) if n and terms.get(n)})
@@ -525,7 +535,7 @@ class Block:
         else:
             kwargs["hidden_states"] = x
         hooks = Hooks(self.uses, self.rebuild(flat), *self.shape, inner=True, record=record)
-        with hooks, double_backward_attention(), attention_for(self.model):
+        with hooks, double_backward_attention(), attention_for(self.model), fused_mlps(self.module):
             y = self.orig(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise RuntimeError(
@@ -716,7 +726,7 @@ def inner_step_blocks(model, uses, terms, contexts: Tokens, labels, tasks, lr, s
     snapshot = {k: list(v) for k, v in terms.items()}
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
     calls = BlockCalls(model, hooks)
-    with hooks, calls, attention_for(model):
+    with hooks, calls, attention_for(model), fused_mlps(model):
         logits = call(model, contexts)
     pre, post = hooks.records[: calls.first], hooks.records[calls.first :]
     seed, loss = next_token_seed(logits, labels, -lr)
@@ -765,7 +775,8 @@ def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: 
     snapshot = {k: list(v) for k, v in terms.items()}
     replay = functools.partial(Replay, model, uses, snapshot, tasks, rows, length)
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
-    with hooks, checkpointed_blocks(model, checkpoint, replay), attention_for(model):
+    ckpt = checkpointed_blocks(model, checkpoint, replay)
+    with hooks, ckpt, attention_for(model), fused_mlps(model):
         logits = call(model, contexts)
     return logits, hooks.records
 
@@ -820,6 +831,6 @@ def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
     b, m, t = queries.input_ids.shape
     if b != state.tasks:
         raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
-    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model):
+    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model), fused_mlps(model):
         out = call(model, queries.flat())
     return out.view(b, m, t, -1)

@@ -5,18 +5,20 @@ k = 1, 2 inner steps, n = 1, 3 contexts per update, padded contexts and queries,
 second and first order, on: a Llama with tied embeddings (and a padding_idx hit
 by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learned
 positions, untied head), and peft LoRA (adapter-only inner; LoRA outer with a
-full-rank inner step on the frozen base weights).
+full-rank inner step on the frozen base weights). The fused SwiGLU and RMS normaliser the
+engine's passes use (``fused``) are checked against torch's unfused ops on their own too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-from raymeta.meta import fastweights, reference
+from raymeta.meta import fastweights, fused, reference
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
@@ -313,3 +315,113 @@ def test_half_precision_attention_switch_restores(monkeypatch):
     f64 = tiny_llama(vocab=VOCAB)
     with fastweights.attention_for(f64):  # float64 keeps SDPA (the exactness tests' path)
         assert f64.config._attn_implementation == "sdpa"
+
+
+def unfused_rms(x, eps=1e-2):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def fused_rms(x, eps=1e-2):
+    return fused.rms_normalise(x, eps, torch.float64)
+
+
+OPS = {
+    "swiglu": (fused.swiglu, lambda g, u: nn.functional.silu(g) * u, 2),
+    "rms": (fused_rms, unfused_rms, 1),
+}
+
+
+def op_inputs(arity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, 3, 6)
+    return [
+        torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(arity)
+    ]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_fused_op_gradcheck(op):
+    fn, _, arity = OPS[op]
+    x = op_inputs(arity)
+    assert torch.autograd.gradcheck(fn, x)
+    assert torch.autograd.gradgradcheck(fn, x)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_fused_op_matches_torch(op):
+    """Value, VJP and the VJP's derivative (w.r.t. the inputs and the output gradient)."""
+    fn, plain, arity = OPS[op]
+    x = op_inputs(arity)
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(x[0].shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = [torch.randn(x[0].shape, generator=gen, dtype=torch.float64) for _ in x]
+    for used in {tuple(range(arity)), (0,), (arity - 1,)}:  # SwiGLUGrad: both or one output
+        results = []
+        for f in (fn, plain):
+            out = f(*x)
+            first = torch.autograd.grad((out * v).sum(), x, create_graph=True)
+            probe = sum((first[i] * w[i]).sum() for i in used)
+            second = torch.autograd.grad(probe, [*x, v], allow_unused=True)
+            results.append([out, *first, *second])
+        for got, want in zip(*results):
+            assert (got is None and want is None) or torch.allclose(
+                got, want, rtol=1e-12, atol=1e-13
+            )
+
+
+def test_rms_normalise_follows_the_module_dtype():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    hf = LlamaRMSNorm(16).to(torch.float64)  # Hugging Face's forward: through float32
+    full = tiny_llama(vocab=VOCAB).model.norm  # models.keep_float64: float64 throughout
+    for norm, acc in ((hf, torch.float32), (full, torch.float64)):
+        assert fused.rms_dtype(norm, x.dtype) is acc
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+            assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
+
+
+def test_fused_mlps_patch_and_restore():
+    model = tiny_llama(vocab=VOCAB)
+    mlps = [blk.mlp for blk in model.model.layers]
+    model.model.layers[1].mlp.act_fn = nn.GELU()  # not a SiLU: left unfused
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        seen = []
+        mlps[0].up_proj.register_forward_hook(lambda *_: seen.append(1))
+        with fused.fused_mlps(model):
+            assert ["forward" in m.__dict__ for m in mlps] == [True, False]
+            with fused.fused_mlps(model):  # nested: already patched, left alone
+                pass
+            assert "forward" in mlps[0].__dict__
+            inside = model(input_ids=ids).logits
+        assert seen == [1], "the projections' hooks did not fire"
+        assert all("forward" not in m.__dict__ for m in mlps)
+        assert torch.allclose(inside, before, rtol=1e-12, atol=1e-14)
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("mode", [False, True, "forward"])
+def test_fused_ops_run_in_every_pass(mode, monkeypatch):
+    """The fused second-order nodes are the ones the outer backward differentiates
+    (k = 2: one per MLP and per RMSNorm call of each inner step), in every checkpoint mode."""
+    calls = Counter()
+    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad):
+        orig = cls.backward
+
+        def counted(ctx, *grads, _orig=orig, _name=cls.__name__):
+            calls[_name] += 1
+            return _orig(ctx, *grads)
+
+        monkeypatch.setattr(cls, "backward", staticmethod(counted))
+    model = llama_tied()
+    ctx, q = batch(2)
+    compare(
+        model, InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode), ctx, q
+    )
+    layers = len(model.model.layers)
+    assert calls == {"SwiGLUGrad": 2 * layers, "RMSNormaliseGrad": 2 * (2 * layers + 1)}
+    assert all("forward" not in blk.mlp.__dict__ for blk in model.model.layers)
