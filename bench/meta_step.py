@@ -43,6 +43,16 @@ SHAPES = {
         num_key_value_heads=2,
         head_dim=16,
     ),
+    "demo": dict(  # the README demo's tiny model (TinyModelConfig) and its 291-word vocabulary
+        vocab_size=291,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
     "small": dict(
         vocab_size=4096,
         hidden_size=256,
@@ -67,14 +77,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def build_model(shape: str, dtype, device):
-    """A random LlamaForCausalLM with tied embeddings in ``dtype`` on ``device``."""
+    """A random LlamaForCausalLM (tied embeddings unless the shape says not) in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        **SHAPES[shape],
+        **{"tie_word_embeddings": True, **SHAPES[shape]},
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
@@ -91,10 +100,11 @@ def rows(b: int, n: int, t: int, vocab: int, device, labels_from: int) -> Tokens
     return Tokens(ids, torch.ones_like(ids), labels)
 
 
-def random_batch(b: int, ctx: int, query: int, vocab: int, device) -> MetaBatch:
-    """B tasks, one context of ``ctx`` tokens and one query of ``query`` tokens (half scored)."""
-    contexts = rows(b, 1, ctx, vocab, device, 0)
-    queries = rows(b, 1, query, vocab, device, query // 2)
+def random_batch(b: int, ctx: int, query: int, vocab: int, device, n: int = 1) -> MetaBatch:
+    """B tasks, each ``n`` contexts of ``ctx`` tokens (one inner update on all of them, as in
+    the paper's Table 2) and ``n`` queries of ``query`` tokens (half scored)."""
+    contexts = rows(b, n, ctx, vocab, device, 0)
+    queries = rows(b, n, query, vocab, device, query // 2)
     flat = queries.flat()
     return MetaBatch(contexts, queries, flat, flat)
 
@@ -134,6 +144,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         shape=args.shape,
         dtype=args.dtype,
         ctx=ctx,
+        contexts=args.contexts,
         query=query,
         meta_batch=b,
         micro=micro,
@@ -144,7 +155,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         params_M=round(n_params / 1e6, 1),
     )
     try:
-        batch = random_batch(b, ctx, query, vocab, dev)
+        batch = random_batch(b, ctx, query, vocab, dev, args.contexts)
         outer_step(model, opt, engine, spec, batch, micro)  # warm-up (allocates AdamW state)
         sync(dev)
         if dev == "cuda":
@@ -152,14 +163,15 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         reps = args.reps if engine.name == "fastweights" else args.ref_reps
         t0 = time.perf_counter()
         for _ in range(reps):
-            outer_step(model, opt, engine, spec, random_batch(b, ctx, query, vocab, dev), micro)
+            batch = random_batch(b, ctx, query, vocab, dev, args.contexts)
+            outer_step(model, opt, engine, spec, batch, micro)
         sync(dev)
         dt = (time.perf_counter() - t0) / reps
     except torch.OutOfMemoryError as e:
         opt.zero_grad(set_to_none=True)
         row["error"] = "out of memory: " + str(e).split("\n")[0][:120]
         return row
-    flops = (12 * n_params * ctx + 6 * n_params * query) * b
+    flops = (12 * n_params * ctx + 6 * n_params * query) * args.contexts * b
     row.update(ms_per_task=1000 * dt / b, tasks_per_s=b / dt, tflops=flops / dt / 1e12)
     if dev == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
@@ -201,7 +213,7 @@ def phases(model, engine, spec, batch: MetaBatch) -> dict:
 
 def profile(model, opt, engine, spec, args, b, ctx, micro):
     """Print the top operators of one outer step (by device time on cuda, else CPU time)."""
-    batch = random_batch(b, ctx, args.query, model.config.vocab_size, args.device)
+    batch = random_batch(b, ctx, args.query, model.config.vocab_size, args.device, args.contexts)
     if args.device == "cuda":
         print(json.dumps(phases(model, engine, spec, batch)), flush=True)
     with torch.profiler.profile() as prof:
@@ -220,7 +232,7 @@ def fmt(v, nd=1):
 def table(rows_: list[dict]) -> str:
     """Markdown table with the speedup of fastweights over reference at equal settings."""
     ref = {
-        (r["ctx"], r["query"], r["meta_batch"]): r
+        (r["ctx"], r.get("contexts", 1), r["query"], r["meta_batch"]): r
         for r in rows_
         if r["engine"] == "reference" and "error" not in r
     }
@@ -229,6 +241,7 @@ def table(rows_: list[dict]) -> str:
         "shape",
         "dtype",
         "ctx",
+        "n",
         "query",
         "meta-batch",
         "micro",
@@ -241,13 +254,13 @@ def table(rows_: list[dict]) -> str:
         "speedup",
     ]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    keys = ("engine", "shape", "dtype", "ctx", "query", "meta_batch", "micro", "checkpoint_inner")
+    keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
-        cells = [r[k] for k in keys]
+        cells = [r.get(k, 1) for k in keys] + [r["checkpoint_inner"]]
         if "error" in r:
             cells += [r["error"]] + [""] * 5
         else:
-            base = ref.get((r["ctx"], r["query"], r["meta_batch"]))
+            base = ref.get((r["ctx"], r.get("contexts", 1), r["query"], r["meta_batch"]))
             speed = (
                 r["tasks_per_s"] / base["tasks_per_s"]
                 if base and r["engine"] != "reference"
@@ -286,6 +299,12 @@ def parse(argv=None):
     p.add_argument("--meta-batch", type=ints, default=[8], help="comma-separated list")
     p.add_argument("--ctx", type=ints, default=[64], help="context tokens (comma-separated)")
     p.add_argument("--query", type=int, default=16)
+    p.add_argument(
+        "--contexts",
+        type=int,
+        default=1,
+        help="contexts per task, all in one inner update (and as many queries)",
+    )
     p.add_argument("--engines", default="reference,fastweights")
     p.add_argument(
         "--inner",
@@ -371,7 +390,9 @@ def main(argv=None):
                 results.append(row)
                 if args.phases and args.device == "cuda" and name == "fastweights":
                     if "error" not in row:
-                        batch = random_batch(b, ctx, args.query, model.config.vocab_size, "cuda")
+                        batch = random_batch(
+                            b, ctx, args.query, model.config.vocab_size, "cuda", args.contexts
+                        )
                         try:
                             row.update(phases(model, engine, spec, batch))
                         except torch.OutOfMemoryError:

@@ -150,6 +150,11 @@ class MetaConfig:
     """k inner SGD steps."""
     second_order: bool = True
     """Differentiate through the inner gradient (False = first-order)."""
+    checkpoint_inner: Literal["none", "vjp", "forward"] = "none"
+    """Activation checkpointing of the inner pass (fastweights engine): ``vjp`` keeps only each
+    decoder block's input and recomputes the block's forward and inner backward in the outer
+    backward (least memory: meta-batch 64 of a 1B model fits one 80 GB GPU); ``forward``
+    recomputes only the inner forward's blocks; ``none`` keeps everything (fastest)."""
     inner_params: list[str] = field(default_factory=lambda: ["all"])
     """Parameters the inner step updates: ``all`` or substrings of parameter names."""
     contexts_per_update: int = 2
@@ -403,6 +408,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for path, ok in checks:
         if not ok:
             raise ConfigError(f"{path}: invalid value {get_field(cfg, path)!r}")
+    if cfg.meta.checkpoint_inner != "none" and cfg.meta.engine == "reference":
+        raise ConfigError(
+            f"meta.checkpoint_inner: {cfg.meta.checkpoint_inner!r} needs the fastweights engine "
+            "(meta.engine=auto or fastweights); the reference engine has no inner checkpointing"
+        )
     if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0 and not cfg.meta.lm_file:
         raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'")
     if cfg.data.dataset in ("squad", "wikitext", "jsonl") and cfg.model.name_or_path == "tiny":

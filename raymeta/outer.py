@@ -35,7 +35,11 @@ def inner_spec(model, meta, lora=None, lr: float | None = None) -> InnerSpec:
     mode = lora.mode if lora is not None and lora.enabled else None
     names = tuple(resolve_inner_params(model, list(meta.inner_params), mode))
     return InnerSpec(
-        lr=lr or meta.inner_lr, names=names, steps=meta.inner_steps, second_order=meta.second_order
+        lr=lr or meta.inner_lr,
+        names=names,
+        steps=meta.inner_steps,
+        second_order=meta.second_order,
+        checkpoint_inner=False if meta.checkpoint_inner == "none" else meta.checkpoint_inner,
     )
 
 

@@ -43,4 +43,9 @@ def select_engine(name: str, model, spec) -> Engine:
     if name == "fastweights":
         raise ValueError(f"meta.engine=fastweights cannot run exactly here: {reason}")
     log.warning("meta.engine=auto: using the reference engine because %s", reason)
+    if spec.checkpoint_inner:
+        log.warning(
+            "meta.checkpoint_inner=%s is ignored: the reference engine has no inner checkpointing",
+            spec.checkpoint_inner,
+        )
     return Engine("reference", reference.adapt, reference.logits)

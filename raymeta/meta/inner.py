@@ -19,8 +19,9 @@ class InnerSpec:
     names: tuple[str, ...]
     steps: int = 1
     second_order: bool = True
-    checkpoint_inner: bool = False
-    """Recompute the inner pass's decoder blocks in the backward (fast-weights engine only)."""
+    checkpoint_inner: bool | str = False
+    """Activation checkpointing of the inner pass (fast-weights engine only): False, True or
+    "vjp" (the inner backward per decoder block), "forward" (the inner forward's blocks)."""
 
 
 def context_loss(logits: torch.Tensor, contexts: Tokens) -> torch.Tensor:

@@ -43,12 +43,17 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("data.n_train=1.5", ["data.n_train", "1.5"]),
         ("train.zero_stage=7", ["train.zero_stage", "7"]),
         ("meta.second_order=maybe", ["meta.second_order", "maybe"]),
+        ("meta.checkpoint_inner=always", ["meta.checkpoint_inner", "always"]),
+        (
+            "meta.checkpoint_inner=vjp meta.engine=reference",
+            ["meta.checkpoint_inner", "'vjp'", "fastweights engine"],
+        ),
         ("noequals", ["noequals"]),
     ],
 )
 def test_bad_values_name_field_and_value(override, words):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     for w in words:
         assert w in str(e.value)
 
@@ -77,3 +82,17 @@ def test_embedded_defaults_are_the_quick_start_config():
     defaults = load_config(None)
     for section in ("data", "model", "pretrain", "prepare", "meta", "eval"):
         assert getattr(shipped, section) == getattr(defaults, section), section
+
+
+@pytest.mark.parametrize(
+    "mode, spec_value", [("none", False), ("vjp", "vjp"), ("forward", "forward")]
+)
+def test_checkpoint_inner_reaches_the_inner_spec(mode, spec_value):
+    from raymeta.meta.fastweights import checkpoint_mode
+    from raymeta.outer import inner_spec
+    from tests.helpers import tiny_llama
+
+    cfg = load_config(None, [f"meta.checkpoint_inner={mode}"])
+    spec = inner_spec(tiny_llama(vocab=16), cfg.meta)
+    assert spec.checkpoint_inner == spec_value
+    assert checkpoint_mode(spec.checkpoint_inner) == (None if mode == "none" else mode)
