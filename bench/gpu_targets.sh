@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The fast-weights engine's GPU targets in one run (one H100; Llama-3.2-1B shape with random
+# weights, bf16, context 192, query 32):
+#   1. reference vs fastweights at meta-batch 16 (target: fastweights >= 30x the reference's
+#      tasks/s, and >= 40% of bf16 peak),
+#   2. fastweights at meta-batch 64 in one pass with the inner backward checkpointed per
+#      block (target: fits in 80 GB), and at 16 / 32 / 64 without checkpointing for comparison.
+# Needs only torch and transformers (runs on a bare GPU machine from a checkout):
+#   bash bench/gpu_targets.sh [OUT_DIR]      (default bench/gpu; PYTHON=python3)
+# Writes OUT_DIR/b16.json and OUT_DIR/b64.json and prints both tables; ~5 minutes on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/gpu}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+common=(--device cuda --shape llama-1b --dtype bfloat16 --ctx 192 --query 32)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \
+    --ref-max-batch 16 --reps 3 --json "$out/b16.json"
+"$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
+    --checkpoint-inner --reps 2 --json "$out/b64.json"
