@@ -149,7 +149,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         meta_batch=b,
         micro=micro,
         checkpoint_inner=spec.checkpoint_inner,
-        fw_attention=args.fw_attention or "sdpa-math",
+        fw_attention=args.fw_attention,
         inner=args.inner,
         steps=spec.steps,
         params_M=round(n_params / 1e6, 1),
@@ -330,8 +330,10 @@ def parse(argv=None):
     )
     p.add_argument(
         "--fw-attention",
-        default="",
-        help="fastweights: attention for a half-precision SDPA model (eager; default: SDPA math)",
+        choices=["fused", "eager", "model"],
+        default="fused",
+        help="fastweights' attention: fused (raymeta.meta.attention, the default), eager (HF "
+        "eager for a half-precision SDPA model) or model (the model's own, SDPA math)",
     )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
@@ -360,10 +362,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     names = inner_names(model, args.inner)
-    if args.fw_attention:
+    if args.fw_attention != "fused":
         from raymeta.meta import fastweights
 
-        fastweights.HALF_PRECISION_ATTENTION = args.fw_attention
+        fastweights.ATTENTION = None if args.fw_attention == "model" else args.fw_attention
     spec = InnerSpec(
         lr=1e-3,
         names=names,

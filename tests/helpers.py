@@ -9,10 +9,19 @@ from raymeta.models import keep_float64
 
 
 def tiny_llama(
-    vocab=48, hidden=16, layers=2, heads=2, tie=False, dtype=torch.float64, seed=0, attn="sdpa"
+    vocab=48,
+    hidden=16,
+    layers=2,
+    heads=2,
+    tie=False,
+    dtype=torch.float64,
+    seed=0,
+    attn="sdpa",
+    kv_heads=None,
 ):
     """A random Llama in ``dtype``. SDPA (run under its math kernel by the meta step)
-    keeps float64 throughout; HF eager attention takes its softmax in float32."""
+    keeps float64 throughout; HF eager attention takes its softmax in float32. ``kv_heads``
+    below ``heads``: grouped-query attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -22,7 +31,7 @@ def tiny_llama(
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
         attn_implementation=attn,

@@ -14,8 +14,9 @@ and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included), ``nn.LayerNorm`` and Llama-style RMSNorm
 scales. Anything else makes ``ineligibility`` return a reason.
 
-The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused`` (Functions
-with hand-written first and second derivatives: a leaner second-order graph).
+The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
+Llama-style attention through ``attention`` (Functions with hand-written first and second
+derivatives: a leaner second-order graph; ``ATTENTION`` selects the attention).
 """
 
 from __future__ import annotations
@@ -47,32 +48,46 @@ RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3R
 """RMSNorm classes computing ``weight * normalise(x)`` (Gemma's ``1 + weight`` is not one)."""
 
 
-HALF_PRECISION_ATTENTION: str | None = None
-"""Attention implementation for the engine's passes over a bf16/fp16 model whose own is SDPA
-(None: keep SDPA, whose math kernel, the only one with double backward, computes in float32).
-"eager" runs Hugging Face's eager attention (half-precision matmuls, float32 softmax)."""
+ATTENTION: str | None = "fused"
+"""Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
+first and second derivatives, matmuls in the model's dtype) for models whose attention modules
+it knows (Llama-style); others keep their own. "eager": Hugging Face's eager attention for a
+bf16/fp16 model whose own is SDPA. None: always the model's own (SDPA runs its math kernel,
+the only one with double backward)."""
+
+
+def engine_attention(model) -> str | None:
+    """The attention implementation the engine's passes switch ``model`` to (None: keep)."""
+    if ATTENTION == "fused":
+        from raymeta.meta import attention
+
+        return attention.register() if attention.applies_to(model) else None
+    p = next(model.parameters(), None)
+    if ATTENTION == "eager" and p is not None and p.dtype in (torch.bfloat16, torch.float16):
+        return "eager"
+    return None
 
 
 @contextlib.contextmanager
 def attention_for(model):
-    """While active, a half-precision SDPA model runs ``HALF_PRECISION_ATTENTION`` instead."""
-    impl = HALF_PRECISION_ATTENTION
-    p = next(model.parameters(), None)
-    if impl is None or p is None or p.dtype not in (torch.bfloat16, torch.float16):
+    """While active, ``model``'s SDPA / eager attention is ``engine_attention(model)``."""
+    impl = engine_attention(model)
+    if impl is None:
         yield
         return
     configs = {}
     for m in model.modules():
         c = getattr(m, "config", None)
-        if getattr(c, "_attn_implementation_internal", None) == "sdpa":
-            configs[id(c)] = c
-    for c in configs.values():
+        old = getattr(c, "_attn_implementation_internal", None)
+        if old in ("sdpa", "eager") and old != impl:
+            configs[id(c)] = (c, old)
+    for c, _ in configs.values():
         c._attn_implementation_internal = impl
     try:
         yield
     finally:
-        for c in configs.values():
-            c._attn_implementation_internal = "sdpa"
+        for c, old in configs.values():
+            c._attn_implementation_internal = old
 
 
 class Ineligible(ValueError):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from raymeta.meta import fastweights, fused, reference
+from raymeta.meta import attention, fastweights, fused, reference
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
@@ -40,7 +40,7 @@ def perturb(model, pattern: str, scale: float = 0.1):
 
 
 def llama_tied():
-    model = tiny_llama(vocab=VOCAB, tie=True)
+    model = tiny_llama(vocab=VOCAB, tie=True, heads=4, kv_heads=2)  # grouped-query attention
     model.model.embed_tokens.padding_idx = 3  # real context tokens hit it (ids start at 3)
     return model
 
@@ -306,15 +306,19 @@ def test_next_token_seed_is_the_scaled_inner_gradient(monkeypatch):
     assert torch.allclose(g, g_want, rtol=1e-10, atol=1e-14)
 
 
-def test_half_precision_attention_switch_restores(monkeypatch):
-    model = tiny_llama(vocab=VOCAB, dtype=torch.bfloat16)
-    monkeypatch.setattr(fastweights, "HALF_PRECISION_ATTENTION", "eager")
-    with fastweights.attention_for(model):
-        assert model.config._attn_implementation == "eager"
+def test_attention_switch_restores(monkeypatch):
+    model = tiny_llama(vocab=VOCAB)
+    with fastweights.attention_for(model):  # the default: the fused attention
+        assert model.config._attn_implementation == attention.NAME
     assert model.config._attn_implementation == "sdpa"
-    f64 = tiny_llama(vocab=VOCAB)
-    with fastweights.attention_for(f64):  # float64 keeps SDPA (the exactness tests' path)
-        assert f64.config._attn_implementation == "sdpa"
+    assert fastweights.engine_attention(gpt2()) is None  # an attention it does not know
+    monkeypatch.setattr(fastweights, "ATTENTION", "eager")
+    half = tiny_llama(vocab=VOCAB, dtype=torch.bfloat16)
+    with fastweights.attention_for(half):
+        assert half.config._attn_implementation == "eager"
+    assert half.config._attn_implementation == "sdpa"
+    with fastweights.attention_for(model):  # float64 keeps SDPA under "eager"
+        assert model.config._attn_implementation == "sdpa"
 
 
 def unfused_rms(x, eps=1e-2):
@@ -325,15 +329,33 @@ def fused_rms(x, eps=1e-2):
     return fused.rms_normalise(x, eps, torch.float64)
 
 
+def causal_mask(t=6):
+    """An additive causal mask ``[2, 1, t, t]`` with the last key of row 0 padded."""
+    keep = torch.ones(t, t, dtype=torch.bool).tril().expand(2, 1, t, t).clone()
+    keep[0, :, :, -1] = False
+    keep[0, :, -1, -1] = True  # every row keeps a key
+    mask = torch.zeros(2, 1, t, t, dtype=torch.float64)
+    return mask.masked_fill_(~keep, torch.finfo(torch.float64).min)
+
+
+def fused_attention(q, k, v):
+    return attention.attention(q, k, v, causal_mask(), 0.7)
+
+
+def unfused_attention(q, k, v):
+    return torch.softmax(0.7 * q @ k.mT + causal_mask(), -1) @ v
+
+
 OPS = {
     "swiglu": (fused.swiglu, lambda g, u: nn.functional.silu(g) * u, 2),
     "rms": (fused_rms, unfused_rms, 1),
+    "attention": (fused_attention, unfused_attention, 3),
 }
 
 
 def op_inputs(arity, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    shape = (2, 3, 6)
+    shape = (2, 2, 6, 6) if arity == 3 else (2, 3, 6)  # attention: [B, H, T, D]
     return [
         torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
         for _ in range(arity)
@@ -409,7 +431,7 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
     """The fused second-order nodes are the ones the outer backward differentiates
     (k = 2: one per MLP and per RMSNorm call of each inner step), in every checkpoint mode."""
     calls = Counter()
-    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad):
+    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad, attention.AttentionGrad):
         orig = cls.backward
 
         def counted(ctx, *grads, _orig=orig, _name=cls.__name__):
@@ -423,5 +445,9 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
         model, InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode), ctx, q
     )
     layers = len(model.model.layers)
-    assert calls == {"SwiGLUGrad": 2 * layers, "RMSNormaliseGrad": 2 * (2 * layers + 1)}
+    assert calls == {
+        "SwiGLUGrad": 2 * layers,
+        "RMSNormaliseGrad": 2 * (2 * layers + 1),
+        "AttentionGrad": 2 * layers,
+    }
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.layers)

@@ -1,0 +1,195 @@
+"""Softmax attention with hand-written first and second derivatives, for the fast-weights passes.
+
+``o = softmax(s · q kᵀ + mask) v`` per head. As for ``fused.SwiGLU``, the Function's backward
+is a second Function (``AttentionGrad``) whose own backward is written out, so the second-order
+graph the engine builds holds one node per attention call (its inputs, the probabilities and
+the score gradient) instead of the decomposition of a matmul-softmax-matmul and its backward.
+The matmuls run in the inputs' dtype (bf16 stays bf16, unlike SDPA's math kernel, which
+upcasts to float32); the softmax and the [T, S] elementwise work run in float32 (or float64).
+
+With P = softmax(S), S = s q kᵀ + mask, and dO the output gradient:
+
+* first derivative: dP = dO vᵀ, δ = rowsum(dP ⊙ P), dS = P ⊙ (dP − δ),
+  dq = s dS k, dk = s dSᵀ q, dv = Pᵀ dO;
+* its derivative, for the gradients a_q, a_k, a_v of (dq, dk, dv): with
+  G_dS = s (a_q kᵀ + q a_kᵀ), r = rowsum(G_dS ⊙ P),
+  G_P = G_dS ⊙ (dP − δ) − r dP + dO a_vᵀ, G_dP = P ⊙ (G_dS − r),
+  G_S = P ⊙ (G_P − rowsum(G_P ⊙ P)):
+  ∂/∂q = s (dS a_k + G_S k), ∂/∂k = s (dSᵀ a_q + G_Sᵀ q), ∂/∂v = G_dPᵀ dO,
+  ∂/∂dO = P a_v + G_dP v.
+
+``attention_forward`` has the signature of a Hugging Face attention interface; it is
+registered as ``raymeta_fused`` (with the additive float mask of HF's eager attention) and
+selected by ``fastweights.attention_for`` while the engine runs. Calls it cannot take exactly
+(dropout, sliding windows, logit soft-capping, attention sinks) go to HF's eager attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+NAME = "raymeta_fused"
+"""The attention implementation name registered with transformers."""
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def probabilities(q, k, mask, scale: float) -> torch.Tensor:
+    """P = softmax(s q kᵀ + mask) ``[B, H, T, S]`` in the accumulation dtype.
+
+    q ``[B, H, T, D]``, k ``[B, H, S, D]``, mask additive ``[B, 1, T, S]`` or None."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc(q.dtype)).mul_(scale)
+    if mask is not None:
+        scores.add_(mask)
+    return torch.softmax(scores, -1)
+
+
+class Attention(torch.autograd.Function):
+    """``o = P v`` ``[B, H, T, D]`` (see ``probabilities``); saves q, k, v and P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        p = probabilities(q, k, mask, scale)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.matmul(p.to(v.dtype), v)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p = ctx.saved_tensors
+        dq, dk, dv = AttentionGrad.apply(q, k, v, p, do, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+class AttentionGrad(torch.autograd.Function):
+    """``(dq, dk, dv)`` of ``Attention`` for the output gradient dO ``[B, H, T, D]``.
+
+    P is an input taken as a value (its dependence on q and k is in the backward's formulas,
+    see the module docstring). Saves q, k, v, P, dO, dP − δ ``[B, H, T, S]`` and δ."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, do, scale):
+        ctx.set_materialize_grads(False)
+        dt = q.dtype
+        dp = torch.matmul(do, v.transpose(-1, -2)).to(p.dtype)
+        delta = (dp * p).sum(-1, keepdim=True)
+        centred = dp.sub_(delta)  # dP − δ
+        ds = (p * centred).to(dt)
+        dq = torch.matmul(ds, k).mul_(scale)
+        dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+        dv = torch.matmul(p.to(dt).transpose(-1, -2), do)
+        ctx.save_for_backward(q, k, v, p, do, centred, delta)
+        ctx.scale = scale
+        return dq, dk, dv
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, aq, ak, av):
+        q, k, v, p, do, centred, delta = ctx.saved_tensors
+        s, dt, acc = ctx.scale, q.dtype, p.dtype
+        g_ds = None  # s (a_q kᵀ + q a_kᵀ)
+        if aq is not None:
+            g_ds = torch.matmul(aq, k.transpose(-1, -2)).to(acc)
+        if ak is not None:
+            t = torch.matmul(q, ak.transpose(-1, -2)).to(acc)
+            g_ds = t if g_ds is None else g_ds.add_(t)
+        g_p = g_dp = None
+        if g_ds is not None:
+            g_ds = g_ds.mul_(s)
+            r = (g_ds * p).sum(-1, keepdim=True)
+            g_dp = p * (g_ds - r)
+            # G_dS ⊙ (dP − δ) − r dP, with dP = (dP − δ) + δ
+            g_p = g_ds.mul_(centred).sub_(r * (centred + delta))
+        if av is not None:
+            t = torch.matmul(do, av.transpose(-1, -2)).to(acc)
+            g_p = t if g_p is None else g_p.add_(t)
+        g_s = None
+        if g_p is not None:
+            g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
+        need_q, need_k, need_v, _, need_do, _ = ctx.needs_input_grad
+        ds = (p * centred) if (aq is not None or ak is not None) else None
+        gq = gk = gv = gdo = None
+        if need_q:
+            gq = _mm_sum(ds, ak, g_s, k, dt, s)
+        if need_k:
+            gk = _mm_sum(_t(ds), aq, _t(g_s), q, dt, s)
+        if need_v and g_dp is not None:
+            gv = torch.matmul(g_dp.to(dt).transpose(-1, -2), do)
+        if need_do:
+            gdo = _mm_sum(p, av, g_dp, v, dt, 1.0)
+        return gq, gk, gv, None, gdo, None
+
+
+def _t(x):
+    return None if x is None else x.transpose(-1, -2)
+
+
+def _mm_sum(a1, b1, a2, b2, dtype, scale: float):
+    """``scale (a₁ b₁ + a₂ b₂)`` with the [T, S] factors a cast to ``dtype``; a term with a
+    None factor is left out (None if both are)."""
+    out = None
+    for a, b in ((a1, b1), (a2, b2)):
+        if a is None or b is None:
+            continue
+        t = torch.matmul(a.to(dtype), b)
+        out = t if out is None else out.add_(t)
+    return out if out is None or scale == 1.0 else out.mul_(scale)
+
+
+ATTENTION_CLASSES = frozenset(
+    {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+)
+"""Attention modules that call their interface as ``f(self, q, k, v, mask, scaling=..., ...)``
+with q ``[B, H, T, D]`` and k, v ``[B, H_kv, S, D]`` (``num_key_value_groups`` = H / H_kv)."""
+
+
+def attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """``softmax(s q kᵀ + mask) v`` ``[B, H, T, D]`` with fused first and second derivatives."""
+    return Attention.apply(q, k, v, mask, scale)
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """A Hugging Face attention interface: ``(output [B, T, H, D], None)``.
+
+    Falls back to the module's own eager attention for what ``attention`` does not model."""
+    exotic = dropout or kw.get("sliding_window") or kw.get("softcap") or kw.get("s_aux")
+    if exotic or type(module).__name__ not in ATTENTION_CLASSES or scaling is None:
+        import sys
+
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    out = attention(query, key, value, mask, float(scaling))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def applies_to(model) -> bool:
+    """Whether every attention module of ``model`` is one ``attention_forward`` computes."""
+    kinds = {
+        type(m).__name__
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "num_key_value_groups")
+    }
+    others = {
+        type(m).__name__
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and type(m).__name__ not in kinds
+    }
+    return bool(kinds) and kinds <= ATTENTION_CLASSES and not others
+
+
+def register() -> str:
+    """Register ``attention_forward`` (and HF's eager mask) with transformers; the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, eager_mask)
+    return NAME
