@@ -178,7 +178,7 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
+def rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(hidden_states.dtype, torch.float32)
     h = hidden_states.to(dtype)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -194,5 +194,5 @@ def keep_float64(model):
 
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_rmsnorm_full_precision, module)
+            module.forward = types.MethodType(rmsnorm_full_precision, module)
     return model

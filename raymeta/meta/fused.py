@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from raymeta.models import _rmsnorm_full_precision
+from raymeta.models import rmsnorm_full_precision
 
 SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 """MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
@@ -38,8 +38,6 @@ SILU_ACTIVATIONS = frozenset({"SiLUActivation", "SiLU"})
 """Activation classes computing ``silu`` (transformers' ``SiLUActivation``, ``nn.SiLU``)."""
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-_silu_backward = torch.ops.aten.silu_backward  # (grad, g) -> grad · silu'(g), one kernel
 
 
 def _silu_backward_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -221,6 +219,6 @@ def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
     forward = module.__dict__.get("forward")
     if forward is None:
         return torch.float32
-    if getattr(forward, "__func__", None) is _rmsnorm_full_precision:
+    if getattr(forward, "__func__", None) is rmsnorm_full_precision:
         return torch.promote_types(dtype, torch.float32)
     return None
