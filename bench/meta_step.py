@@ -150,6 +150,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         micro=micro,
         checkpoint_inner=spec.checkpoint_inner,
         fw_attention=args.fw_attention,
+        fused_ops=not args.unfused_ops,
         inner=args.inner,
         steps=spec.steps,
         params_M=round(n_params / 1e6, 1),
@@ -209,6 +210,74 @@ def phases(model, engine, spec, batch: MetaBatch) -> dict:
     del state, loss
     model.zero_grad(set_to_none=True)
     return {k: round(v, 2) for k, v in out.items()}
+
+
+class KeptBytes:
+    """Saved-tensor hooks counting the bytes autograd keeps for backward that are still alive
+    (each storage once; the model's parameters left out): any device, no allocator needed."""
+
+    class Held:
+        def __init__(self, t, owner, key):
+            self.t, self.owner, self.key = t, owner, key
+            owner.count[key] = owner.count.get(key, 0) + 1
+            owner.size[key] = t.untyped_storage().nbytes()
+
+        def __del__(self):
+            self.owner.count[self.key] -= 1
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.count: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        return t if key in self.params else KeptBytes.Held(t, self, key)
+
+    @staticmethod
+    def unpack(held):
+        return held.t if isinstance(held, KeptBytes.Held) else held
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def live(self, extra=()) -> int:
+        """Bytes of the live saved storages plus those of the tensors ``extra`` not among them."""
+        keys = {k for k, c in self.count.items() if c > 0}
+        total = sum(self.size[k] for k in keys)
+        for t in extra:
+            k = t.untyped_storage().data_ptr()
+            if k not in keys and k not in self.params:
+                keys.add(k)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (tensors, dicts, lists, tuples, objects' attributes)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif hasattr(obj, "__dict__"):
+        obj = [v for k, v in vars(obj).items() if k not in ("uses",)]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in tensors_in(x)]
+    return []
+
+
+def graph_memory(model, engine, spec, batch: MetaBatch) -> dict:
+    """GiB per task that the inner step leaves for the outer backward (saved tensors of its
+    graph, plus what the state holds: the update terms, or the reference's θ'), counted by
+    ``KeptBytes`` on any device."""
+    from raymeta.meta.inner import double_backward_attention
+
+    counter = KeptBytes(model)
+    with counter.hooks(), double_backward_attention():
+        state = engine.adapt(model, batch.contexts, spec)
+    kept = counter.live(tensors_in(state)) / 2**30 / batch.size
+    del state
+    return {"kept_GiB_per_task": round(kept, 4)}
 
 
 def profile(model, opt, engine, spec, args, b, ctx, micro):
@@ -335,6 +404,17 @@ def parse(argv=None):
         help="fastweights' attention: fused (raymeta.meta.attention, the default), eager (HF "
         "eager for a half-precision SDPA model) or model (the model's own, SDPA math)",
     )
+    p.add_argument(
+        "--graph-memory",
+        action="store_true",
+        help="after timing, add the GiB per task the inner step keeps for the outer backward "
+        "(saved tensors + update terms, counted by saved-tensor hooks; any device)",
+    )
+    p.add_argument(
+        "--unfused-ops",
+        action="store_true",
+        help="fastweights: torch's own SwiGLU and RMS normalisation instead of the fused ones",
+    )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
     p.add_argument(
@@ -362,6 +442,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     names = inner_names(model, args.inner)
+    if args.unfused_ops:
+        from raymeta.meta import fastweights
+
+        fastweights.FUSED_OPS = False
     if args.fw_attention != "fused":
         from raymeta.meta import fastweights
 
@@ -402,6 +486,12 @@ def main(argv=None):
                             model.zero_grad(set_to_none=True)
                         del batch
                         print(json.dumps(row), flush=True)
+                if args.graph_memory and "error" not in row:
+                    batch = random_batch(
+                        b, ctx, args.query, model.config.vocab_size, args.device, args.contexts
+                    )
+                    row.update(graph_memory(model, engine, spec, batch))
+                    print(json.dumps(row), flush=True)
                 if args.profile and name == "fastweights" and "error" not in row:
                     profile(model, opt, engine, spec, args, b, ctx, micro)
                 if args.device == "cuda":

@@ -32,6 +32,7 @@ import torch.utils._pytree
 from torch import nn
 
 from raymeta.data.batches import Tokens
+from raymeta.meta import fused
 from raymeta.meta.fastweights_terms import (
     Dense,
     LowRank,
@@ -41,7 +42,6 @@ from raymeta.meta.fastweights_terms import (
     lookup_delta,
     vector_delta,
 )
-from raymeta.meta.fused import fused_mlps, rms_dtype, rms_normalise
 from raymeta.meta.inner import InnerSpec, call, double_backward_attention
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -54,6 +54,16 @@ first and second derivatives, matmuls in the model's dtype) for models whose att
 it knows (Llama-style); others keep their own. "eager": Hugging Face's eager attention for a
 bf16/fp16 model whose own is SDPA. None: always the model's own (SDPA runs its math kernel,
 the only one with double backward)."""
+
+
+FUSED_OPS = True
+"""Run SwiGLU MLPs and the RMS normalisation through ``fused`` in the engine's passes (False:
+torch's own ops, for comparisons)."""
+
+
+def engine_mlps(module):
+    """``fused.fused_mlps(module)`` when ``FUSED_OPS``, else nothing."""
+    return fused.fused_mlps(module) if FUSED_OPS else contextlib.nullcontext()
 
 
 def engine_attention(model) -> str | None:
@@ -276,9 +286,9 @@ class Hooks:
         m = use.module
         if type(m) is nn.LayerNorm:
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        acc = rms_dtype(m, x.dtype)
+        acc = fused.rms_dtype(m, x.dtype) if FUSED_OPS else None
         if acc is not None:
-            return rms_normalise(x, m.variance_epsilon, acc)
+            return fused.rms_normalise(x, m.variance_epsilon, acc)
         self.busy = True
         try:
             ones = {"weight": torch.ones_like(m.weight)}
@@ -478,7 +488,7 @@ class Replay:
         stack.enter_context(Hooks(*self.args, inner=True))
         stack.enter_context(double_backward_attention())
         stack.enter_context(attention_for(self.model))
-        stack.enter_context(fused_mlps(self.model))
+        stack.enter_context(engine_mlps(self.model))
         self.stack.append(stack)
         return self
 
@@ -550,7 +560,12 @@ class Block:
         else:
             kwargs["hidden_states"] = x
         hooks = Hooks(self.uses, self.rebuild(flat), *self.shape, inner=True, record=record)
-        with hooks, double_backward_attention(), attention_for(self.model), fused_mlps(self.module):
+        with (
+            hooks,
+            double_backward_attention(),
+            attention_for(self.model),
+            engine_mlps(self.module),
+        ):
             y = self.orig(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise RuntimeError(
@@ -741,7 +756,7 @@ def inner_step_blocks(model, uses, terms, contexts: Tokens, labels, tasks, lr, s
     snapshot = {k: list(v) for k, v in terms.items()}
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
     calls = BlockCalls(model, hooks)
-    with hooks, calls, attention_for(model), fused_mlps(model):
+    with hooks, calls, attention_for(model), engine_mlps(model):
         logits = call(model, contexts)
     pre, post = hooks.records[: calls.first], hooks.records[calls.first :]
     seed, loss = next_token_seed(logits, labels, -lr)
@@ -791,7 +806,7 @@ def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: 
     replay = functools.partial(Replay, model, uses, snapshot, tasks, rows, length)
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
     ckpt = checkpointed_blocks(model, checkpoint, replay)
-    with hooks, ckpt, attention_for(model), fused_mlps(model):
+    with hooks, ckpt, attention_for(model), engine_mlps(model):
         logits = call(model, contexts)
     return logits, hooks.records
 
@@ -846,6 +861,6 @@ def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
     b, m, t = queries.input_ids.shape
     if b != state.tasks:
         raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
-    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model), fused_mlps(model):
+    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model), engine_mlps(model):
         out = call(model, queries.flat())
     return out.view(b, m, t, -1)

@@ -34,6 +34,9 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path):
         "1",
         "--ref-reps",
         "1",
+        "--contexts",
+        "2",
+        "--graph-memory",
         "--json",
         str(out),
     ]
@@ -43,3 +46,4 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path):
     rows = json.loads(out.read_text())
     assert {r["engine"] for r in rows} == {"reference", "fastweights"}
     assert all(r["tasks_per_s"] > 0 and "error" not in r for r in rows)
+    assert all(r["contexts"] == 2 and 0 < r["kept_GiB_per_task"] < 0.01 for r in rows)

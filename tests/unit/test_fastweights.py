@@ -426,10 +426,8 @@ def test_fused_mlps_patch_and_restore():
         assert torch.equal(model(input_ids=ids).logits, before)
 
 
-@pytest.mark.parametrize("mode", [False, True, "forward"])
-def test_fused_ops_run_in_every_pass(mode, monkeypatch):
-    """The fused second-order nodes are the ones the outer backward differentiates
-    (k = 2: one per MLP and per RMSNorm call of each inner step), in every checkpoint mode."""
+def count_second_order_nodes(monkeypatch) -> Counter:
+    """Counts of the fused ops' second-order backwards (by class name) from now on."""
     calls = Counter()
     for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad, attention.AttentionGrad):
         orig = cls.backward
@@ -439,6 +437,14 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
             return _orig(ctx, *grads)
 
         monkeypatch.setattr(cls, "backward", staticmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize("mode", [False, True, "forward"])
+def test_fused_ops_run_in_every_pass(mode, monkeypatch):
+    """The fused second-order nodes are the ones the outer backward differentiates
+    (k = 2: one per MLP and per RMSNorm call of each inner step), in every checkpoint mode."""
+    calls = count_second_order_nodes(monkeypatch)
     model = llama_tied()
     ctx, q = batch(2)
     compare(
@@ -451,3 +457,14 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
         "AttentionGrad": 2 * layers,
     }
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.layers)
+
+
+def test_unfused_switches_stay_exact(monkeypatch):
+    """FUSED_OPS = False and ATTENTION = None (torch's own ops, for comparisons) stay exact."""
+    calls = count_second_order_nodes(monkeypatch)
+    monkeypatch.setattr(fastweights, "FUSED_OPS", False)
+    monkeypatch.setattr(fastweights, "ATTENTION", None)
+    model = llama_tied()
+    ctx, q = batch(3)
+    compare(model, InnerSpec(lr=0.5, names=all_names(model), steps=2), ctx, q)
+    assert not calls
