@@ -232,7 +232,9 @@ class KeptBytes:
 
     def pack(self, t):
         key = t.untyped_storage().data_ptr()
-        return t if key in self.params else KeptBytes.Held(t, self, key)
+        # detached: holding t itself would hold its grad_fn, and a node that saves its own
+        # output would then never be freed (a reference cycle through autograd)
+        return t if key in self.params else KeptBytes.Held(t.detach(), self, key)
 
     @staticmethod
     def unpack(held):
