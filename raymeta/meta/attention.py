@@ -68,7 +68,8 @@ class AttentionGrad(torch.autograd.Function):
     """``(dq, dk, dv)`` of ``Attention`` for the output gradient dO ``[B, H, T, D]``.
 
     P is an input taken as a value (its dependence on q and k is in the backward's formulas,
-    see the module docstring). Saves q, k, v, P, dO, dP − δ ``[B, H, T, S]`` and δ."""
+    see the module docstring). Saves q, k, v, P, dO and δ ``[B, H, T, 1]``; the backward
+    recomputes dP = dO vᵀ (one small matmul) rather than keeping a second [B, H, T, S]."""
 
     @staticmethod
     def forward(ctx, q, k, v, p, do, scale):
@@ -81,15 +82,18 @@ class AttentionGrad(torch.autograd.Function):
         dq = torch.matmul(ds, k).mul_(scale)
         dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
         dv = torch.matmul(p.to(dt).transpose(-1, -2), do)
-        ctx.save_for_backward(q, k, v, p, do, centred, delta)
+        ctx.save_for_backward(q, k, v, p, do, delta)
         ctx.scale = scale
         return dq, dk, dv
 
     @staticmethod
     @once_differentiable
     def backward(ctx, aq, ak, av):
-        q, k, v, p, do, centred, delta = ctx.saved_tensors
+        q, k, v, p, do, delta = ctx.saved_tensors
         s, dt, acc = ctx.scale, q.dtype, p.dtype
+        centred = None  # dP − δ, needed with a_q or a_k
+        if aq is not None or ak is not None:
+            centred = torch.matmul(do, v.transpose(-1, -2)).to(acc).sub_(delta)
         g_ds = None  # s (a_q kᵀ + q a_kᵀ)
         if aq is not None:
             g_ds = torch.matmul(aq, k.transpose(-1, -2)).to(acc)
