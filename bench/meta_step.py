@@ -302,11 +302,11 @@ def fmt(v, nd=1):
 
 def table(rows_: list[dict]) -> str:
     """Markdown table with the speedup of fastweights over reference at equal settings."""
-    ref = {
-        (r["ctx"], r.get("contexts", 1), r["query"], r["meta_batch"]): r
-        for r in rows_
-        if r["engine"] == "reference" and "error" not in r
-    }
+
+    def setting(r):
+        return r["ctx"], r["contexts"], r["query"], r["meta_batch"]
+
+    ref = {setting(r): r for r in rows_ if r["engine"] == "reference" and "error" not in r}
     head = [
         "engine",
         "shape",
@@ -327,11 +327,11 @@ def table(rows_: list[dict]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
-        cells = [r.get(k, 1) for k in keys] + [r["checkpoint_inner"]]
+        cells = [r[k] for k in keys + ("checkpoint_inner",)]
         if "error" in r:
             cells += [r["error"]] + [""] * 5
         else:
-            base = ref.get((r["ctx"], r.get("contexts", 1), r["query"], r["meta_batch"]))
+            base = ref.get(setting(r))
             speed = (
                 r["tasks_per_s"] / base["tasks_per_s"]
                 if base and r["engine"] != "reference"

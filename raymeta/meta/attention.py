@@ -26,6 +26,9 @@ selected by ``fastweights.attention_for`` while the engine runs. Calls it cannot
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -114,7 +117,7 @@ class AttentionGrad(torch.autograd.Function):
         if g_p is not None:
             g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
         need_q, need_k, need_v, _, need_do, _ = ctx.needs_input_grad
-        ds = (p * centred) if (aq is not None or ak is not None) else None
+        ds = None if centred is None else p * centred
         gq = gk = gv = gdo = None
         if need_q:
             gq = _mm_sum(ds, ak, g_s, k, dt, s)
@@ -161,8 +164,6 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     Falls back to the module's own eager attention for what ``attention`` does not model."""
     exotic = dropout or kw.get("sliding_window") or kw.get("softcap") or kw.get("s_aux")
     if exotic or type(module).__name__ not in ATTENTION_CLASSES or scaling is None:
-        import sys
-
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -175,22 +176,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
 
 def applies_to(model) -> bool:
-    """Whether every attention module of ``model`` is one ``attention_forward`` computes."""
-    kinds = {
-        type(m).__name__
-        for m in model.modules()
-        if type(m).__name__.endswith("Attention") and hasattr(m, "num_key_value_groups")
-    }
-    others = {
-        type(m).__name__
-        for m in model.modules()
-        if type(m).__name__.endswith("Attention") and type(m).__name__ not in kinds
-    }
-    return bool(kinds) and kinds <= ATTENTION_CLASSES and not others
+    """Whether ``model`` has attention modules and all are ones ``attention_forward`` computes."""
+    kinds = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    return bool(kinds) and kinds <= ATTENTION_CLASSES
 
 
+@functools.cache
 def register() -> str:
-    """Register ``attention_forward`` (and HF's eager mask) with transformers; the name."""
+    """Register ``attention_forward`` (and HF's eager mask) with transformers (once); the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -66,12 +67,19 @@ def engine_mlps(module):
     return fused.fused_mlps(module) if FUSED_OPS else contextlib.nullcontext()
 
 
+_FUSED_ATTENTION_APPLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``attention.applies_to`` per module (asked on every pass, and per block in "vjp" mode)."""
+
+
 def engine_attention(model) -> str | None:
     """The attention implementation the engine's passes switch ``model`` to (None: keep)."""
     if ATTENTION == "fused":
         from raymeta.meta import attention
 
-        return attention.register() if attention.applies_to(model) else None
+        applies = _FUSED_ATTENTION_APPLIES.get(model)
+        if applies is None:
+            applies = _FUSED_ATTENTION_APPLIES[model] = attention.applies_to(model)
+        return attention.register() if applies else None
     p = next(model.parameters(), None)
     if ATTENTION == "eager" and p is not None and p.dtype in (torch.bfloat16, torch.float16):
         return "eager"
@@ -530,9 +538,8 @@ class Block:
     they can be autograd inputs of ``BlockForward`` / ``BlockVJP``) through fresh hooks;
     ``vjp`` gives the block's input gradient and the new update terms of its layers."""
 
-    def __init__(self, model, blk, orig, args, kwargs, uses, terms, shape):
-        self.model, self.orig, self.args, self.kwargs = model, orig, args, kwargs
-        self.module = blk
+    def __init__(self, blk, orig, args, kwargs, uses, terms, shape):
+        self.module, self.orig, self.args, self.kwargs = blk, orig, args, kwargs
         inside = {id(m) for m in blk.modules()}
         self.uses = [u for u in uses if id(u.module) in inside]
         names = sorted({n for u in self.uses for n in (u.weight, u.bias) if n and terms.get(n)})
@@ -563,7 +570,7 @@ class Block:
         with (
             hooks,
             double_backward_attention(),
-            attention_for(self.model),
+            attention_for(self.module),
             engine_mlps(self.module),
         ):
             y = self.orig(*args, **kwargs)
@@ -731,9 +738,7 @@ class BlockCalls:
             )
         if not self.blocks:
             self.first = len(h.records)
-        block = Block(
-            self.model, blk, orig, args, kwargs, h.uses, h.terms, (h.tasks, h.rows, h.length)
-        )
+        block = Block(blk, orig, args, kwargs, h.uses, h.terms, (h.tasks, h.rows, h.length))
         block.x = x
         h.busy = True
         try:
