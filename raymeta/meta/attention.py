@@ -175,10 +175,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def applies_to(model) -> bool:
-    """Whether ``model`` has attention modules and all are ones ``attention_forward`` computes."""
-    kinds = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    return bool(kinds) and kinds <= ATTENTION_CLASSES
+def modeling_modules(model) -> frozenset[str]:
+    """The transformers modules defining ``model``'s attention classes when all of them are ones
+    ``attention_forward`` computes (their rotary function is ``rotary``'s to replace); empty
+    when the model has other attention modules, or none."""
+    kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    if not kinds or any(k.__name__ not in ATTENTION_CLASSES for k in kinds):
+        return frozenset()
+    return frozenset(k.__module__ for k in kinds)
 
 
 @functools.cache

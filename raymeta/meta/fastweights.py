@@ -33,7 +33,7 @@ import torch.utils._pytree
 from torch import nn
 
 from raymeta.data.batches import Tokens
-from raymeta.meta import fused
+from raymeta.meta import fused, rotary
 from raymeta.meta.fastweights_terms import (
     Dense,
     LowRank,
@@ -67,19 +67,29 @@ def engine_mlps(module):
     return fused.fused_mlps(module) if FUSED_OPS else contextlib.nullcontext()
 
 
-_FUSED_ATTENTION_APPLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""``attention.applies_to`` per module (asked on every pass, and per block in "vjp" mode)."""
+_ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``attention.modeling_modules`` per module (asked on every pass, and per block in "vjp" mode)."""
+
+
+def fused_attention_modules(model) -> frozenset[str]:
+    """The modeling modules whose attention the fused passes take over (empty: none; see
+    ``attention.modeling_modules``), or empty when ``ATTENTION`` is not "fused"."""
+    if ATTENTION != "fused":
+        return frozenset()
+    from raymeta.meta import attention
+
+    found = _ATTENTION_MODULES.get(model)
+    if found is None:
+        found = _ATTENTION_MODULES[model] = attention.modeling_modules(model)
+    return found
 
 
 def engine_attention(model) -> str | None:
     """The attention implementation the engine's passes switch ``model`` to (None: keep)."""
-    if ATTENTION == "fused":
+    if fused_attention_modules(model):
         from raymeta.meta import attention
 
-        applies = _FUSED_ATTENTION_APPLIES.get(model)
-        if applies is None:
-            applies = _FUSED_ATTENTION_APPLIES[model] = attention.applies_to(model)
-        return attention.register() if applies else None
+        return attention.register()
     p = next(model.parameters(), None)
     if ATTENTION == "eager" and p is not None and p.dtype in (torch.bfloat16, torch.float16):
         return "eager"
@@ -88,7 +98,8 @@ def engine_attention(model) -> str | None:
 
 @contextlib.contextmanager
 def attention_for(model):
-    """While active, ``model``'s SDPA / eager attention is ``engine_attention(model)``."""
+    """While active, ``model``'s SDPA / eager attention is ``engine_attention(model)`` (and, with
+    the fused attention, its rotary embedding is ``rotary.apply_rotary``)."""
     impl = engine_attention(model)
     if impl is None:
         yield
@@ -102,7 +113,8 @@ def attention_for(model):
     for c, _ in configs.values():
         c._attn_implementation_internal = impl
     try:
-        yield
+        with rotary.patched_rotary(fused_attention_modules(model)):
+            yield
     finally:
         for c, old in configs.values():
             c._attn_implementation_internal = old
@@ -249,12 +261,27 @@ class Hooks:
     def __enter__(self):
         for use in self.uses:
             self.handles.append(use.module.register_forward_hook(functools.partial(self.hook, use)))
+        self.skips = fused.skipped_norms([u.module for u in self.uses if self.rebuilds(u)])
+        self.skips.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self.skips.__exit__(*exc)
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    @staticmethod
+    def rebuilds(use: Use) -> bool:
+        """Whether ``hook`` builds the module's output from its input alone (a norm without
+        bias whose normalisation ``normalised`` computes itself): the module's forward can be
+        skipped."""
+        m = use.module
+        if use.kind != "norm" or use.weight is None or getattr(m, "bias", None) is not None:
+            return False
+        return type(m) is nn.LayerNorm or (
+            FUSED_OPS and fused.rms_dtype(m, m.weight.dtype) is not None
+        )
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, length, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""

@@ -215,10 +215,42 @@ def rms_normalise(x: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor
 def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype an RMSNorm module (``fastweights.RMS_NORMS``) normalises ``dtype`` inputs in:
     float32 for Hugging Face's forward, float32 or wider under ``models.keep_float64``; None for
-    any other instance-patched forward (whose arithmetic is unknown)."""
+    any other instance-patched forward (whose arithmetic is unknown). Sees through
+    ``skipped_norms``."""
     forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is _passthrough:
+        forward = forward.args[0]
     if forward is None:
         return torch.float32
     if getattr(forward, "__func__", None) is rmsnorm_full_precision:
         return torch.promote_types(dtype, torch.float32)
     return None
+
+
+def _passthrough(replaced, x, *args, **kwargs):
+    return x
+
+
+@contextlib.contextmanager
+def skipped_norms(modules):
+    """While active, each module in ``modules`` returns its input unchanged (no arithmetic).
+
+    For norms whose output a forward hook rebuilds from the input anyway (``fastweights.Hooks``
+    builds ``(w + Δw) · rms_normalise(x)``): the module's own normalisation would be computed
+    and discarded. Nests (a module skipped already is left alone); ``rms_dtype`` still sees
+    the forward that was replaced."""
+    patched = []
+    for m in modules:
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _passthrough:
+            continue
+        m.forward = functools.partial(_passthrough, forward)
+        patched.append((m, forward))
+    try:
+        yield
+    finally:
+        for m, forward in patched:
+            if forward is None:
+                del m.__dict__["forward"]
+            else:
+                m.forward = forward

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from raymeta.meta import attention, fastweights, fused, reference
+from raymeta.meta import attention, fastweights, fused, reference, rotary
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
@@ -308,9 +308,17 @@ def test_next_token_seed_is_the_scaled_inner_gradient(monkeypatch):
 
 def test_attention_switch_restores(monkeypatch):
     model = tiny_llama(vocab=VOCAB)
-    with fastweights.attention_for(model):  # the default: the fused attention
+    from transformers.models.llama import modeling_llama
+
+    hf_rotary = modeling_llama.apply_rotary_pos_emb
+    with fastweights.attention_for(model):  # the default: the fused attention and rotary
         assert model.config._attn_implementation == attention.NAME
+        assert modeling_llama.apply_rotary_pos_emb is not hf_rotary
+        with fastweights.attention_for(model):  # nested
+            pass
+        assert modeling_llama.apply_rotary_pos_emb is not hf_rotary
     assert model.config._attn_implementation == "sdpa"
+    assert modeling_llama.apply_rotary_pos_emb is hf_rotary
     assert fastweights.engine_attention(gpt2()) is None  # an attention it does not know
     monkeypatch.setattr(fastweights, "ATTENTION", "eager")
     half = tiny_llama(vocab=VOCAB, dtype=torch.bfloat16)
@@ -346,8 +354,26 @@ def unfused_attention(q, k, v):
     return torch.softmax(0.7 * q @ k.mT + causal_mask(), -1) @ v
 
 
+def cos_sin(d=6):
+    """Unrelated cosines and sines ``[3, d]`` (the transpose must not rely on duplicated halves)."""
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(2, 3, d, generator=gen, dtype=torch.float64).unbind(0)
+
+
+def fused_rotary(x):
+    return rotary.Rotate.apply(x, *cos_sin(), False)
+
+
+def unfused_rotary(x):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    cos, sin = cos_sin()
+    return x * cos + rotate_half(x) * sin
+
+
 OPS = {
     "swiglu": (fused.swiglu, lambda g, u: nn.functional.silu(g) * u, 2),
+    "rotary": (fused_rotary, unfused_rotary, 1),
     "rms": (fused_rms, unfused_rms, 1),
     "attention": (fused_attention, unfused_attention, 3),
 }
@@ -403,6 +429,14 @@ def test_rms_normalise_follows_the_module_dtype():
         with torch.no_grad():
             norm.weight.fill_(1.0)
             assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
+            forward = norm.__dict__.get("forward")
+            with fused.skipped_norms([norm]):
+                assert norm(x) is x and fused.rms_dtype(norm, x.dtype) is acc
+                with fused.skipped_norms([norm]):  # nested: left alone
+                    pass
+                assert norm(x) is x
+            assert norm.__dict__.get("forward") is forward
+            assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
 
 
 def test_fused_mlps_patch_and_restore():
@@ -429,7 +463,7 @@ def test_fused_mlps_patch_and_restore():
 def count_second_order_nodes(monkeypatch) -> Counter:
     """Counts of the fused ops' second-order backwards (by class name) from now on."""
     calls = Counter()
-    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad, attention.AttentionGrad):
+    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad, attention.AttentionGrad, rotary.Rotate):
         orig = cls.backward
 
         def counted(ctx, *grads, _orig=orig, _name=cls.__name__):
@@ -447,15 +481,28 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
     calls = count_second_order_nodes(monkeypatch)
     model = llama_tied()
     ctx, q = batch(2)
-    compare(
-        model, InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode), ctx, q
-    )
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode)
+    compare(model, spec, ctx, q)
     layers = len(model.model.layers)
+    # Rotate is its own backward: per layer and for q and k, inner backwards 2 × 2, the outer
+    # one through the query forward (2), the inner backwards (2 × 2) and forwards (2 × 2);
+    # "vjp" adds the recomputed forward and VJP of each block (2 × 4)
+    rotations = (22 if mode is True else 14) * layers
     assert calls == {
         "SwiGLUGrad": 2 * layers,
         "RMSNormaliseGrad": 2 * (2 * layers + 1),
         "AttentionGrad": 2 * layers,
+        "Rotate": rotations,
     }
+    skipped = []  # per RMSNorm call: whether its forward returned its input (skipped_norms)
+    for m in model.modules():
+        if "RMSNorm" in type(m).__name__:  # registered first: sees the module's own output
+            m.register_forward_hook(lambda _m, args, out: skipped.append(out is args[0]))
+    for engine, want in ((reference, False), (fastweights, True)):
+        skipped.clear()
+        run(engine, model, spec, ctx, q, "LG")
+        # fastweights' passes skip the norms (the hooks rebuild their outputs from the inputs)
+        assert skipped and set(skipped) == {want}
     assert all("forward" not in blk.mlp.__dict__ for blk in model.model.layers)
 
 

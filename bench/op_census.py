@@ -1,0 +1,240 @@
+"""Census of one meta-step, without computing it: operator calls, matmul FLOPs, memory traffic.
+
+Runs the same outer step as ``meta_step.py`` (LG meta-loss, backward, grad-norm clip, AdamW)
+on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes only), so any shape
+(the Llama-3.2-1B one included) runs in seconds on any machine, and counts every aten call
+below autograd (forward, create_graph inner backward, outer backward, optimizer):
+
+* ``calls/step``: aten calls other than views (each is one kernel launch on a GPU);
+* ``GFLOP/task``: of mm / bmm / addmm / baddbmm;
+* ``GB/task``: bytes read and written by every other call (inputs + outputs), what bounds
+  elementwise work on a GPU, which is memory-bound (HBM: ~3.35 TB/s on an H100).
+
+On fake tensors a few calls differ from a real run: Hugging Face builds the SDPA mask in
+another way, and checkpoint_inner="vjp" (which finds shared tensors by data pointer) clones a
+few more; the fused attention's mask path and the other engines' own calls are the same.
+It is a model, not a timing: fusion inside a kernel and cache reuse are invisible to it, and
+a Function's Python overhead is not counted. Use it to compare engines and op sets where no
+GPU is at hand (RESULTS.md relates it to the H100 profile).
+
+    python bench/op_census.py --shape llama-1b --meta-batch 16 --ctx 192 --query 32
+    python bench/op_census.py ... --variants fused,unfused,vjp --top 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from meta_step import DTYPES, SHAPES, inner_names, random_batch, slice_batch  # noqa: E402
+
+from raymeta.meta import fastweights  # noqa: E402
+from raymeta.meta.engines import select_engine  # noqa: E402
+from raymeta.meta.inner import InnerSpec, double_backward_attention  # noqa: E402
+from raymeta.meta.objectives import lg_loss  # noqa: E402
+
+MATMULS = frozenset({"mm", "bmm", "addmm", "baddbmm"})
+FREE = frozenset(
+    {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand"}
+    | {"unsqueeze", "squeeze", "select", "slice", "as_strided", "alias", "detach", "unbind"}
+    | {"split", "split_with_sizes", "chunk", "empty", "empty_like", "empty_strided"}
+    | {"new_empty", "new_empty_strided", "lift_fresh", "device", "promote_types", "sym_size"}
+)
+"""Calls that move no data (views, allocations, metadata queries)."""
+
+VARIANTS = {
+    "reference": ("reference", {}, False),
+    "fused": ("fastweights", {"FUSED_OPS": True, "ATTENTION": "fused"}, False),
+    "unfused": ("fastweights", {"FUSED_OPS": False, "ATTENTION": None}, False),
+    "vjp": ("fastweights", {"FUSED_OPS": True, "ATTENTION": "fused"}, "vjp"),
+    "unfused-vjp": ("fastweights", {"FUSED_OPS": False, "ATTENTION": None}, "vjp"),
+}
+"""name → (engine, fastweights switches, checkpoint_inner)."""
+
+
+class Census(TorchDispatchMode):
+    """Counts aten calls, matmul FLOPs and the bytes other calls read and write."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.flops = 0
+        self.bytes: collections.Counter = collections.Counter()
+
+    def totals(self) -> tuple[int, int, int]:
+        """(calls, matmul FLOPs, bytes) so far."""
+        return self.calls, self.flops, sum(self.bytes.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in FREE:
+            return out
+        self.calls += 1
+        if name in MATMULS:
+            a, b = args[-2], args[-1]
+            self.flops += 2 * a.numel() * b.shape[-1]
+        else:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes[name] += sum(
+                t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)
+            )
+        return out
+
+
+def build_fake_model(shape: str, dtype):
+    """The bench's random Llama of ``shape`` on fake tensors (no memory, no init cost)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        **{"tie_word_embeddings": True, **SHAPES[shape]},
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(cfg).train()
+    finally:
+        torch.set_default_dtype(default)
+
+
+@contextlib.contextmanager
+def switches(values: dict):
+    old = {k: getattr(fastweights, k) for k in values}
+    for k, v in values.items():
+        setattr(fastweights, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(fastweights, k, v)
+
+
+def census(args, variant: str, b: int, fake: bool = True) -> dict:
+    """One outer step of ``variant`` at meta-batch ``b``, counted (on fake tensors, or on real
+    ones on the CPU: the same counts, which the tests check)."""
+    engine_name, values, ckpt = VARIANTS[variant]
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+    with FakeTensorMode() if fake else contextlib.nullcontext(), switches(values):
+        model = build_fake_model(args.shape, DTYPES[args.dtype])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        spec = InnerSpec(lr=1e-3, names=inner_names(model, args.inner), checkpoint_inner=ckpt)
+        engine = select_engine(engine_name, model, spec)
+        micro = 1 if engine_name == "reference" else b
+        batch = random_batch(b, args.ctx, args.query, model.config.vocab_size, "cpu", args.contexts)
+        counted = Census()
+        with counted:
+            for lo in range(0, b, micro):
+                part = slice_batch(batch, lo, lo + micro)
+                with double_backward_attention():  # meta_loss without its .item() calls
+                    state = engine.adapt(model, part.contexts, spec)
+                    loss = lg_loss(engine.logits(model, state, part.queries), part.queries)
+                (loss.mean() * (micro / b)).backward()
+                del state, loss
+            meta = counted.totals()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+    calls, flops, total = counted.totals()
+    return {
+        "variant": variant,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "ctx": args.ctx,
+        "contexts": args.contexts,
+        "query": args.query,
+        "meta_batch": b,
+        "calls_per_step": calls,
+        "gflop_per_task": flops / b / 1e9,
+        "gb_per_task": total / b / 1e9,
+        "optimizer_calls": calls - meta[0],
+        "optimizer_gb_per_task": (total - meta[2]) / b / 1e9,
+        "top": {k: round(v / b / 1e9, 3) for k, v in counted.bytes.most_common(args.top)},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = [
+        "variant",
+        "shape",
+        "ctx",
+        "n",
+        "query",
+        "meta-batch",
+        "calls/step",
+        "GFLOP/task",
+        "GB/task",
+        "top GB/task",
+    ]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in r["top"].items())
+        cells = [
+            r["variant"],
+            r["shape"],
+            r["ctx"],
+            r["contexts"],
+            r["query"],
+            r["meta_batch"],
+            r["calls_per_step"],
+            f"{r['gflop_per_task']:.1f}",
+            f"{r['gb_per_task']:.2f}",
+            top,
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--meta-batch", type=int, default=16)
+    p.add_argument("--ctx", type=int, default=192)
+    p.add_argument("--query", type=int, default=32)
+    p.add_argument("--contexts", type=int, default=1, help="contexts per task (one inner update)")
+    p.add_argument("--inner", choices=["all", "blocks"], default="all")
+    p.add_argument(
+        "--variants",
+        default="reference,fused,unfused",
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--top", type=int, default=4, help="ops with the most bytes to list")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    rows = []
+    for variant in args.variants.split(","):
+        row = census(args, variant, args.meta_batch)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
