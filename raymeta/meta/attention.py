@@ -117,16 +117,18 @@ class AttentionGrad(torch.autograd.Function):
         if g_p is not None:
             g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
         need_q, need_k, need_v, _, need_do, _ = ctx.needs_input_grad
-        ds = None if centred is None else p * centred
+        # the [T, S] factors of the matmuls below, each cast to the matmul dtype once
+        ds = None if centred is None else (p * centred).to(dt)
+        g_s, g_dp = _cast(g_s, dt), _cast(g_dp, dt)
         gq = gk = gv = gdo = None
         if need_q:
-            gq = _mm_sum(ds, ak, g_s, k, dt, s)
+            gq = _mm_sum(ds, ak, g_s, k, s)
         if need_k:
-            gk = _mm_sum(_t(ds), aq, _t(g_s), q, dt, s)
+            gk = _mm_sum(_t(ds), aq, _t(g_s), q, s)
         if need_v and g_dp is not None:
-            gv = torch.matmul(g_dp.to(dt).transpose(-1, -2), do)
+            gv = torch.matmul(g_dp.transpose(-1, -2), do)
         if need_do:
-            gdo = _mm_sum(p, av, g_dp, v, dt, 1.0)
+            gdo = _mm_sum(p.to(dt), av, g_dp, v, 1.0)
         return gq, gk, gv, None, gdo, None
 
 
@@ -134,14 +136,17 @@ def _t(x):
     return None if x is None else x.transpose(-1, -2)
 
 
-def _mm_sum(a1, b1, a2, b2, dtype, scale: float):
-    """``scale (a₁ b₁ + a₂ b₂)`` with the [T, S] factors a cast to ``dtype``; a term with a
-    None factor is left out (None if both are)."""
+def _cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def _mm_sum(a1, b1, a2, b2, scale: float):
+    """``scale (a₁ b₁ + a₂ b₂)``; a term with a None factor is left out (None if both are)."""
     out = None
     for a, b in ((a1, b1), (a2, b2)):
         if a is None or b is None:
             continue
-        t = torch.matmul(a.to(dtype), b)
+        t = torch.matmul(a, b)
         out = t if out is None else out.add_(t)
     return out if out is None or scale == 1.0 else out.mul_(scale)
 
