@@ -7,7 +7,7 @@
 #      block (target: fits in 80 GB), and at 16 / 32 / 64 without checkpointing for comparison.
 # Needs only torch and transformers (runs on a bare GPU machine from a checkout):
 #   bash bench/gpu_targets.sh [OUT_DIR]      (default bench/gpu; PYTHON=python3)
-# Writes OUT_DIR/b16.json and OUT_DIR/b64.json and prints both tables; ~5 minutes on an H100.
+# Writes OUT_DIR/b16.json, b64.json and census.json and prints the tables; ~6 minutes on an H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/gpu}
@@ -20,3 +20,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
     --ref-max-batch 16 --reps 3 --json "$out/b16.json"
 "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
     --checkpoint-inner --reps 2 --json "$out/b64.json"
+# the same steps counted (calls, FLOPs, traffic; see bench/RESULTS.md for the time model)
+"$py" bench/op_census.py --shape llama-1b --ctx 192 --query 32 --meta-batch 16 \
+    --variants reference,fused,vjp --json "$out/census.json"

@@ -15,8 +15,10 @@ head: the cross terms are included), ``nn.LayerNorm`` and Llama-style RMSNorm
 scales. Anything else makes ``ineligibility`` return a reason.
 
 The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
-Llama-style attention through ``attention`` (Functions with hand-written first and second
-derivatives: a leaner second-order graph; ``ATTENTION`` selects the attention).
+Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
+(Functions with hand-written first and second derivatives: a leaner second-order graph;
+``ATTENTION`` selects the attention). Norms whose output a hook rebuilds from the input skip
+their own forward (``fused.skipped_norms``).
 """
 
 from __future__ import annotations
