@@ -21,7 +21,8 @@ With P = softmax(S), S = s q kᵀ + mask, and dO the output gradient:
 ``attention_forward`` has the signature of a Hugging Face attention interface; it is
 registered as ``raymeta_fused`` (with the additive float mask of HF's eager attention) and
 selected by ``fastweights.attention_for`` while the engine runs. Calls it cannot take exactly
-(dropout, sliding windows, logit soft-capping, attention sinks) go to HF's eager attention.
+(dropout, logit soft-capping, attention sinks) go to HF's eager attention; a sliding window
+is part of the mask Hugging Face builds for this implementation, as for its eager one.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """A Hugging Face attention interface: ``(output [B, T, H, D], None)``.
 
     Falls back to the module's own eager attention for what ``attention`` does not model."""
-    exotic = dropout or kw.get("sliding_window") or kw.get("softcap") or kw.get("s_aux")
+    # a sliding window is in the mask (as for HF's eager attention, which ignores the argument)
+    exotic = dropout or kw.get("softcap") or kw.get("s_aux")
     if exotic or type(module).__name__ not in ATTENTION_CLASSES or scaling is None:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)

@@ -288,7 +288,11 @@ class Hooks:
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, length, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
         want = (self.rows, self.length)
-        if tuple(x.shape[:2]) != want or x.dim() != (2 if use.kind == "embedding" else 3):
+        if use.kind == "embedding":
+            fits = x.dim() == 2
+        else:  # a norm may also see per-head inputs [rows, length, H, d] (Qwen3's q/k norms)
+            fits = x.dim() == 3 or (use.kind == "norm" and x.dim() > 3)
+        if tuple(x.shape[:2]) != want or not fits:
             raise RuntimeError(
                 f"fast-weights: module {use.path} got an input of shape {tuple(x.shape)}, "
                 f"expected [{want[0]}, {want[1]}, ...]; this model calls it in a way the engine "
@@ -306,7 +310,7 @@ class Hooks:
             # graph go (a second normalisation kept for the second order costs ~1/4 of the
             # activations), and (w + Δw) * nx is exactly the adapted module
             w = vector_delta(self.terms.get(use.weight, []))
-            scale = module.weight if w is None else module.weight + w[:, None, :]
+            scale = module.weight if w is None else module.weight + per_task(w, nx)
             out = (scale * nx).reshape(output.shape)
         else:
             delta = correction(use, self.terms, x, nx, output.shape[-1])
@@ -342,10 +346,10 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
         total = None
         w = vector_delta(w_terms)
         if w is not None:
-            total = w[:, None, :] * nx
+            total = per_task(w, nx) * nx
         b = vector_delta(b_terms)
         if b is not None:
-            total = b[:, None, :] if total is None else total + b[:, None, :]
+            total = per_task(b, nx) if total is None else total + per_task(b, nx)
         return total
     if use.kind == "embedding":
         parts = [lookup_delta(t, x) for t in w_terms]
@@ -361,6 +365,11 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
     if not parts:
         return None
     return functools.reduce(torch.add, parts)
+
+
+def per_task(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-task vector ``[B, d]`` viewed to broadcast against ``like`` ``[B, R, ..., d]``."""
+    return v.view(v.shape[0], *[1] * (like.dim() - 2), v.shape[-1])
 
 
 def new_terms(rec: Record, d: torch.Tensor):
@@ -380,7 +389,7 @@ def new_terms(rec: Record, d: torch.Tensor):
         out.append((use.weight, Rows(rec.x, d)))
     else:
         if use.weight:
-            out.append((use.weight, Dense((d * rec.nx).sum(1))))
+            out.append((use.weight, Dense((d * rec.nx.reshape(d.shape)).sum(1))))
         if use.bias:
             out.append((use.bias, Dense(d.sum(1))))
     return out
