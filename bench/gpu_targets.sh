@@ -7,6 +7,9 @@
 #      block (target: fits in 80 GB), and at 16 / 32 / 64 without checkpointing for comparison.
 # Needs only torch and transformers (runs on a bare GPU machine from a checkout):
 #   bash bench/gpu_targets.sh [OUT_DIR]      (default bench/gpu; PYTHON=python3)
+#   bash bench/gpu_targets.sh OUT_DIR compile
+#       instead: fastweights with and without --compile-ops (fused.COMPILE) side by side,
+#       at meta-batch 16 and 32, and 64 with --checkpoint-inner (~6 minutes, compiling included)
 # Writes OUT_DIR/b16.json, b64.json and census.json and prints the tables; ~6 minutes on an H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +19,15 @@ py=${PYTHON:-python3}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 common=(--device cuda --shape llama-1b --dtype bfloat16 --ctx 192 --query 32)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [[ "${2:-}" == compile ]]; then
+    for flag in "" --compile-ops; do
+        "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines fastweights \
+            --reps 3 $flag --json "$out/b16${flag:+-compiled}.json"
+        "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
+            --checkpoint-inner --reps 2 $flag --json "$out/b64${flag:+-compiled}.json"
+    done
+    exit 0
+fi
 "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \
     --ref-max-batch 16 --reps 3 --json "$out/b16.json"
 "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \

@@ -151,6 +151,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         checkpoint_inner=spec.checkpoint_inner,
         fw_attention=args.fw_attention,
         fused_ops=not args.unfused_ops,
+        compile_ops=args.compile_ops,
         inner=args.inner,
         steps=spec.steps,
         params_M=round(n_params / 1e6, 1),
@@ -328,6 +329,8 @@ def table(rows_: list[dict]) -> str:
     keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
         cells = [r[k] for k in keys + ("checkpoint_inner",)]
+        if r.get("compile_ops"):
+            cells[0] += " (compiled ops)"
         if "error" in r:
             cells += [r["error"]] + [""] * 5
         else:
@@ -417,6 +420,11 @@ def parse(argv=None):
         action="store_true",
         help="fastweights: torch's own SwiGLU and RMS normalisation instead of the fused ones",
     )
+    p.add_argument(
+        "--compile-ops",
+        action="store_true",
+        help="fastweights: the fused ops' bodies through torch.compile (fused.COMPILE)",
+    )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
     p.add_argument(
@@ -448,6 +456,10 @@ def main(argv=None):
         from raymeta.meta import fastweights
 
         fastweights.FUSED_OPS = False
+    if args.compile_ops:
+        from raymeta.meta import fused
+
+        fused.COMPILE = True
     if args.fw_attention != "fused":
         from raymeta.meta import fastweights
 

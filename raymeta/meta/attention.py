@@ -33,6 +33,8 @@ import sys
 import torch
 from torch.autograd.function import once_differentiable
 
+from raymeta.meta.fused import compilable
+
 NAME = "raymeta_fused"
 """The attention implementation name registered with transformers."""
 
@@ -51,15 +53,80 @@ def probabilities(q, k, mask, scale: float) -> torch.Tensor:
     return torch.softmax(scores, -1)
 
 
+@compilable
+def attention_value(q, k, v, mask, scale: float):
+    """``(P v, P)``."""
+    p = probabilities(q, k, mask, scale)
+    return torch.matmul(p.to(v.dtype), v), p
+
+
+@compilable
+def attention_grads(q, k, v, p, do, scale: float):
+    """``(dq, dk, dv, δ)`` for the output gradient dO (δ = rowsum(dP ⊙ P) ``[B, H, T, 1]``)."""
+    dt = q.dtype
+    dp = torch.matmul(do, v.transpose(-1, -2)).to(p.dtype)
+    delta = (dp * p).sum(-1, keepdim=True)
+    centred = dp.sub_(delta)  # dP − δ
+    ds = (p * centred).to(dt)
+    dq = torch.matmul(ds, k).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    dv = torch.matmul(p.to(dt).transpose(-1, -2), do)
+    return dq, dk, dv, delta
+
+
+@compilable
+def attention_second(q, k, v, p, do, delta, aq, ak, av, scale: float, needs):
+    """``AttentionGrad``'s backward (formulas in the module docstring): the gradients of
+    (q, k, v, dO) for those a_q, a_k, a_v of (dq, dk, dv) (or None); ``needs``: which
+    are wanted, as ``ctx.needs_input_grad`` of (q, k, v, dO)."""
+    s, dt, acc = scale, q.dtype, p.dtype
+    centred = None  # dP − δ, needed with a_q or a_k
+    if aq is not None or ak is not None:
+        centred = torch.matmul(do, v.transpose(-1, -2)).to(acc).sub_(delta)
+    g_ds = None  # s (a_q kᵀ + q a_kᵀ)
+    if aq is not None:
+        g_ds = torch.matmul(aq, k.transpose(-1, -2)).to(acc)
+    if ak is not None:
+        t = torch.matmul(q, ak.transpose(-1, -2)).to(acc)
+        g_ds = t if g_ds is None else g_ds.add_(t)
+    g_p = g_dp = None
+    if g_ds is not None:
+        g_ds = g_ds.mul_(s)
+        r = (g_ds * p).sum(-1, keepdim=True)
+        g_dp = p * (g_ds - r)
+        # G_dS ⊙ (dP − δ) − r dP, with dP = (dP − δ) + δ
+        g_p = g_ds.mul_(centred).sub_(r * (centred + delta))
+    if av is not None:
+        t = torch.matmul(do, av.transpose(-1, -2)).to(acc)
+        g_p = t if g_p is None else g_p.add_(t)
+    g_s = None
+    if g_p is not None:
+        g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
+    need_q, need_k, need_v, need_do = needs
+    # the [T, S] factors of the matmuls below, each cast to the matmul dtype once
+    ds = None if centred is None else (p * centred).to(dt)
+    g_s, g_dp = _cast(g_s, dt), _cast(g_dp, dt)
+    gq = gk = gv = gdo = None
+    if need_q:
+        gq = _mm_sum(ds, ak, g_s, k, s)
+    if need_k:
+        gk = _mm_sum(_t(ds), aq, _t(g_s), q, s)
+    if need_v and g_dp is not None:
+        gv = torch.matmul(g_dp.transpose(-1, -2), do)
+    if need_do:
+        gdo = _mm_sum(p.to(dt), av, g_dp, v, 1.0)
+    return gq, gk, gv, gdo
+
+
 class Attention(torch.autograd.Function):
     """``o = P v`` ``[B, H, T, D]`` (see ``probabilities``); saves q, k, v and P."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
-        p = probabilities(q, k, mask, scale)
+        o, p = attention_value(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
-        return torch.matmul(p.to(v.dtype), v)
+        return o
 
     @staticmethod
     def backward(ctx, do):
@@ -78,14 +145,7 @@ class AttentionGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p, do, scale):
         ctx.set_materialize_grads(False)
-        dt = q.dtype
-        dp = torch.matmul(do, v.transpose(-1, -2)).to(p.dtype)
-        delta = (dp * p).sum(-1, keepdim=True)
-        centred = dp.sub_(delta)  # dP − δ
-        ds = (p * centred).to(dt)
-        dq = torch.matmul(ds, k).mul_(scale)
-        dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
-        dv = torch.matmul(p.to(dt).transpose(-1, -2), do)
+        dq, dk, dv, delta = attention_grads(q, k, v, p, do, scale)
         ctx.save_for_backward(q, k, v, p, do, delta)
         ctx.scale = scale
         return dq, dk, dv
@@ -93,43 +153,9 @@ class AttentionGrad(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, aq, ak, av):
-        q, k, v, p, do, delta = ctx.saved_tensors
-        s, dt, acc = ctx.scale, q.dtype, p.dtype
-        centred = None  # dP − δ, needed with a_q or a_k
-        if aq is not None or ak is not None:
-            centred = torch.matmul(do, v.transpose(-1, -2)).to(acc).sub_(delta)
-        g_ds = None  # s (a_q kᵀ + q a_kᵀ)
-        if aq is not None:
-            g_ds = torch.matmul(aq, k.transpose(-1, -2)).to(acc)
-        if ak is not None:
-            t = torch.matmul(q, ak.transpose(-1, -2)).to(acc)
-            g_ds = t if g_ds is None else g_ds.add_(t)
-        g_p = g_dp = None
-        if g_ds is not None:
-            g_ds = g_ds.mul_(s)
-            r = (g_ds * p).sum(-1, keepdim=True)
-            g_dp = p * (g_ds - r)
-            # G_dS ⊙ (dP − δ) − r dP, with dP = (dP − δ) + δ
-            g_p = g_ds.mul_(centred).sub_(r * (centred + delta))
-        if av is not None:
-            t = torch.matmul(do, av.transpose(-1, -2)).to(acc)
-            g_p = t if g_p is None else g_p.add_(t)
-        g_s = None
-        if g_p is not None:
-            g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
         need_q, need_k, need_v, _, need_do, _ = ctx.needs_input_grad
-        # the [T, S] factors of the matmuls below, each cast to the matmul dtype once
-        ds = None if centred is None else (p * centred).to(dt)
-        g_s, g_dp = _cast(g_s, dt), _cast(g_dp, dt)
-        gq = gk = gv = gdo = None
-        if need_q:
-            gq = _mm_sum(ds, ak, g_s, k, s)
-        if need_k:
-            gk = _mm_sum(_t(ds), aq, _t(g_s), q, s)
-        if need_v and g_dp is not None:
-            gv = torch.matmul(g_dp.transpose(-1, -2), do)
-        if need_do:
-            gdo = _mm_sum(p.to(dt), av, g_dp, v, 1.0)
+        needs = (need_q, need_k, need_v, need_do)
+        gq, gk, gv, gdo = attention_second(*ctx.saved_tensors, aq, ak, av, ctx.scale, needs)
         return gq, gk, gv, None, gdo, None
 
 

@@ -39,15 +39,78 @@ SILU_ACTIVATIONS = frozenset({"SiLUActivation", "SiLU"})
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
+COMPILE = False
+"""Run the bodies of the fused ops' Functions (here, in ``attention`` and ``rotary``) through
+``torch.compile`` (dynamic shapes, one graph each): each body's chain of elementwise calls
+becomes a few generated kernels (Triton on a GPU, C++ on a CPU), fewer launches and fewer
+passes over memory. Off by default: exact on CPU (tests), GPU speed not yet measured
+(``bench/meta_step.py --compile-ops``). The first call of each body compiles it (seconds)."""
 
-def _silu_backward_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``grad · silu'(g)`` written into ``grad``."""
-    return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=grad)
+
+RECOMPILE_LIMIT = 64
+"""Variants of one body ``torch.compile`` may build (which gradients are None or wanted,
+dtypes, broadcast shapes); past it, new variants run eagerly (same values)."""
+
+
+def compilable(fn):
+    """``fn``, run through ``torch.compile`` (compiled on first use) while ``COMPILE``.
+
+    Tensor arguments are passed detached (the bodies run inside autograd Functions, without
+    grad mode), so that whether they require grad does not make another variant."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not COMPILE:
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return run
 
 
 # ---------------------------------------------------------------------------
 # SwiGLU: z = silu(g) · u
 # ---------------------------------------------------------------------------
+
+
+@compilable
+def swiglu_value(g, u):
+    """``silu(g) · u``."""
+    return F.silu(g).mul_(u)
+
+
+@compilable
+def swiglu_grads(g, u, dz):
+    """``(dz · u · silu'(g), dz · silu(g))``."""
+    return torch.ops.aten.silu_backward(dz * u, g), F.silu(g).mul_(dz)
+
+
+@compilable
+def swiglu_second(g, u, dz, a, b, need_g: bool, need_u: bool, need_dz: bool):
+    """``SwiGLUGrad``'s backward: gradients of g, u, dz for those a, b of (dg, du) (or None)."""
+    s = torch.sigmoid(g)  # the one transcendental pass
+    silu = g * s
+    d1 = torch.addcmul(silu, silu, s, value=-1).add_(s)  # silu' = s + silu (1 - s)
+    gg = gu = gdz = None
+    if a is not None and (need_u or need_dz):
+        p = a * d1
+        gdz = p * u if need_dz else None
+        gu = p.mul_(dz) if need_u else None
+    if b is not None and need_dz:
+        gdz = b * silu if gdz is None else gdz.addcmul_(b, silu)
+    if need_g and a is not None:
+        curve = torch.add(g, silu, alpha=-2).add_(2)  # 2 + g - 2 silu
+        gg = s.addcmul_(s, s, value=-1).mul_(curve).mul_(a).mul_(u)  # a u silu''
+        if b is not None:
+            gg.addcmul_(b, d1)
+    elif need_g and b is not None:
+        gg = b * d1
+    return None if gg is None else gg.mul_(dz), gu, gdz
 
 
 class SwiGLU(torch.autograd.Function):
@@ -60,7 +123,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return F.silu(g).mul_(u)
+        return swiglu_value(g, u)
 
     @staticmethod
     def backward(ctx, dz):
@@ -80,33 +143,12 @@ class SwiGLUGrad(torch.autograd.Function):
     def forward(ctx, g, u, dz):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(g, u, dz)
-        t = dz * u
-        return _silu_backward_(t, g), F.silu(g).mul_(dz)
+        return swiglu_grads(g, u, dz)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, b):
-        g, u, dz = ctx.saved_tensors
-        need_g, need_u, need_dz = ctx.needs_input_grad
-        s = torch.sigmoid(g)  # the one transcendental pass
-        silu = g * s
-        d1 = torch.addcmul(silu, silu, s, value=-1).add_(s)  # silu' = s + silu (1 - s)
-        gg = gu = gdz = None
-        if a is not None and (need_u or need_dz):
-            p = a * d1
-            gdz = p * u if need_dz else None
-            gu = p.mul_(dz) if need_u else None
-        if b is not None and need_dz:
-            gdz = b * silu if gdz is None else gdz.addcmul_(b, silu)
-        if need_g and a is not None:
-            # 2 + g - 2 silu, written into silu (its last use)
-            curve = torch.add(g, silu, alpha=-2, out=silu).add_(2)
-            gg = s.addcmul_(s, s, value=-1).mul_(curve).mul_(a).mul_(u)  # a u silu''
-            if b is not None:
-                gg.addcmul_(b, d1)
-        elif need_g and b is not None:
-            gg = b * d1
-        return None if gg is None else gg.mul_(dz), gu, gdz
+        return swiglu_second(*ctx.saved_tensors, a, b, *ctx.needs_input_grad)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -152,6 +194,41 @@ def fused_mlps(module: nn.Module):
 # ---------------------------------------------------------------------------
 
 
+@compilable
+def rms_value(x, eps: float, acc: torch.dtype):
+    """``(x · r cast to x's dtype, r)`` with ``r = rsqrt(mean(x²) + eps)`` ``[..., 1]`` in acc."""
+    h = x.to(acc)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * r).to(x.dtype), r  # Hugging Face's ops, in its order
+
+
+@compilable
+def rms_grad(x, r, dn):
+    """``dx = r (dn - n ⟨dn, n⟩/d)`` in r's dtype, cast to x's."""
+    n = x.to(r.dtype) * r
+    d = dn.to(r.dtype)
+    c = (d * n).mean(-1, keepdim=True)
+    return d.addcmul(n, c, value=-1).mul_(r).to(x.dtype)
+
+
+@compilable
+def rms_second(x, r, dn, a, need_x: bool, need_dn: bool):
+    """``RMSNormaliseGrad``'s backward (formulas in its docstring): (∂/∂x, ∂/∂dn) or None."""
+    n = x.to(r.dtype) * r
+    a = a.to(r.dtype)
+    big_a = (a * n).mean(-1, keepdim=True)
+    gx = gdn = None
+    if need_dn:
+        gdn = torch.addcmul(a, n, big_a, value=-1).mul_(r).to(dn.dtype)
+    if need_x:
+        d = dn.to(r.dtype)
+        big_b = (d * n).mean(-1, keepdim=True)
+        big_c = (a * d).mean(-1, keepdim=True)
+        gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, d, value=-1)
+        gx = gx.addcmul_(big_b, a, value=-1).mul_(r * r).to(x.dtype)
+    return gx, gdn
+
+
 class RMSNormalise(torch.autograd.Function):
     """``n = x · r`` with ``r = rsqrt(mean(x²) + eps)`` over the last dim, x ``[..., d]``.
 
@@ -160,10 +237,9 @@ class RMSNormalise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps: float, acc: torch.dtype):
-        h = x.to(acc)
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        n, r = rms_value(x, eps, acc)
         ctx.save_for_backward(x, r)
-        return (h * r).to(x.dtype)  # Hugging Face's ops, in its order
+        return n
 
     @staticmethod
     def backward(ctx, dn):
@@ -182,28 +258,14 @@ class RMSNormaliseGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, dn):
         ctx.save_for_backward(x, r, dn)
-        n = x.to(r.dtype) * r
-        d = dn.to(r.dtype)
-        c = (d * n).mean(-1, keepdim=True)
-        return torch.addcmul(d, n, c, value=-1, out=n).mul_(r).to(x.dtype)
+        return rms_grad(x, r, dn)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a):
         x, r, dn = ctx.saved_tensors
         need_x, _, need_dn = ctx.needs_input_grad
-        n = x.to(r.dtype) * r
-        a = a.to(r.dtype)
-        big_a = (a * n).mean(-1, keepdim=True)
-        gx = gdn = None
-        if need_dn:
-            gdn = torch.addcmul(a, n, big_a, value=-1).mul_(r).to(dn.dtype)
-        if need_x:
-            d = dn.to(r.dtype)
-            big_b = (d * n).mean(-1, keepdim=True)
-            big_c = (a * d).mean(-1, keepdim=True)
-            gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, d, value=-1)
-            gx = gx.addcmul_(big_b, a, value=-1).mul_(r * r).to(x.dtype)
+        gx, gdn = rms_second(x, r, dn, a, need_x, need_dn)
         return gx, None, gdn
 
 

@@ -21,10 +21,13 @@ import sys
 
 import torch
 
+from raymeta.meta.fused import compilable
+
 FUNCTION = "apply_rotary_pos_emb"
 """The name the modeling modules of ``attention.ATTENTION_CLASSES`` call the rotation by."""
 
 
+@compilable
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool):
     """``x c + rot(x) s`` (or, transposed, ``x c + rotᵀ(x s)``) for x ``[..., D]``."""
     h = x.shape[-1] // 2
