@@ -125,8 +125,9 @@ def switches(values: dict):
 
 
 def census(args, variant: str, b: int, fake: bool = True) -> dict:
-    """One outer step of ``variant`` at meta-batch ``b``, counted (on fake tensors, or on real
-    ones on the CPU: the same counts, which the tests check)."""
+    """One outer step of ``variant`` at meta-batch ``b`` (AdamW's state already made),
+    counted (on fake tensors, or on real ones on the CPU: the same counts, which the tests
+    check)."""
     engine_name, values, ckpt = VARIANTS[variant]
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
@@ -137,6 +138,10 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
         engine = select_engine(engine_name, model, spec)
         micro = 1 if engine_name == "reference" else b
         batch = random_batch(b, args.ctx, args.query, model.config.vocab_size, "cpu", args.contexts)
+        for p in model.parameters():  # AdamW's state exists, as in every step but the first
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         counted = Census()
         with counted:
             for lo in range(0, b, micro):
