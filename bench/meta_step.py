@@ -76,19 +76,25 @@ SHAPES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def build_model(shape: str, dtype, device):
-    """A random LlamaForCausalLM (tied embeddings unless the shape says not) in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape: str):
+    """The LlamaConfig of ``shape`` (tied embeddings unless the shape says not)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return LlamaConfig(
         **{"tie_word_embeddings": True, **SHAPES[shape]},
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
+
+
+def build_model(shape: str, dtype, device):
+    """A random LlamaForCausalLM of ``shape`` in ``dtype`` on ``device``, in train mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
     return model.train()
 
 
@@ -328,7 +334,7 @@ def table(rows_: list[dict]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
-        cells = [r[k] for k in keys + ("checkpoint_inner",)]
+        cells = [r[k] for k in (*keys, "checkpoint_inner")]
         if r.get("compile_ops"):
             cells[0] += " (compiled ops)"
         if "error" in r:

@@ -38,7 +38,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meta_step import DTYPES, SHAPES, inner_names, random_batch, slice_batch  # noqa: E402
+from meta_step import (  # noqa: E402
+    DTYPES,
+    SHAPES,
+    inner_names,
+    llama_config,
+    random_batch,
+    slice_batch,
+)
 
 from raymeta.meta import fastweights  # noqa: E402
 from raymeta.meta.engines import select_engine  # noqa: E402
@@ -96,18 +103,12 @@ class Census(TorchDispatchMode):
 
 def build_fake_model(shape: str, dtype):
     """The bench's random Llama of ``shape`` on fake tensors (no memory, no init cost)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        **{"tie_word_embeddings": True, **SHAPES[shape]},
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        attn_implementation="sdpa",
-    )
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(dtype)  # fake tensors cannot be cast with .to() afterwards
     try:
-        return LlamaForCausalLM(cfg).train()
+        return LlamaForCausalLM(llama_config(shape)).train()
     finally:
         torch.set_default_dtype(default)
 

@@ -18,25 +18,31 @@ def tiny_llama(
     seed=0,
     attn="sdpa",
     kv_heads=None,
+    kind="llama",
+    **overrides,
 ):
     """A random Llama in ``dtype``. SDPA (run under its math kernel by the meta step)
     keeps float64 throughout; HF eager attention takes its softmax in float32. ``kv_heads``
-    below ``heads``: grouped-query attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    below ``heads``: grouped-query attention. ``kind``: another Llama-style family
+    ("mistral", "qwen3", ...), ``overrides``: more of its config fields."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = AutoConfig.for_model(
+        kind,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
+        head_dim=hidden // heads,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
         attn_implementation=attn,
+        **overrides,
     )
-    model = keep_float64(LlamaForCausalLM(cfg).to(dtype))
+    model = keep_float64(AutoModelForCausalLM.from_config(cfg).to(dtype))
     # random norms so that the norm-scale gradients are not degenerate
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -64,11 +64,6 @@ FUSED_OPS = True
 torch's own ops, for comparisons)."""
 
 
-def engine_mlps(module):
-    """``fused.fused_mlps(module)`` when ``FUSED_OPS``, else nothing."""
-    return fused.fused_mlps(module) if FUSED_OPS else contextlib.nullcontext()
-
-
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """``attention.modeling_modules`` per module (asked on every pass, and per block in "vjp" mode)."""
 
@@ -120,6 +115,15 @@ def attention_for(model):
     finally:
         for c, old in configs.values():
             c._attn_implementation_internal = old
+
+
+@contextlib.contextmanager
+def engine_ops(model):
+    """While active, ``model`` runs the engine's ops: ``attention_for`` and, when ``FUSED_OPS``,
+    ``fused.fused_mlps``."""
+    mlps = fused.fused_mlps(model) if FUSED_OPS else contextlib.nullcontext()
+    with attention_for(model), mlps:
+        yield
 
 
 class Ineligible(ValueError):
@@ -533,8 +537,7 @@ class Replay:
         stack = contextlib.ExitStack()
         stack.enter_context(Hooks(*self.args, inner=True))
         stack.enter_context(double_backward_attention())
-        stack.enter_context(attention_for(self.model))
-        stack.enter_context(engine_mlps(self.model))
+        stack.enter_context(engine_ops(self.model))
         self.stack.append(stack)
         return self
 
@@ -605,12 +608,7 @@ class Block:
         else:
             kwargs["hidden_states"] = x
         hooks = Hooks(self.uses, self.rebuild(flat), *self.shape, inner=True, record=record)
-        with (
-            hooks,
-            double_backward_attention(),
-            attention_for(self.module),
-            engine_mlps(self.module),
-        ):
+        with hooks, double_backward_attention(), engine_ops(self.module):
             y = self.orig(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise RuntimeError(
@@ -799,7 +797,7 @@ def inner_step_blocks(model, uses, terms, contexts: Tokens, labels, tasks, lr, s
     snapshot = {k: list(v) for k, v in terms.items()}
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
     calls = BlockCalls(model, hooks)
-    with hooks, calls, attention_for(model), engine_mlps(model):
+    with hooks, calls, engine_ops(model):
         logits = call(model, contexts)
     pre, post = hooks.records[: calls.first], hooks.records[calls.first :]
     seed, loss = next_token_seed(logits, labels, -lr)
@@ -849,7 +847,7 @@ def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: 
     replay = functools.partial(Replay, model, uses, snapshot, tasks, rows, length)
     hooks = Hooks(uses, snapshot, tasks, rows, length, inner=True, record=True)
     ckpt = checkpointed_blocks(model, checkpoint, replay)
-    with hooks, ckpt, attention_for(model), engine_mlps(model):
+    with hooks, ckpt, engine_ops(model):
         logits = call(model, contexts)
     return logits, hooks.records
 
@@ -904,6 +902,6 @@ def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
     b, m, t = queries.input_ids.shape
     if b != state.tasks:
         raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
-    with Hooks(state.uses, state.terms, b, b * m, t), attention_for(model), engine_mlps(model):
+    with Hooks(state.uses, state.terms, b, b * m, t), engine_ops(model):
         out = call(model, queries.flat())
     return out.view(b, m, t, -1)

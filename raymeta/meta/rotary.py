@@ -17,6 +17,7 @@ grad, as Hugging Face's rotary embeddings never do; otherwise the original runs)
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -29,16 +30,15 @@ FUNCTION = "apply_rotary_pos_emb"
 
 @compilable
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool):
-    """``x c + rot(x) s`` (or, transposed, ``x c + rotᵀ(x s)``) for x ``[..., D]``."""
+    """``x c + rot(x) s`` (or, transposed, ``x c + rotᵀ(x s)``) for x ``[..., D]``.
+
+    rot(x) s = cat(-x₂ s₁, x₁ s₂); rotᵀ(x s) = cat(x₂ s₂, -x₁ s₁)."""
     h = x.shape[-1] // 2
+    s1, s2 = sin[..., :h], sin[..., h:]
+    sign = 1 if transpose else -1
     out = x * cos
-    x1, x2 = x[..., :h], x[..., h:]
-    if transpose:  # rotᵀ(x s) = cat(x₂ s₂, -x₁ s₁)
-        out[..., :h].addcmul_(x2, sin[..., h:])
-        out[..., h:].addcmul_(x1, sin[..., :h], value=-1)
-    else:  # rot(x) s = cat(-x₂ s₁, x₁ s₂)
-        out[..., :h].addcmul_(x2, sin[..., :h], value=-1)
-        out[..., h:].addcmul_(x1, sin[..., h:])
+    out[..., :h].addcmul_(x[..., h:], s2 if transpose else s1, value=sign)
+    out[..., h:].addcmul_(x[..., :h], s1 if transpose else s2, value=-sign)
     return out
 
 
@@ -80,11 +80,7 @@ def patched_rotary(module_names):
         if original is None:
             continue
         saved.append((mod, original))
-
-        def fused(q, k, cos, sin, unsqueeze_dim=1, _original=original):
-            return apply_rotary(q, k, cos, sin, unsqueeze_dim, _original)
-
-        setattr(mod, FUNCTION, fused)
+        setattr(mod, FUNCTION, functools.partial(apply_rotary, original=original))
     try:
         yield
     finally:

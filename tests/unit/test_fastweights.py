@@ -23,7 +23,7 @@ from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
 from raymeta.meta.objectives import lc_loss, lg_loss
-from raymeta.models import keep_float64, resolve_inner_params
+from raymeta.models import resolve_inner_params
 from tests.helpers import random_contexts, random_queries, tiny_llama
 
 VOCAB = 48
@@ -87,40 +87,20 @@ def all_names(model):
     return tuple(n for n, _ in model.named_parameters())
 
 
-def tiny_family(kind, **overrides):
-    """A random float64 model of another Llama-style family (grouped-query attention)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        kind,
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=4,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-        **overrides,
+def mistral(sliding_window):
+    return tiny_llama(
+        kind="mistral", vocab=VOCAB, heads=4, kv_heads=2, sliding_window=sliding_window
     )
-    model = keep_float64(AutoModelForCausalLM.from_config(cfg).to(torch.float64))
-    with torch.no_grad():  # random norms so that the norm-scale gradients are not degenerate
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def mistral_window():
     """Mistral with a 4-token sliding window (the contexts are longer, so it bites)."""
-    return tiny_family("mistral", sliding_window=4)
+    return mistral(sliding_window=4)
 
 
 def qwen3():
     """Qwen3: RMSNorms over each head's queries and keys ([rows, T, H, d] inputs)."""
-    return tiny_family("qwen3", tie_word_embeddings=True)
+    return tiny_llama(kind="qwen3", vocab=VOCAB, heads=4, kv_heads=2, tie=True)
 
 
 MODELS = {
@@ -562,7 +542,7 @@ def test_sliding_window_and_head_norms_are_exercised():
     ctx, _ = batch(2)
     ids = ctx.flat().input_ids
     assert ids.shape[-1] > 4
-    windowed, full = mistral_window(), tiny_family("mistral", sliding_window=None)
+    windowed, full = mistral_window(), mistral(sliding_window=None)
     full.load_state_dict(windowed.state_dict())
     with torch.no_grad():
         assert not torch.allclose(windowed(input_ids=ids).logits, full(input_ids=ids).logits)
