@@ -281,7 +281,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+            hint = ""
+            if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+                hint = " (YAML reads an unquoted yes/no/on/off as true/false: write one of these)"
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []

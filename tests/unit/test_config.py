@@ -44,6 +44,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("train.zero_stage=7", ["train.zero_stage", "7"]),
         ("meta.second_order=maybe", ["meta.second_order", "maybe"]),
         ("meta.checkpoint_inner=always", ["meta.checkpoint_inner", "always"]),
+        ("meta.checkpoint_inner=off", ["meta.checkpoint_inner", "False", "'none'", "YAML reads"]),
         (
             "meta.checkpoint_inner=vjp meta.engine=reference",
             ["meta.checkpoint_inner", "'vjp'", "fastweights engine"],
