@@ -8,8 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raymeta.errors import InputError
 
-class TripleFileError(ValueError):
+
+class TripleFileError(InputError):
     """A triple file is malformed; the message names the file, the line and the problem."""
 
 
