@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from raymeta.data.triples import Triple, TripleFileError, content_hash, read_triples, write_triples
+from raymeta.errors import InputError
 
 CACHE_VERSION = 1
 SQUAD_MAX_ANSWER_WORDS = 10
@@ -112,7 +113,7 @@ WIKITEXT_RULE = (
 )
 
 
-class HFSetError(ValueError):
+class HFSetError(InputError):
     """A SQuAD/WikiText source is malformed; the message names the file and the problem."""
 
 
