@@ -7,7 +7,10 @@ error names the field, the bad value and, where it came from a file, the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +21,18 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override is malformed; the message names field and value."""
+    """A config file or override is malformed; the message names field and value.
+
+    ``field``: the dotted path of the field it is about (None: the file or an override as a
+    whole), so that an error can be blamed on the override that set the field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+MIX_KINDS = ("context", "prompt", "nc", "prompt2", "fresh", "copy")
+"""The text kinds of the tiny model's pretraining mix (``pretrain.mix`` keys; see pretrain.py)."""
 
 
 # --------------------------------------------------------------------------- tree
@@ -166,7 +180,7 @@ class MetaConfig:
     meta_batch_size: int = 16
     """Tasks per outer step (summed over workers)."""
     steps: int = 400
-    """Outer steps (capped at ``epochs`` passes over the tasks)."""
+    """Outer steps, capped at ``epochs`` passes over the tasks (0 = all ``epochs`` passes)."""
     epochs: int = 3
     """Passes over the training tasks (the paper: one)."""
     lm_weight: float = 0.5
@@ -271,9 +285,43 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclass(frozen=True)
+class Override:
+    """A command-line value: its text and what YAML reads it as. A string field takes the text
+    (``name=2024`` is the name "2024"), every other field what YAML read."""
+
+    text: str
+    value: Any
+
+    def as_text(self) -> str:
+        t = self.text.strip()
+        if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+            return t[1:-1]
+        return t
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+"""A decimal number as written in a config (YAML 1.1 reads ``1e-3``, without a dot, as a string)."""
+
+
+def _number(value: Any, tp: type) -> Any:
+    """A string written as a number of type ``tp`` (int: no dot or exponent), else ``value``."""
+    if not isinstance(value, str) or not NUMBER.fullmatch(value.strip()):
+        return value
+    text = value.strip()
+    if tp is int:
+        return int(text) if text.lstrip("+-").isdigit() else value
+    return float(text)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = get_origin(tp)
+    if isinstance(value, Override):
+        wants_text = tp is str or (
+            origin is Literal and all(isinstance(c, str) for c in get_args(tp))
+        )
+        value = value.as_text() if wants_text and not isinstance(value.value, bool) else value.value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -307,10 +355,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         kt, vt = get_args(tp)
         return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        value = _number(value, float)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
+        value = _number(value, int)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
@@ -319,8 +369,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML's `name: 2024`
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r} (quote it)")
         return value
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
@@ -331,11 +383,15 @@ def _build(cls: type, values: dict, where: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         path = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})", path)
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], path)
+        try:
+            kwargs[name] = _coerce(value, hints[name], path)
+        except ConfigError as e:
+            e.field = e.field or path
+            raise
     return cls(**kwargs)
 
 
@@ -350,85 +406,161 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
-    # YAML reads 1e-3 as a string; accept numbers written that way.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
-    return key.split("."), value
+    return key.split("."), Override(raw, value)
 
 
-def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+def _set_path(tree: dict, keys: list[str], value: Any, text: str) -> None:
     node = tree
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         child = node.setdefault(k, {})
+        if isinstance(child, Override) and isinstance(child.value, dict):
+            child = node[k] = dict(child.value)  # a section set whole by an earlier override
         if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+            shown = child.value if isinstance(child, Override) else child
+            where = ".".join(keys[: i + 1])
+            raise ConfigError(
+                f"override {text!r}: {where} is {shown!r} (set earlier by the config file or an "
+                "override), not a section"
+            )
         node = child
     node[keys[-1]] = value
 
 
-def _numbers_in_strings(tree: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string: turn such strings into floats."""
-    if isinstance(tree, dict):
-        return {k: _numbers_in_strings(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_numbers_in_strings(v) for v in tree]
-    if isinstance(tree, str):
-        try:
-            if any(c in tree for c in "eE") and tree.strip()[0] in "0123456789.-+":
-                return float(tree)
-        except ValueError:
-            return tree
-    return tree
+POSITIVE = ">= 1"
+NONNEGATIVE = ">= 0"
+
+RANGES = {
+    "threads": NONNEGATIVE,
+    "data.n_train": NONNEGATIVE,
+    "data.n_test": NONNEGATIVE,
+    "data.max_context_chars": POSITIVE,
+    "model.tiny.hidden_size": POSITIVE,
+    "model.tiny.num_layers": POSITIVE,
+    "model.tiny.num_heads": POSITIVE,
+    "model.tiny.intermediate_size": POSITIVE,
+    "model.tiny.max_positions": POSITIVE,
+    "model.lora.rank": POSITIVE,
+    "pretrain.steps": NONNEGATIVE,
+    "pretrain.batch_size": POSITIVE,
+    "pretrain.eval_every": POSITIVE,
+    "prepare.steps": NONNEGATIVE,
+    "prepare.batch_size": POSITIVE,
+    "prepare.n_examples": POSITIVE,
+    "meta.inner_steps": POSITIVE,
+    "meta.contexts_per_update": POSITIVE,
+    "meta.meta_batch_size": POSITIVE,
+    "meta.steps": NONNEGATIVE,
+    "meta.epochs": POSITIVE,
+    "meta.lm_batch_size": POSITIVE,
+    "meta.max_answer_tokens": POSITIVE,
+    "meta.log_every": POSITIVE,
+    "eval.n_examples": NONNEGATIVE,
+    "eval.max_new_tokens": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "train.num_workers": POSITIVE,
+    "train.report_every": POSITIVE,
+    "train.eval_every": NONNEGATIVE,
+    "train.checkpoint_every": NONNEGATIVE,
+    "train.max_failures": NONNEGATIVE,
+    "train.object_store_mb": NONNEGATIVE,
+}
+"""Integer fields and the range each must lie in."""
+
+POSITIVE_NUMBERS = (
+    "model.lora.alpha",
+    "pretrain.lr",
+    "prepare.lr",
+    "meta.inner_lr",
+    "meta.outer_lr",
+    "train.cpus_per_worker",
+)
+"""Float fields that must be > 0 (and finite)."""
+
+NONNEGATIVE_NUMBERS = ("meta.clip_norm", "meta.lm_weight", "eval.inner_lr")
+"""Float fields that must be >= 0 (and finite)."""
+
+
+def _fail(path: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{path}: invalid value {value!r} (expected {expected})", path)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every field of RANGES, POSITIVE_NUMBERS and NONNEGATIVE_NUMBERS in its range."""
+    for path, rule in RANGES.items():
+        value = get_field(cfg, path)
+        if value < (1 if rule == POSITIVE else 0):
+            _fail(path, value, rule)
+    for paths, expected in ((POSITIVE_NUMBERS, "> 0"), (NONNEGATIVE_NUMBERS, ">= 0")):
+        for path in paths:
+            value = get_field(cfg, path)
+            low_ok = value > 0 if expected == "> 0" else value >= 0
+            if not (low_ok and math.isfinite(value)):
+                _fail(path, value, f"a finite number {expected}")
+    target = cfg.pretrain.target_prompt_accuracy
+    if not 0 <= target <= 1:
+        _fail("pretrain.target_prompt_accuracy", target, "a fraction in [0, 1]")
+
+
+def _check_lists(cfg: RunConfig) -> None:
+    """Non-empty lists without repeats; known pretraining text kinds with usable weights."""
+    for path in (
+        "meta.objectives",
+        "eval.settings",
+        "meta.inner_params",
+        "model.lora.target_modules",
+    ):
+        items = get_field(cfg, path)
+        if not items:
+            _fail(path, items, "at least one entry")
+        repeated = sorted({x for x in items if items.count(x) > 1})
+        if repeated:
+            _fail(path, items, f"no repeated entries; repeated: {', '.join(repeated)}")
+    mix = cfg.pretrain.mix
+    unknown = sorted(set(mix) - set(MIX_KINDS))
+    if unknown:
+        _fail(f"pretrain.mix.{unknown[0]}", mix[unknown[0]], f"a key of {list(MIX_KINDS)}")
+    for kind, weight in mix.items():
+        if not (weight >= 0 and math.isfinite(weight)):
+            _fail(f"pretrain.mix.{kind}", weight, "a finite weight >= 0")
+    if not any(w > 0 for w in mix.values()):
+        _fail("pretrain.mix", mix, "at least one weight > 0")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Range checks across fields; raises ConfigError naming the field and value."""
-    checks = [
-        ("data.n_train", cfg.data.n_train >= 0),
-        ("data.n_test", cfg.data.n_test >= 0),
-        ("meta.inner_lr", cfg.meta.inner_lr > 0),
-        ("meta.inner_steps", cfg.meta.inner_steps >= 1),
-        ("meta.contexts_per_update", cfg.meta.contexts_per_update >= 1),
-        ("meta.outer_lr", cfg.meta.outer_lr > 0),
-        ("meta.clip_norm", cfg.meta.clip_norm >= 0),
-        ("meta.meta_batch_size", cfg.meta.meta_batch_size >= 1),
-        ("meta.steps", cfg.meta.steps >= 0),
-        ("meta.epochs", cfg.meta.epochs >= 1),
-        ("meta.lm_weight", cfg.meta.lm_weight >= 0),
-        ("meta.max_answer_tokens", cfg.meta.max_answer_tokens >= 1),
-        ("eval.inner_lr", cfg.eval.inner_lr >= 0),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens >= 1),
-        ("pretrain.steps", cfg.pretrain.steps >= 0),
-        ("prepare.steps", cfg.prepare.steps >= 0),
-        ("train.num_workers", cfg.train.num_workers >= 1),
-        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2, 3)),
-        ("train.report_every", cfg.train.report_every >= 1),
-        ("model.tiny.hidden_size", cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads == 0),
-    ]
-    for path, ok in checks:
-        if not ok:
-            raise ConfigError(f"{path}: invalid value {get_field(cfg, path)!r}")
+    _check_ranges(cfg)
+    _check_lists(cfg)
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        _fail("train.zero_stage", cfg.train.zero_stage, "0, 1, 2 or 3")
+    tiny = cfg.model.tiny
+    if tiny.hidden_size % tiny.num_heads:
+        _fail(
+            "model.tiny.hidden_size",
+            tiny.hidden_size,
+            f"a multiple of model.tiny.num_heads={tiny.num_heads}",
+        )
     if cfg.meta.checkpoint_inner != "none" and cfg.meta.engine == "reference":
         raise ConfigError(
             f"meta.checkpoint_inner: {cfg.meta.checkpoint_inner!r} needs the fastweights engine "
-            "(meta.engine=auto or fastweights); the reference engine has no inner checkpointing"
+            "(meta.engine=auto or fastweights); the reference engine has no inner checkpointing",
+            "meta.checkpoint_inner",
         )
     if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0 and not cfg.meta.lm_file:
-        raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'")
-    if cfg.data.dataset in ("squad", "wikitext", "jsonl") and cfg.model.name_or_path == "tiny":
-        pass  # the tiny model trains its tokenizer on whatever texts it is given
+        raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'", "meta.lm_file")
     if cfg.data.dataset == "jsonl" and not cfg.data.source:
-        raise ConfigError("data.source: required for dataset 'jsonl' (TRAIN.jsonl[,TEST.jsonl])")
-    bad = [o for o in cfg.meta.objectives if o not in ("LG", "LC")]
-    if bad or not cfg.meta.objectives:
-        raise ConfigError(f"meta.objectives: invalid value {cfg.meta.objectives!r}")
+        raise ConfigError(
+            "data.source: required for dataset 'jsonl' (TRAIN.jsonl[,TEST.jsonl])", "data.source"
+        )
+    generated = cfg.data.dataset in ("character_descriptions", "reversal_curse")
+    if generated and cfg.data.n_train < 1:
+        _fail("data.n_train", cfg.data.n_train, ">= 1 for a generated set (how many to generate)")
+    if generated and cfg.data.n_test < 1:
+        _fail("data.n_test", cfg.data.n_test, ">= 1 for a generated set (how many to generate)")
     if cfg.meta.meta_batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"meta.meta_batch_size: {cfg.meta.meta_batch_size} is not divisible by "
-            f"train.num_workers={cfg.train.num_workers}"
+            f"train.num_workers={cfg.train.num_workers}",
+            "meta.meta_batch_size",
         )
     return cfg
 
@@ -458,16 +590,35 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _blame(field: str | None, overridden: dict[str, str]) -> str | None:
+    """The last override that set ``field`` or a section above it (None: none did)."""
+    if field is None:
+        return None
+    hits = [
+        (i, text)
+        for i, (key, text) in enumerate(overridden.items())
+        if field == key or field.startswith(key + ".") or key.startswith(field + ".")
+    ]
+    return max(hits)[1] if hits else None
+
+
 def from_dict(values: dict, overrides: list[str] | None = None, source: str = "") -> RunConfig:
-    """Build and validate a RunConfig from nested dicts plus dotted overrides."""
-    tree = _numbers_in_strings(values or {})
+    """Build and validate a RunConfig from nested dicts plus dotted overrides.
+
+    An error is prefixed with the override that set its field, else with ``source``."""
+    tree = copy.deepcopy(values or {})
+    overridden: dict[str, str] = {}
     for text in overrides or []:
         keys, value = _parse_override(text)
-        _set_path(tree, keys, value)
+        _set_path(tree, keys, value, text)
+        overridden.pop(".".join(keys), None)
+        overridden[".".join(keys)] = text
     try:
         return validate(_build(RunConfig, tree))
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+        blamed = _blame(e.field, overridden)
+        prefix = f"override {blamed!r}" if blamed else source
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e), e.field) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -50,9 +50,34 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
             ["meta.checkpoint_inner", "'vjp'", "fastweights engine"],
         ),
         ("noequals", ["noequals"]),
+        ("eval.batch_size=0", ["eval.batch_size", "0", ">= 1"]),
+        ("pretrain.batch_size=0", ["pretrain.batch_size", ">= 1"]),
+        ("prepare.batch_size=0", ["prepare.batch_size", ">= 1"]),
+        ("pretrain.lr=-1", ["pretrain.lr", "-1.0", "> 0"]),
+        ("prepare.lr=-5", ["prepare.lr", "> 0"]),
+        ("meta.outer_lr=.inf", ["meta.outer_lr", "inf", "finite"]),
+        ("meta.lm_batch_size=0", ["meta.lm_batch_size", ">= 1"]),
+        ("meta.log_every=0", ["meta.log_every", ">= 1"]),
+        ("model.tiny.num_heads=0", ["model.tiny.num_heads", ">= 1"]),
+        ("model.tiny.hidden_size=0", ["model.tiny.hidden_size", ">= 1"]),
+        ("model.tiny.hidden_size=30", ["model.tiny.hidden_size", "multiple", "num_heads=4"]),
+        ("prepare.n_examples=-1", ["prepare.n_examples", ">= 1"]),
+        ("pretrain.mix.context=-1", ["pretrain.mix.context", "-1.0", ">= 0"]),
+        ("pretrain.mix.bogus=1", ["pretrain.mix.bogus", "'context'"]),
+        ("pretrain.target_prompt_accuracy=97", ["pretrain.target_prompt_accuracy", "[0, 1]"]),
+        ("eval.settings=[]", ["eval.settings", "at least one"]),
+        ("eval.n_examples=-1", ["eval.n_examples", "-1", ">= 0"]),
+        ("train.eval_every=-1", ["train.eval_every", ">= 0"]),
+        ("train.checkpoint_every=-3", ["train.checkpoint_every", ">= 0"]),
+        ("meta.objectives=[LG,LG]", ["meta.objectives", "repeated: LG"]),
+        ("data.n_train=0", ["data.n_train", "generated set"]),
+        ("data.n_test=0", ["data.n_test", "generated set"]),
+        ("meta.steps=abc", ["override 'meta.steps=abc'", "meta.steps", "'abc'"]),
+        ("meta=3 meta.steps=1", ["override 'meta.steps=1'", "meta is 3", "not a section"]),
     ],
 )
 def test_bad_values_name_field_and_value(override, words):
+    """Each bad value stops at load time, naming the field, the value and what was expected."""
     with pytest.raises(ConfigError) as e:
         load_config(None, override.split())
     for w in words:
@@ -97,3 +122,48 @@ def test_checkpoint_inner_reaches_the_inner_spec(mode, spec_value):
     spec = inner_spec(tiny_llama(vocab=16), cfg.meta)
     assert spec.checkpoint_inner == spec_value
     assert checkpoint_mode(spec.checkpoint_inner) == (None if mode == "none" else mode)
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("meta:\n  steps: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["meta.steps=abc"])
+    assert str(e.value).startswith("override 'meta.steps=abc': meta.steps:")
+    assert str(p) not in str(e.value)
+    p.write_text("meta:\n  steps: abc\n")
+    with pytest.raises(ConfigError) as e:  # the file's own error still names the file
+        load_config(p, ["meta.inner_lr=0.1"])
+    assert str(e.value).startswith(f"{p}: meta.steps:")
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("name=2024", "name", "2024"),
+        ("name='2024'", "name", "2024"),
+        ("tracking.experiment=0.10", "tracking.experiment", "0.10"),
+        ("experiment=1e3", "experiment", "1e3"),
+        ("meta.inner_lr=1e-3", "meta.inner_lr", 1e-3),
+        ("meta.steps=12", "meta.steps", 12),
+        ("pretrain.mix={context: 1e-1, copy: 2}", "pretrain.mix", {"context": 0.1, "copy": 2.0}),
+    ],
+)
+def test_overrides_take_the_type_of_their_field(override, field, value):
+    from raymeta.config import get_field
+
+    got = get_field(load_config(None, [override]), field)
+    assert got == value and type(got) is type(value)
+
+
+def test_yaml_strings_that_look_like_numbers_stay_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text('name: "1e5"\nexperiment: 2024\nmeta:\n  inner_lr: 1e-2\n  steps: "7"\n')
+    cfg = load_config(p)
+    assert cfg.name == "1e5" and cfg.experiment == "2024"
+    assert cfg.meta.inner_lr == 0.01 and cfg.meta.steps == 7
+
+
+def test_a_section_set_whole_then_one_field():
+    cfg = load_config(None, ["pretrain.mix={context: 1}", "pretrain.mix.copy=3"])
+    assert cfg.pretrain.mix == {"context": 1.0, "copy": 3.0}
