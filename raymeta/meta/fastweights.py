@@ -7,7 +7,7 @@ corrections (see ``fastweights_terms``) to every module that holds an inner
 parameter; D comes from ``torch.autograd.grad`` of the inner loss w.r.t. the
 modules' outputs (with ``create_graph`` for the second order), so the inner step
 never writes parameter ``.grad`` and the outer backward is the only backward
-into the parameters. Design notes: ``FASTWEIGHTS.md``.
+into the parameters. Design notes: ``docs/fastweights.md``.
 
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
