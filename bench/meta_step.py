@@ -6,7 +6,7 @@ query length × meta-batch → ms per task, tasks/s, peak memory, estimated
 TFLOP/s, % of bf16 peak, speedup of fastweights over reference).
 
     python bench/meta_step.py --device cpu --shape tiny --meta-batch 8 --ctx 64 --query 16
-    python bench/meta_step.py --device cuda --shape llama-1b --dtype bfloat16 \
+    python bench/meta_step.py --device cuda --shape llama-1b --dtype bfloat16 \\
         --meta-batch 16,64 --ctx 192 --query 32 --json out.json
 
 FLOPs per task (FASTWEIGHTS.md): 12·N·Tc + 6·N·Tq with N the parameter count.

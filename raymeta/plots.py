@@ -5,14 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
-    """Write a PNG: left, accuracy of each model (BM, LG, LC) per setting, with the leak of
-    the control settings hatched; right, outer loss against step for each objective."""
+def model_colours(results: dict, histories: dict) -> dict[str, str]:
+    """One colour-cycle entry per model (BM, LG, LC, ...), the same in both panels."""
+    names = list(dict.fromkeys([*results, *histories]))
+    return {name: f"C{i}" for i, name in enumerate(names)}
+
+
+def draw_results(results: dict, histories: dict):
+    """The results figure: left, accuracy of each model (BM, LG, LC) per setting, with the
+    leak of the control settings hatched; right, outer loss against step for each objective.
+    Each model keeps its colour in both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = model_colours(results, histories)
     models = list(results)
     settings = [s for s in next(iter(results.values()))] if results else []
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -21,8 +29,8 @@ def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
         xs = [k + i * width for k in range(len(settings))]
         acc = [results[name][s]["accuracy"] for s in settings]
         leak = [results[name][s].get("leak", 0.0) for s in settings]
-        bars = ax.bar(xs, acc, width, label=name)
-        ax.bar(xs, leak, width, bottom=0, fill=False, hatch="//", edgecolor=bars[0].get_facecolor())
+        ax.bar(xs, acc, width, label=name, color=colours[name])
+        ax.bar(xs, leak, width, bottom=0, fill=False, hatch="//", edgecolor=colours[name])
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(settings))], settings)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (hatched: leak)")
@@ -31,7 +39,8 @@ def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
     for objective, hist in histories.items():
         steps = [h["step"] for h in hist if "outer_loss" in h]
         if steps:
-            bx.plot(steps, [h["outer_loss"] for h in hist if "outer_loss" in h], label=objective)
+            losses = [h["outer_loss"] for h in hist if "outer_loss" in h]
+            bx.plot(steps, losses, label=objective, color=colours[objective])
     bx.set_xlabel("outer step")
     bx.set_ylabel("outer loss")
     bx.set_yscale("log")
@@ -39,6 +48,14 @@ def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
         bx.legend()
     bx.set_title("meta-training")
     fig.tight_layout()
+    return fig
+
+
+def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
+    """Write :func:`draw_results`'s figure as a PNG at ``path``."""
+    fig = draw_results(results, histories)
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
