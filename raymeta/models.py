@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from raymeta.errors import InputError
+
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -104,6 +106,32 @@ def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> 
     return path
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is meant as a local path rather than a hub name: absolute, starting
+    with ``./``, ``../`` or ``~``, or existing here."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Raise InputError when ``model.name_or_path`` names a local path that holds no saved model
+    (no directory, or no ``config.json`` in it); hub names and ``tiny`` pass unchecked."""
+    if name_or_path == "tiny" or not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        problem = "does not exist"
+    elif not path.is_dir():
+        problem = "is a file, not a model directory"
+    elif not (path / "config.json").is_file():
+        problem = "is a directory without config.json (no model saved there)"
+    else:
+        return
+    raise InputError(
+        f"model.name_or_path: {name_or_path} {problem}; give a directory written by "
+        "save_pretrained, a hub name, or tiny"
+    )
+
+
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -118,13 +146,14 @@ def load_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: {dtype!r} is not one of {list(DTYPES)}")
+    check_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
         )
     except OSError as e:
-        raise OSError(
+        raise InputError(
             f"model.name_or_path: cannot load {name_or_path!r} ({e}). Offline machines need a "
             "local directory written by save_pretrained, or model.name_or_path=tiny."
         ) from None
@@ -140,7 +169,9 @@ def load_model(
 
 
 def apply_lora(model, lora_cfg):
-    """Wrap ``model`` with a peft LoRA adapter (``lora_cfg``: a LoraConfig); base frozen."""
+    """Wrap ``model`` with a peft LoRA adapter (``lora_cfg``: a LoraConfig); base frozen.
+
+    Raises InputError when peft refuses the adapter (e.g. a target module the model lacks)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -151,7 +182,13 @@ def apply_lora(model, lora_cfg):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # peft's errors about the targets (NoMatchingPeftModuleError, ...)
+        raise InputError(
+            f"model.lora.target_modules={list(lora_cfg.target_modules)}: peft cannot apply "
+            f"LoRA to this model: {e}"
+        ) from None
 
 
 def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = None) -> list[str]:
@@ -170,7 +207,7 @@ def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = Non
     else:
         names = [n for n in pool if any(p in n for p in patterns)]
     if not names:
-        raise ValueError(f"meta.inner_params: {patterns!r} matches no parameter of the model")
+        raise InputError(f"meta.inner_params: {patterns!r} matches no parameter of the model")
     return names
 
 

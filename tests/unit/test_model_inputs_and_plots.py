@@ -1,0 +1,77 @@
+"""Bad model inputs are InputErrors naming the field; the results figure's colours; the
+benchmark's help text."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.colors import to_hex
+
+from raymeta.config import LoraConfig
+from raymeta.errors import InputError
+from raymeta.models import apply_lora, check_model_path, load_model, resolve_inner_params
+from raymeta.plots import draw_results
+from tests.helpers import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_local_model_path_without_a_model_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for path, problem in [
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "is a directory without config.json"),
+        (tmp_path / "file", "is a file"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(f"model.name_or_path: {path} {problem}")):
+            load_model(str(path))
+
+
+def test_relative_paths_count_as_local_and_hub_names_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ("./nothing", "../nothing", "models"):
+        with pytest.raises(InputError, match="model.name_or_path"):
+            check_model_path(path)
+    for name in ("tiny", "org/some-model", "gpt2"):
+        check_model_path(name)  # a hub name is left to from_pretrained
+
+
+def test_unknown_lora_target_and_inner_params_are_input_errors():
+    model = tiny_llama()
+    with pytest.raises(InputError, match=r"model\.lora\.target_modules=\['nosuch'\]"):
+        apply_lora(model, LoraConfig(enabled=True, target_modules=["nosuch"]))
+    with pytest.raises(InputError, match="meta.inner_params"):
+        resolve_inner_params(model, ["nosuch"])
+
+
+def test_each_model_has_one_colour_in_both_panels():
+    metrics = {"NC": {"accuracy": 0.5, "nll": 1.0}, "FT2": {"accuracy": 0.2, "leak": 0.1}}
+    results = {"BM": metrics, "LG": metrics, "LC": metrics}
+    history = [{"step": 1, "outer_loss": 2.0}, {"step": 2, "outer_loss": 1.0}]
+    fig = draw_results(results, {"LG": history, "LC": history})
+    ax, bx = fig.axes
+    bars = {c.get_label(): c.patches[0].get_facecolor() for c in ax.containers}
+    bars = {name: to_hex(colour) for name, colour in bars.items() if not name.startswith("_")}
+    lines = {line.get_label(): to_hex(line.get_color()) for line in bx.get_lines()}
+    hatched = {to_hex(p.get_edgecolor()) for p in ax.patches if not p.get_fill()}
+    assert set(bars) == {"BM", "LG", "LC"} and len(set(bars.values())) == 3
+    assert lines == {"LG": bars["LG"], "LC": bars["LC"]}
+    assert hatched == set(bars.values())
+
+
+def test_meta_step_help_shows_the_continued_command():
+    proc = subprocess.run(
+        [sys.executable, "bench/meta_step.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--dtype bfloat16 \\\n        --meta-batch 16,64" in proc.stdout
