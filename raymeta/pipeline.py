@@ -109,16 +109,17 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keep_previous(out)
-    dump_config(cfg, out / "config.yaml")
     setup_torch(cfg)
     device = torch.device(cfg.device)
     print(f"[data] {cfg.data.dataset}", flush=True)
     train, test = load_task_set(cfg.data)
-    save_task_set(out / "data", cfg.data, train, test)
     print(f"[data] {len(train)} train / {len(test)} test triples", flush=True)
     model, tok, path = load_base_model(cfg, train, test, device)
     print(f"[model] {path}", flush=True)
+    # only once data and model have loaded: a re-run with bad inputs leaves the results in place
+    keep_previous(out)
+    dump_config(cfg, out / "config.yaml")
+    save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
     results, histories = {}, {}
