@@ -12,17 +12,23 @@ to ``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``, else to a sqlite store
 the output directory. With no --config the embedded defaults run (tiny model,
 generated character descriptions). Overrides are dotted config keys, e.g.
 ``meta.inner_lr=0.3``. See docs/cluster.md.
+
+Exit status: 0 done; 2 bad config or input (one ``config error:`` / ``error:`` line);
+3 tracking store unusable; 143 stopped by SIGTERM (``ray job stop``, a scheduler; the
+MLflow run ends KILLED, as it does on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymeta.config import ConfigError, load_config  # noqa: E402
+from raymeta.errors import InputError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,8 +46,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143), so the job's cleanup ends its MLflow run (KILLED)
+    before the process exits; further SIGTERMs during that cleanup are ignored."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     from raymeta.train.tracking import TrackingError
 
     try:
@@ -53,6 +71,9 @@ def main(argv=None) -> int:
         run_job(cfg, args.output_dir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrackingError as e:
         print(f"tracking error: {e}", file=sys.stderr)

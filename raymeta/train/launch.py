@@ -14,13 +14,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymeta.config import ConfigError, RunConfig, to_dict
+from raymeta.errors import InputError
 from raymeta.train.checkpoint import MODEL_DIR, read_state
 from raymeta.train.engine import check_zero_stage
 
@@ -46,12 +50,50 @@ def check_launchable(cfg: RunConfig) -> None:
         raise ConfigError("train.precision=bf16 expects model.dtype=float32 master weights")
 
 
+def check_output_dir(out: Path) -> None:
+    """Raise InputError when ``out`` (``--output-dir``) or the nearest existing folder above it
+    is not a directory."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InputError(f"--output-dir {out}: {path} is a file, not a directory")
+            return
+
+
+def check_inputs(cfg: RunConfig, out: Path) -> None:
+    """Raise InputError for an unusable output dir or model path, before anything starts."""
+    from raymeta.models import check_model_path
+
+    check_output_dir(out)
+    check_model_path(cfg.model.name_or_path)
+
+
+@contextlib.contextmanager
+def keeping_sigterm_handler():
+    """Within the block, ``ray.init`` may replace the SIGTERM handler (with ``sys.exit(15)``);
+    afterwards a Python handler the caller had installed (the job's) is put back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
 def connect_ray(train_cfg) -> None:
     """``ray.init`` against the configured cluster, else a running one, else a local instance."""
     import ray
 
     if ray.is_initialized():
         return
+    with keeping_sigterm_handler():
+        init_ray(train_cfg)
+
+
+def init_ray(train_cfg) -> None:
+    """The ``ray.init`` call of :func:`connect_ray`."""
+    import ray
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     address = train_cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
@@ -66,6 +108,51 @@ def connect_ray(train_cfg) -> None:
     if train_cfg.object_store_mb:
         kwargs["object_store_memory"] = train_cfg.object_store_mb * 1024**2
     ray.init(**kwargs)
+
+
+def check_cluster_fits(train_cfg) -> None:
+    """Raise ConfigError when the connected Ray cluster can never hold the worker group.
+
+    Ray Train otherwise retries starting the worker group for resources that never come
+    ("No available node types can fulfill resource request"). Only a cluster that cannot
+    grow fails here: an autoscaling cluster publishes its node groups (the autoscaler's
+    cluster config) and may still add nodes, and against that config's maximum Ray Train
+    fails fast itself. Without that config (a local instance, nodes started by hand with
+    ``ray start``) nothing adds nodes, so the resources it has now are all it will have."""
+    import ray
+    from ray._private.state import state  # the call Ray Train's own check makes
+
+    if state.get_max_resources_from_cluster_config():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    total = ray.cluster_resources()
+    need = {"CPU": train_cfg.cpus_per_worker, "GPU": 1.0 if train_cfg.use_gpu else 0.0}
+    for kind, per_worker in need.items():
+        largest = max((node.get(kind, 0.0) for node in nodes), default=0.0)
+        if per_worker * train_cfg.num_workers > total.get(kind, 0.0) or per_worker > largest:
+            raise ConfigError(unfit_message(train_cfg, kind, total.get(kind, 0.0), largest))
+
+
+def unfit_message(train_cfg, kind: str, total: float, largest: float) -> str:
+    """The error text of :func:`check_cluster_fits` for resource ``kind`` (CPU or GPU)."""
+    n = train_cfg.num_workers
+    if kind == "GPU":
+        asked = f"train.use_gpu=true with train.num_workers={n} needs {n} GPU(s)"
+        fix = "set train.use_gpu=false, lower train.num_workers, or use a cluster with GPUs"
+    else:
+        c = train_cfg.cpus_per_worker
+        asked = f"train.num_workers={n} x train.cpus_per_worker={c:g} needs {n * c:g} CPUs"
+        fix = "lower train.num_workers or train.cpus_per_worker, or add nodes first"
+    return (
+        f"{asked}, but the Ray cluster has {total:g} {kind} in all "
+        f"({largest:g} on its largest node) and no autoscaler to add nodes: {fix}"
+    )
+
+
+def start_ray(train_cfg) -> None:
+    """Connect to Ray (:func:`connect_ray`) and check the worker group can fit there."""
+    connect_ray(train_cfg)
+    check_cluster_fits(train_cfg)
 
 
 def fit_objective(
@@ -91,7 +178,7 @@ def fit_objective(
     from raymeta.train.worker import train_loop
 
     check_launchable(cfg)
-    connect_ray(cfg.train)
+    start_ray(cfg.train)
     t = cfg.train
     storage = Path(output_dir).expanduser().resolve() / "ray"
     trainer = TorchTrainer(
@@ -148,6 +235,7 @@ def ray_trainer(output_dir: str | Path, parent=None):
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
         from raymeta.models import save_model
+        from raymeta.train.tracking import end_status
 
         if not (base_dir / "config.json").is_file():  # once per job: the base of every objective
             save_model(model, tokenizer, base_dir)
@@ -163,8 +251,8 @@ def ray_trainer(output_dir: str | Path, parent=None):
                 info,
                 run_name=f"{cfg.name}-{objective}-{job}",
             )
-        except BaseException:
-            child.finish("FAILED")
+        except BaseException as e:
+            child.finish(end_status(e))
             raise
         load_weights_into(model, result.model_dir, cfg)
         model.eval()
@@ -232,11 +320,15 @@ def local_trainer_logged(tracker):
 
 
 def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
-    """The metatrain job: MLflow run, pipeline (Ray or in-process), results to MLflow."""
+    """The metatrain job: MLflow run, pipeline (Ray or in-process), results to MLflow.
+
+    The MLflow run ends FINISHED, KILLED when interrupted (Ctrl-C, or SIGTERM made into
+    SystemExit by the job), else FAILED."""
     from raymeta.pipeline import run_pipeline
-    from raymeta.train.tracking import start_run
+    from raymeta.train.tracking import end_status, start_run
 
     out = Path(output_dir).expanduser().resolve()
+    check_inputs(cfg, out)
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
     kinds = "BM," + ",".join(cfg.meta.objectives)
@@ -247,19 +339,19 @@ def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
         params=to_dict(cfg),
         tags=run_tags(cfg, kinds),
     )
-    status = "FAILED"
     try:
         if cfg.train.launcher == "ray":
-            connect_ray(cfg.train)
+            start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
             trainer = local_trainer_logged(tracker)
         results = run_pipeline(cfg, out, meta_trainer=trainer)
         log_results(tracker, out, results)
-        status = "FINISHED"
-        return results
-    finally:
-        tracker.finish(status)
+    except BaseException as e:
+        tracker.finish(end_status(e))
+        raise
+    tracker.finish()
+    return results
 
 
 def log_results(tracker, out: Path, results: dict) -> None:

@@ -219,6 +219,14 @@ def _warn(message: str) -> None:
     print(f"[raymeta.tracking] {message}", file=sys.stderr, flush=True)
 
 
+def end_status(error: BaseException | None) -> str:
+    """The status a run ends with after ``error``: FINISHED (none), KILLED (interrupted:
+    Ctrl-C, or SIGTERM turned into SystemExit), else FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
 # --------------------------------------------------------------------------- trackers
 
 
@@ -252,7 +260,7 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish("FAILED" if exc_type is not None else "FINISHED")
+        self.finish(end_status(exc))
 
 
 class MlflowTracker(Tracker):

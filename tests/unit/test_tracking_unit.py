@@ -9,6 +9,7 @@ from raymeta.config import RunConfig, TrackingConfig, to_dict
 from raymeta.train.tracking import (
     MAX_PARAM_VALUE,
     Tracker,
+    end_status,
     flatten_params,
     local_artifact_root,
     resolve_tracking_uri,
@@ -110,3 +111,10 @@ def test_import_is_light():
         "assert 'mlflow' not in sys.modules and 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_interrupted_runs_end_killed_and_errors_failed():
+    assert end_status(None) == "FINISHED"
+    assert end_status(KeyboardInterrupt()) == "KILLED"
+    assert end_status(SystemExit(143)) == "KILLED"
+    assert end_status(ValueError("bad")) == "FAILED"
