@@ -33,20 +33,21 @@ import torch
 
 from raymeta.data import generate
 from raymeta.data.batches import Tokens, lm_batch, pad, pad_id, prefix_ids, prompt_text
-from raymeta.data.triples import Triple
+from raymeta.data.triples import Triple, content_hash
 from raymeta.progress import Progress
 
 KINDS = ("context", "prompt", "nc", "prompt2", "fresh", "copy")
 
 
-def tiny_cache_key(cfg) -> str:
-    """A hash of everything that determines the tiny model (data, shape, pretraining)."""
+def tiny_cache_key(cfg, train: Sequence[Triple], test: Sequence[Triple]) -> str:
+    """A hash of everything that determines the tiny model: the data set kind and the
+    content of the train/test triples it is trained on (so an edited file or another
+    filter gives another model), its shape and the pretraining settings."""
     from dataclasses import asdict
 
-    d = cfg.data
     blob = json.dumps(
         {
-            "data": [d.dataset, d.source, d.n_train, d.n_test, d.seed],
+            "data": [cfg.data.dataset, content_hash(train), content_hash(test)],
             "shape": asdict(cfg.model.tiny),
             "pretrain": asdict(cfg.pretrain),
         },
@@ -186,7 +187,7 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
     The result is loaded like any other model, through ``from_pretrained``."""
     from raymeta.models import build_tiny_model, count_parameters, save_model, train_tokenizer
 
-    path = Path(cfg.model.tiny_cache_dir) / f"tiny-{tiny_cache_key(cfg)}"
+    path = Path(cfg.model.tiny_cache_dir) / f"tiny-{tiny_cache_key(cfg, train, test)}"
     if (path / "raymeta.json").is_file():
         print(f"[pretrain] reusing the cached tiny model {path}", flush=True)
         return path
