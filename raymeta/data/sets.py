@@ -7,15 +7,27 @@ from pathlib import Path
 
 from raymeta.data import generate
 from raymeta.data.triples import Triple, content_hash, read_triples, write_triples
+from raymeta.errors import InputError
+
+HELD_OUT_FRACTION = 10
+"""A single jsonl file holds out its last 1/HELD_OUT_FRACTION (at least one triple) as test."""
 
 
 def load_task_set(data) -> tuple[list[Triple], list[Triple]]:
-    """Train and test triples of ``data`` (a DataConfig).
+    """Train and test triples of ``data`` (a DataConfig); InputError if either is empty.
 
     Generated sets are produced from the seed; SQuAD/WikiText go through
     ``datasets.load_dataset`` with a recorded filter (raymeta.data.hf_sets); ``jsonl``
     reads your own triple files ``data.source = TRAIN.jsonl[,TEST.jsonl]`` (without a
-    test file, the last ``n_test`` training triples are held out)."""
+    test file, the file's last 10%, at most ``n_test``, are held out)."""
+    train, test = read_task_set(data)
+    check_not_empty(data, train, "training")
+    check_not_empty(data, test, "test")
+    return train, test
+
+
+def read_task_set(data) -> tuple[list[Triple], list[Triple]]:
+    """Train and test triples of ``data`` as its source gives them (possibly empty)."""
     if data.dataset in generate.CONTEXTS:
         return generate.generate(data.dataset, data.n_train, data.n_test, data.seed)
     if data.dataset in ("squad", "wikitext"):
@@ -35,26 +47,59 @@ def load_task_set(data) -> tuple[list[Triple], list[Triple]]:
         return split("train", data.n_train), split("test", data.n_test)
     if data.dataset == "jsonl":
         return own_triples(data)
-    raise ValueError(f"data.dataset: unknown data set {data.dataset!r}")
+    raise InputError(f"data.dataset: unknown data set {data.dataset!r}")
+
+
+def describe_source(data) -> str:
+    """Where the triples of ``data`` came from, for error messages."""
+    if data.dataset in generate.CONTEXTS:
+        return f"dataset {data.dataset}, generated with seed {data.seed}"
+    where = f"dataset {data.dataset}, source {data.source}"
+    if data.dataset in ("squad", "wikitext"):
+        where += f", after the max_context_chars={data.max_context_chars} filter"
+    return where
+
+
+def check_not_empty(data, triples: list[Triple], role: str) -> None:
+    """Raise InputError naming the data set when its ``role`` (training/test) split is empty."""
+    if not triples:
+        raise InputError(f"data: 0 {role} triples ({describe_source(data)})")
 
 
 def own_triples(data) -> tuple[list[Triple], list[Triple]]:
+    """Triples of ``data.source = TRAIN.jsonl[,TEST.jsonl]``, capped at n_train / n_test."""
     parts = [p.strip() for p in data.source.split(",") if p.strip()]
     if not parts or len(parts) > 2:
-        raise ValueError(f"data.source: expected TRAIN.jsonl[,TEST.jsonl], got {data.source!r}")
+        raise InputError(f"data.source: expected TRAIN.jsonl[,TEST.jsonl], got {data.source!r}")
     train = read_triples(parts[0])
     if len(parts) == 2:
         test = read_triples(parts[1])
     else:
-        k = data.n_test or max(1, len(train) // 10)
-        if k >= len(train):
-            raise ValueError(f"data.n_test: {k} leaves no training triples in {parts[0]}")
-        train, test = train[:-k], train[-k:]
+        train, test = hold_out(train, parts[0], data.n_test)
     if data.n_train:
         train = train[: data.n_train]
     if data.n_test:
         test = test[: data.n_test]
     return train, test
+
+
+def hold_out(triples: list[Triple], path: str, n_test: int) -> tuple[list[Triple], list[Triple]]:
+    """Split one file's triples: the last 10% (at least 1; at most ``n_test`` unless 0) are test."""
+    k = max(1, len(triples) // HELD_OUT_FRACTION)
+    if n_test:
+        k = min(k, n_test)
+    if k >= len(triples):
+        raise InputError(
+            f"data.source: {path} holds {len(triples)} triple(s), too few to hold out a test "
+            "set; give a test file too (data.source=TRAIN.jsonl,TEST.jsonl)"
+        )
+    cap = f", at most data.n_test={n_test}" if n_test else ""
+    print(
+        f"[data] held out the last {k} of the {len(triples)} triples in {path} as the test set "
+        f"({100 // HELD_OUT_FRACTION}% of the file{cap}; data.source=TRAIN.jsonl,TEST.jsonl chooses them)",
+        flush=True,
+    )
+    return triples[:-k], triples[-k:]
 
 
 def save_task_set(out_dir: str | Path, data, train, test) -> dict:

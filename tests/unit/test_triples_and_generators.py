@@ -39,12 +39,12 @@ def test_malformed_line_names_file_line_and_problem(tmp_path, line, problem):
 
 
 def test_bring_your_own_triples(tmp_path):
-    rows = [Triple(f"c{i}", f"q{i}", f"r{i}") for i in range(10)]
+    rows = [Triple(f"c{i}", f"q{i}", f"r{i}") for i in range(30)]
     write_triples(tmp_path / "own.jsonl", rows)
     train, test = load_task_set(
         DataConfig(dataset="jsonl", source=str(tmp_path / "own.jsonl"), n_train=0, n_test=3)
     )
-    assert train == rows[:7] and test == rows[7:]
+    assert train == rows[:27] and test == rows[27:]
 
 
 @pytest.mark.parametrize("dataset", ["character_descriptions", "reversal_curse"])
