@@ -31,6 +31,7 @@ from raymeta.data.batches import (
     scoring_batch,
 )
 from raymeta.data.triples import Triple
+from raymeta.errors import InputError
 from raymeta.meta.decode import greedy_decode, model_forward
 from raymeta.meta.engines import Engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
@@ -38,6 +39,8 @@ from raymeta.meta.losses import token_nll
 from raymeta.progress import Progress
 
 SETTINGS = ("NC", "Prompt", "FT", "FT_irrelevant", "FT2")
+PAIRED = ("FT_irrelevant", "FT2")
+"""The settings that pair each test fact with another one (its partner)."""
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -52,15 +55,33 @@ def matches(prediction: str, response: str) -> bool:
 
 
 def partners(n: int, seed: int) -> list[int]:
-    """A seeded derangement of range(n): partner[i] != i (n >= 2)."""
+    """A seeded derangement of range(n): partner[i] != i. ValueError unless n >= 2."""
     if n < 2:
-        return [0] * n
+        raise ValueError(f"partners: {n} item(s) cannot be paired with another (need >= 2)")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     out = [0] * n
     for k in range(n):
         out[order[k]] = order[(k + 1) % n]
     return out
+
+
+def eval_triples(triples: Sequence[Triple], cfg) -> list[Triple]:
+    """The test triples evaluated: the first ``cfg.n_examples`` (0 = all) of ``triples``.
+
+    InputError when none are left, or one while ``cfg.settings`` has a paired setting."""
+    chosen = list(triples[: cfg.n_examples] if cfg.n_examples else triples)
+    where = f"{len(triples)} test triple(s), eval.n_examples={cfg.n_examples}"
+    if not chosen:
+        raise InputError(f"eval: no test triples to evaluate ({where})")
+    paired = [s for s in cfg.settings if s in PAIRED]
+    if paired and len(chosen) < 2:
+        raise InputError(
+            f"eval.settings: {', '.join(paired)} pair each test fact with another one, but "
+            f"only {len(chosen)} test triple is evaluated ({where}); give at least 2 or "
+            "leave them out of eval.settings"
+        )
+    return chosen
 
 
 def decode_text(tokenizer, ids: list[int]) -> str:
@@ -109,7 +130,7 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
     for start in range(0, len(triples), bs):
         idx = list(range(start, min(start + bs, len(triples))))
         batch = [triples[i] for i in idx]
-        others = [triples[partner[i]] for i in idx]
+        others = [triples[partner[i]] for i in idx] if setting in PAIRED else batch
         prefixes = [t.query for t in batch]
         if setting == "NC":
             forward = plain_forward(model)
@@ -139,7 +160,7 @@ def run_setting(model, tokenizer, triples, setting, partner, engine, spec, cfg, 
                 "correct": matches(p, t.response),
                 "nll": nll,
             }
-            if setting in ("FT_irrelevant", "FT2"):
+            if setting in PAIRED:
                 rec["other"] = partner[i]
                 rec["leak"] = matches(p, o.response) and normalise(o.response) != normalise(
                     t.response
@@ -183,8 +204,9 @@ def evaluate(
 
     ``spec`` gives the FT settings' inner update (its lr, steps, parameters); the
     update is first order here since no outer gradient is taken."""
-    triples = list(triples[: cfg.n_examples] if cfg.n_examples else triples)
-    partner = partners(len(triples), seed + 12345)
+    triples = eval_triples(triples, cfg)
+    paired = any(s in PAIRED for s in cfg.settings)
+    partner = partners(len(triples), seed + 12345) if paired else None
     if spec is not None:
         spec = InnerSpec(lr=spec.lr, names=spec.names, steps=spec.steps, second_order=False)
     was_training = model.training

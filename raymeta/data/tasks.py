@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from raymeta.data.batches import context_batch, prompt_batch, prompt_text, scoring_batch
 from raymeta.data.triples import Triple
+from raymeta.errors import InputError
 
 
 def group_facts(triples: Sequence[Triple], n: int, seed: int) -> list[list[Triple]]:
@@ -21,6 +22,24 @@ def group_facts(triples: Sequence[Triple], n: int, seed: int) -> list[list[Tripl
     order = list(range(len(triples)))
     random.Random(seed).shuffle(order)
     return [[triples[i] for i in order[k : k + n]] for k in range(0, len(order) - n + 1, n)]
+
+
+def check_task_count(n_train: int, contexts_per_update: int, meta_batch_size: int) -> int:
+    """The number of tasks ``n_train`` training triples make; InputError naming the field
+    when they fill no task or no meta-batch (see :func:`group_facts`)."""
+    if contexts_per_update > n_train:
+        raise InputError(
+            f"meta.contexts_per_update: {contexts_per_update} exceeds the {n_train} training "
+            "triples (a task holds that many facts)"
+        )
+    num_tasks = n_train // contexts_per_update
+    if meta_batch_size > num_tasks:
+        raise InputError(
+            f"meta.meta_batch_size: {meta_batch_size} exceeds the {num_tasks} tasks "
+            f"({n_train} training triples in groups of meta.contexts_per_update="
+            f"{contexts_per_update})"
+        )
+    return num_tasks
 
 
 def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
