@@ -16,7 +16,8 @@ import torch
 
 from raymeta.config import RunConfig, dump_config
 from raymeta.data.sets import load_task_set, save_task_set
-from raymeta.evaluate import SETTINGS, evaluate
+from raymeta.data.tasks import check_task_count
+from raymeta.evaluate import SETTINGS, eval_triples, evaluate
 from raymeta.finetune import prepare
 from raymeta.meta.engines import select_engine
 from raymeta.outer import inner_spec, lm_sampler, meta_train_local
@@ -101,6 +102,13 @@ def keep_previous(out: Path) -> Path | None:
     return dest
 
 
+def check_sizes(cfg: RunConfig, train, test) -> None:
+    """InputError, before any training, when the triples fill no meta-batch of tasks or are
+    too few to evaluate in ``eval.settings``."""
+    check_task_count(len(train), cfg.meta.contexts_per_update, cfg.meta.meta_batch_size)
+    eval_triples(test, cfg.eval)
+
+
 def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> dict:
     """Run the whole job; returns results (also written to ``output_dir/results.json``).
 
@@ -114,6 +122,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
     print(f"[data] {cfg.data.dataset}", flush=True)
     train, test = load_task_set(cfg.data)
     print(f"[data] {len(train)} train / {len(test)} test triples", flush=True)
+    check_sizes(cfg, train, test)
     model, tok, path = load_base_model(cfg, train, test, device)
     print(f"[model] {path}", flush=True)
     # only once data and model have loaded: a re-run with bad inputs leaves the results in place

@@ -1,0 +1,160 @@
+"""Bad or too small inputs stop early with an InputError naming the field / file / value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from raymeta.config import DataConfig, EvalConfig, load_config
+from raymeta.data.sets import load_task_set, read_task_set
+from raymeta.data.tasks import check_task_count
+from raymeta.data.triples import Triple, write_triples
+from raymeta.errors import InputError
+from raymeta.evaluate import eval_triples, evaluate, partners
+from raymeta.pipeline import run_pipeline
+from raymeta.pretrain import tiny_cache_key
+
+SQUAD = "examples/data/squad_tiny"
+
+
+def facts(n: int, word: str = "alpha") -> list[Triple]:
+    """``n`` distinct triples mentioning ``word``."""
+    return [
+        Triple(f"River {i} is called {word}{i}.", f"River {i} is called", f"{word}{i}")
+        for i in range(n)
+    ]
+
+
+def squad(tmp_path, max_context_chars: int) -> DataConfig:
+    return DataConfig(
+        dataset="squad",
+        source=SQUAD,
+        n_train=0,
+        n_test=0,
+        max_context_chars=max_context_chars,
+        cache_dir=str(tmp_path / "data"),
+    )
+
+
+# A: the tiny model's cache key follows the triples' content
+
+
+def test_tiny_cache_key_follows_the_triple_content(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    cfg = load_config(None, ["data.dataset=jsonl", f"data.source={path}", "data.n_test=10"])
+    write_triples(path, facts(70))
+    key = tiny_cache_key(cfg, *load_task_set(cfg.data))
+    assert tiny_cache_key(cfg, *load_task_set(cfg.data)) == key  # same file, same model
+    write_triples(path, facts(70, word="zeta"))  # same path, other words
+    assert tiny_cache_key(cfg, *load_task_set(cfg.data)) != key
+
+
+def test_tiny_cache_key_follows_the_context_filter(tmp_path):
+    cfg = load_config("configs/tiny_squad.yaml")
+    long, short = read_task_set(squad(tmp_path, 2000)), read_task_set(squad(tmp_path, 400))
+    assert long != short
+    assert tiny_cache_key(cfg, *long) != tiny_cache_key(cfg, *short)
+
+
+# B: no training triples
+
+
+def test_filter_that_drops_every_training_triple_is_an_input_error(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_task_set(squad(tmp_path, 400))
+    msg = str(e.value)
+    assert "0 training triples" in msg and "squad" in msg and SQUAD in msg
+    assert "max_context_chars=400" in msg
+
+
+def test_empty_generated_training_set_is_an_input_error():
+    with pytest.raises(InputError, match="0 training triples .*character_descriptions"):
+        load_task_set(DataConfig(n_train=0, n_test=10))
+
+
+# C: too few test triples
+
+
+def test_no_test_triples_is_an_input_error():
+    with pytest.raises(InputError, match="0 test triples"):
+        load_task_set(DataConfig(n_train=10, n_test=0))
+    with pytest.raises(InputError, match="no test triples"):
+        eval_triples([], EvalConfig(settings=["NC", "Prompt"]))
+
+
+def test_paired_settings_need_two_test_triples():
+    one = facts(1)
+    with pytest.raises(InputError, match="FT_irrelevant, FT2 .* at least 2"):
+        eval_triples(one, EvalConfig())
+    with pytest.raises(InputError, match="FT2 .*eval.n_examples=1"):
+        eval_triples(facts(5), EvalConfig(settings=["FT2"], n_examples=1))
+    assert eval_triples(one, EvalConfig(settings=["NC", "Prompt", "FT"])) == one
+
+
+def test_evaluate_refuses_to_pair_a_fact_with_itself():
+    with pytest.raises(InputError, match="FT_irrelevant"):
+        evaluate(None, None, facts(1), EvalConfig(settings=["FT_irrelevant"]), None, None)
+
+
+def test_partners_never_pair_an_item_with_itself():
+    assert partners(2, seed=0) == [1, 0]
+    for n in (3, 7):
+        p = partners(n, seed=5)
+        assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
+    for n in (0, 1):
+        with pytest.raises(ValueError):
+            partners(n, seed=0)
+
+
+# D: a single jsonl file holds out 10% (capped at data.n_test)
+
+
+def test_single_file_holds_out_ten_percent_under_the_default_n_test(tmp_path, capsys):
+    rows = facts(70)
+    write_triples(tmp_path / "own.jsonl", rows)
+    data = DataConfig(dataset="jsonl", source=str(tmp_path / "own.jsonl"), n_train=0)
+    assert data.n_test == 500  # the default, larger than the file
+    train, test = load_task_set(data)
+    assert train == rows[:63] and test == rows[63:]
+    assert "held out the last 7 of the 70 triples" in capsys.readouterr().out
+
+
+def test_single_file_holds_out_at_most_n_test(tmp_path):
+    rows = facts(70)
+    write_triples(tmp_path / "own.jsonl", rows)
+    data = DataConfig(dataset="jsonl", source=str(tmp_path / "own.jsonl"), n_train=0, n_test=2)
+    assert load_task_set(data) == (rows[:68], rows[68:])
+
+
+def test_single_triple_file_cannot_hold_out_a_test_set(tmp_path):
+    path = tmp_path / "one.jsonl"
+    write_triples(path, facts(1))
+    with pytest.raises(InputError, match=re.escape(f"{path} holds 1 triple(s), too few")):
+        load_task_set(DataConfig(dataset="jsonl", source=str(path)))
+
+
+# E: tasks per meta-batch
+
+
+def test_contexts_per_update_beyond_the_training_triples_is_named():
+    with pytest.raises(InputError, match="meta.contexts_per_update: 100 exceeds the 50 training"):
+        check_task_count(50, 100, 16)
+    with pytest.raises(InputError, match="meta.meta_batch_size: 16 exceeds the 12 tasks"):
+        check_task_count(50, 4, 16)
+    assert check_task_count(50, 2, 16) == 25
+
+
+def test_job_stops_on_too_few_tasks_before_building_a_model(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "data.n_train=50",
+            "data.n_test=10",
+            "meta.contexts_per_update=100",
+            f"model.tiny_cache_dir={tmp_path / 'models'}",
+        ],
+    )
+    with pytest.raises(InputError, match="meta.contexts_per_update: 100 .* 50 training triples"):
+        run_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "results.json").exists()
