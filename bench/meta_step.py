@@ -9,7 +9,7 @@ TFLOP/s, % of bf16 peak, speedup of fastweights over reference).
     python bench/meta_step.py --device cuda --shape llama-1b --dtype bfloat16 \\
         --meta-batch 16,64 --ctx 192 --query 32 --json out.json
 
-FLOPs per task (FASTWEIGHTS.md): 12·N·Tc + 6·N·Tq with N the parameter count.
+FLOPs per task (docs/fastweights.md): 12·N·Tc + 6·N·Tq with N the parameter count.
 The reference engine keeps every task's θ' alive at once, so it runs the
 meta-batch in micro-batches (``--ref-micro`` tasks each, gradients accumulated):
 the same outer step, the memory it can afford.

@@ -50,7 +50,9 @@ class DataConfig:
     n_train: int = 5000
     """Training triples (generated sets: how many to generate; others: a cap, 0 = all)."""
     n_test: int = 500
-    """Test triples (generated sets: how many to generate; others: a cap, 0 = all)."""
+    """Test triples. Generated sets: how many to generate (>= 1). SQuAD/WikiText and a jsonl
+    TEST file: a cap, 0 = all. A single jsonl file (no TEST file): its last 10% (at least 1)
+    are held out as the test set, at most n_test (0 = no cap)."""
     seed: int = 0
     """Seed of the generator and of every sampled subset."""
     cache_dir: str = ".cache/raymeta/data"

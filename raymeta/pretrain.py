@@ -2,7 +2,7 @@
 
 The tiny model must be a language model of the task texts that *reads its
 prompt* (the LC teacher depends on it). Plain fact texts leave it on the loss
-plateau before induction forms (see shared/design/TINY_DEMO_FINDINGS.md); two
+plateau before induction forms (see docs/tiny_demo.md); two
 kinds of text make it form early: "fresh facts" (Prompt-format sequences of
 newly sampled random facts, which cannot be memorised) and copy sequences
 (random token strings repeated once, loss on the repeat only).
@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
+from raymeta.config import MIX_KINDS as KINDS
 from raymeta.data import generate
 from raymeta.data.batches import Tokens, lm_batch, pad, pad_id, prefix_ids, prompt_text
 from raymeta.data.triples import Triple, content_hash
 from raymeta.progress import Progress
-
-KINDS = ("context", "prompt", "nc", "prompt2", "fresh", "copy")
 
 
 def tiny_cache_key(cfg, train: Sequence[Triple], test: Sequence[Triple]) -> str:

@@ -117,6 +117,16 @@ class HFSetError(InputError):
     """A SQuAD/WikiText source is malformed; the message names the file and the problem."""
 
 
+class SourceNotFound(InputError, FileNotFoundError):
+    """A local SQuAD/WikiText source does not exist or holds no data files."""
+
+
+def missing_source(name: str, problem: str) -> SourceNotFound:
+    """The error for a local source ``name``; a relative one says where it was looked for."""
+    where = "" if Path(name).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+    return SourceNotFound(f"{name}{where}: {problem}")
+
+
 @dataclass
 class LoadPlan:
     """How ``datasets.load_dataset`` is called for one split, and which local files it reads."""
@@ -163,7 +173,8 @@ def load_hf_split(
     """The filtered triples of one split of SQuAD or WikiText (cached; see the module doc).
 
     ``limit`` > 0 keeps a seeded random subset of that many triples (in their original order).
-    Raises FileNotFoundError naming a missing local path, HFSetError for malformed data."""
+    Raises SourceNotFound (a FileNotFoundError) naming a missing local path, HFSetError for
+    malformed data."""
     check_args(dataset, split, max_context_chars, limit)
     params = filter_params(
         dataset, max_context_chars, max_answer_words, min_sentence_words, response_words
@@ -268,7 +279,7 @@ def plan_load(dataset: str, source: str, split: str) -> LoadPlan:
     if path.exists():
         return plan_local(dataset, path.resolve(), config, hf_split, split)
     if looks_local(name):
-        raise FileNotFoundError(f"{name}: {dataset} source not found (no such file or directory)")
+        raise missing_source(name, f"{dataset} source not found (no such file or directory)")
     if dataset == "wikitext" and config is None and name.rstrip("/").endswith("wikitext"):
         config = WIKITEXT_DEFAULT_CONFIG
     return LoadPlan(path=name, name=config, hf_split=hf_split)
@@ -282,7 +293,7 @@ def plan_local(dataset: str, path: Path, config: str | None, hf_split: str, spli
             str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
         if not files:
-            raise FileNotFoundError(f"{path}: directory holds no data files for {dataset}")
+            raise missing_source(str(path), f"directory holds no data files for {dataset}")
         return LoadPlan(path=str(path), name=config, hf_split=hf_split, files=files, local=True)
     return plan_file(dataset, file, hf_split)
 
