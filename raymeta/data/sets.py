@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 
 from raymeta.data import generate
-from raymeta.data.triples import Triple, content_hash, read_triples, write_triples
+from raymeta.data.triples import (
+    Triple,
+    TripleFileError,
+    content_hash,
+    read_triples,
+    write_triples,
+)
 from raymeta.errors import InputError
 
 HELD_OUT_FRACTION = 10
@@ -66,11 +72,27 @@ def check_not_empty(data, triples: list[Triple], role: str) -> None:
         raise InputError(f"data: 0 {role} triples ({describe_source(data)})")
 
 
+def jsonl_files(source: str) -> list[str]:
+    """The files of ``data.source = TRAIN.jsonl[,TEST.jsonl]`` (InputError if malformed)."""
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    if not parts or len(parts) > 2:
+        raise InputError(f"data.source: expected TRAIN.jsonl[,TEST.jsonl], got {source!r}")
+    return parts
+
+
+def check_source(data) -> None:
+    """Raise InputError for a jsonl ``data.source`` naming a file that does not exist (a cheap
+    check before a run starts; the files' content is checked when they are read)."""
+    if data.dataset != "jsonl":
+        return
+    for path in jsonl_files(data.source):
+        if not Path(path).expanduser().is_file():
+            raise TripleFileError(f"{path}: triple file not found (data.source)")
+
+
 def own_triples(data) -> tuple[list[Triple], list[Triple]]:
     """Triples of ``data.source = TRAIN.jsonl[,TEST.jsonl]``, capped at n_train / n_test."""
-    parts = [p.strip() for p in data.source.split(",") if p.strip()]
-    if not parts or len(parts) > 2:
-        raise InputError(f"data.source: expected TRAIN.jsonl[,TEST.jsonl], got {data.source!r}")
+    parts = jsonl_files(data.source)
     train = read_triples(parts[0])
     if len(parts) == 2:
         test = read_triples(parts[1])

@@ -61,11 +61,14 @@ def check_output_dir(out: Path) -> None:
 
 
 def check_inputs(cfg: RunConfig, out: Path) -> None:
-    """Raise InputError for an unusable output dir or model path, before anything starts."""
+    """Raise InputError for an unusable output dir, model path or data file, before anything
+    starts (the MLflow run, Ray)."""
+    from raymeta.data.sets import check_source
     from raymeta.models import check_model_path
 
     check_output_dir(out)
     check_model_path(cfg.model.name_or_path)
+    check_source(cfg.data)
 
 
 @contextlib.contextmanager

@@ -158,3 +158,19 @@ def test_job_stops_on_too_few_tasks_before_building_a_model(tmp_path):
     with pytest.raises(InputError, match="meta.contexts_per_update: 100 .* 50 training triples"):
         run_pipeline(cfg, tmp_path / "out")
     assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "results.json").exists()
+
+
+# a jsonl source file that does not exist stops the job before its MLflow run or Ray start
+
+
+def test_check_inputs_names_a_missing_jsonl_file_before_the_run(tmp_path):
+    from raymeta.train.launch import check_inputs
+
+    good = tmp_path / "good.jsonl"
+    write_triples(good, facts(20))
+    cfg = load_config(None, ["data.dataset=jsonl", f"data.source={good},{tmp_path / 'no.jsonl'}"])
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"no\.jsonl: triple file not found \(data\.source\)"):
+        check_inputs(cfg, out)
+    assert not out.exists()  # nothing was written
+    check_inputs(load_config(None, ["data.dataset=jsonl", f"data.source={good}"]), out)
