@@ -428,45 +428,42 @@ def _set_path(tree: dict, keys: list[str], value: Any, text: str) -> None:
     node[keys[-1]] = value
 
 
-POSITIVE = ">= 1"
-NONNEGATIVE = ">= 0"
-
-RANGES = {
-    "threads": NONNEGATIVE,
-    "data.n_train": NONNEGATIVE,
-    "data.n_test": NONNEGATIVE,
-    "data.max_context_chars": POSITIVE,
-    "model.tiny.hidden_size": POSITIVE,
-    "model.tiny.num_layers": POSITIVE,
-    "model.tiny.num_heads": POSITIVE,
-    "model.tiny.intermediate_size": POSITIVE,
-    "model.tiny.max_positions": POSITIVE,
-    "model.lora.rank": POSITIVE,
-    "pretrain.steps": NONNEGATIVE,
-    "pretrain.batch_size": POSITIVE,
-    "pretrain.eval_every": POSITIVE,
-    "prepare.steps": NONNEGATIVE,
-    "prepare.batch_size": POSITIVE,
-    "prepare.n_examples": POSITIVE,
-    "meta.inner_steps": POSITIVE,
-    "meta.contexts_per_update": POSITIVE,
-    "meta.meta_batch_size": POSITIVE,
-    "meta.steps": NONNEGATIVE,
-    "meta.epochs": POSITIVE,
-    "meta.lm_batch_size": POSITIVE,
-    "meta.max_answer_tokens": POSITIVE,
-    "meta.log_every": POSITIVE,
-    "eval.n_examples": NONNEGATIVE,
-    "eval.max_new_tokens": POSITIVE,
-    "eval.batch_size": POSITIVE,
-    "train.num_workers": POSITIVE,
-    "train.report_every": POSITIVE,
-    "train.eval_every": NONNEGATIVE,
-    "train.checkpoint_every": NONNEGATIVE,
-    "train.max_failures": NONNEGATIVE,
-    "train.object_store_mb": NONNEGATIVE,
+MINIMUM = {
+    "threads": 0,
+    "data.n_train": 0,
+    "data.n_test": 0,
+    "data.max_context_chars": 1,
+    "model.tiny.hidden_size": 1,
+    "model.tiny.num_layers": 1,
+    "model.tiny.num_heads": 1,
+    "model.tiny.intermediate_size": 1,
+    "model.tiny.max_positions": 1,
+    "model.lora.rank": 1,
+    "pretrain.steps": 0,
+    "pretrain.batch_size": 1,
+    "pretrain.eval_every": 1,
+    "prepare.steps": 0,
+    "prepare.batch_size": 1,
+    "prepare.n_examples": 1,
+    "meta.inner_steps": 1,
+    "meta.contexts_per_update": 1,
+    "meta.meta_batch_size": 1,
+    "meta.steps": 0,
+    "meta.epochs": 1,
+    "meta.lm_batch_size": 1,
+    "meta.max_answer_tokens": 1,
+    "meta.log_every": 1,
+    "eval.n_examples": 0,
+    "eval.max_new_tokens": 1,
+    "eval.batch_size": 1,
+    "train.num_workers": 1,
+    "train.report_every": 1,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 0,
+    "train.max_failures": 0,
+    "train.object_store_mb": 0,
 }
-"""Integer fields and the range each must lie in."""
+"""Integer fields and the least value each may take."""
 
 POSITIVE_NUMBERS = (
     "model.lora.alpha",
@@ -476,10 +473,10 @@ POSITIVE_NUMBERS = (
     "meta.outer_lr",
     "train.cpus_per_worker",
 )
-"""Float fields that must be > 0 (and finite)."""
+"""Float fields that must be finite and > 0."""
 
 NONNEGATIVE_NUMBERS = ("meta.clip_norm", "meta.lm_weight", "eval.inner_lr")
-"""Float fields that must be >= 0 (and finite)."""
+"""Float fields that must be finite and >= 0."""
 
 
 def _fail(path: str, value: Any, expected: str) -> None:
@@ -487,17 +484,16 @@ def _fail(path: str, value: Any, expected: str) -> None:
 
 
 def _check_ranges(cfg: RunConfig) -> None:
-    """Every field of RANGES, POSITIVE_NUMBERS and NONNEGATIVE_NUMBERS in its range."""
-    for path, rule in RANGES.items():
+    """Every field of MINIMUM, POSITIVE_NUMBERS and NONNEGATIVE_NUMBERS in its range."""
+    for path, low in MINIMUM.items():
         value = get_field(cfg, path)
-        if value < (1 if rule == POSITIVE else 0):
-            _fail(path, value, rule)
-    for paths, expected in ((POSITIVE_NUMBERS, "> 0"), (NONNEGATIVE_NUMBERS, ">= 0")):
-        for path in paths:
-            value = get_field(cfg, path)
-            low_ok = value > 0 if expected == "> 0" else value >= 0
-            if not (low_ok and math.isfinite(value)):
-                _fail(path, value, f"a finite number {expected}")
+        if value < low:
+            _fail(path, value, f">= {low}")
+    for path in (*POSITIVE_NUMBERS, *NONNEGATIVE_NUMBERS):
+        value = get_field(cfg, path)
+        strict = path in POSITIVE_NUMBERS
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            _fail(path, value, "a finite number " + ("> 0" if strict else ">= 0"))
     target = cfg.pretrain.target_prompt_accuracy
     if not 0 <= target <= 1:
         _fail("pretrain.target_prompt_accuracy", target, "a fraction in [0, 1]")

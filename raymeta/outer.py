@@ -17,6 +17,7 @@ from raymeta.data.batches import Tokens, lm_batch
 from raymeta.data.tasks import (
     Position,
     advance,
+    check_meta_batch,
     group_facts,
     make_meta_batch,
     shard_batch,
@@ -117,11 +118,8 @@ def step_loss(
 
 def total_steps(meta, num_tasks: int) -> int:
     """Outer steps: ``meta.steps`` capped at ``meta.epochs`` passes over the tasks."""
+    check_meta_batch(meta.meta_batch_size, num_tasks)
     per_epoch = steps_per_epoch(num_tasks, meta.meta_batch_size)
-    if per_epoch == 0:
-        raise ValueError(
-            f"meta.meta_batch_size: {meta.meta_batch_size} exceeds the {num_tasks} tasks"
-        )
     return min(meta.steps, meta.epochs * per_epoch) if meta.steps else meta.epochs * per_epoch
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from raymeta.data import generate
 from raymeta.data.triples import (
     Triple,
-    TripleFileError,
+    check_triple_file,
     content_hash,
     read_triples,
     write_triples,
@@ -86,8 +86,7 @@ def check_source(data) -> None:
     if data.dataset != "jsonl":
         return
     for path in jsonl_files(data.source):
-        if not Path(path).expanduser().is_file():
-            raise TripleFileError(f"{path}: triple file not found (data.source)")
+        check_triple_file(path, "data.source")
 
 
 def own_triples(data) -> tuple[list[Triple], list[Triple]]:

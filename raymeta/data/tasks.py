@@ -33,13 +33,22 @@ def check_task_count(n_train: int, contexts_per_update: int, meta_batch_size: in
             "triples (a task holds that many facts)"
         )
     num_tasks = n_train // contexts_per_update
+    check_meta_batch(
+        meta_batch_size,
+        num_tasks,
+        f" ({n_train} training triples in groups of meta.contexts_per_update="
+        f"{contexts_per_update})",
+    )
+    return num_tasks
+
+
+def check_meta_batch(meta_batch_size: int, num_tasks: int, why: str = "") -> None:
+    """InputError naming meta.meta_batch_size when it exceeds the ``num_tasks`` tasks (``why``:
+    where they came from)."""
     if meta_batch_size > num_tasks:
         raise InputError(
-            f"meta.meta_batch_size: {meta_batch_size} exceeds the {num_tasks} tasks "
-            f"({n_train} training triples in groups of meta.contexts_per_update="
-            f"{contexts_per_update})"
+            f"meta.meta_batch_size: {meta_batch_size} exceeds the {num_tasks} tasks{why}"
         )
-    return num_tasks
 
 
 def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:

@@ -69,13 +69,20 @@ def parse_triple(row: object, where: str) -> Triple:
     return Triple(row["context"], row["query"], row["response"], meta)
 
 
+def check_triple_file(path: str | Path, field: str = "") -> Path:
+    """``path`` as a Path; TripleFileError when no such file exists (``field``: the config field
+    that named it, for the message)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TripleFileError(f"{path}: triple file not found" + (f" ({field})" if field else ""))
+    return path
+
+
 def read_triples(path: str | Path) -> list[Triple]:
     """Read a JSONL triple file (yours or ours); blank lines are skipped.
 
     Raises TripleFileError naming the file and line of the first malformed line."""
-    path = Path(path)
-    if not path.is_file():
-        raise TripleFileError(f"{path}: triple file not found")
+    path = check_triple_file(path)
     out = []
     with path.open() as f:
         for i, line in enumerate(f, 1):
