@@ -10,6 +10,12 @@
 #   bash bench/gpu_targets.sh OUT_DIR compile
 #       instead: fastweights with and without --compile-ops (fused.COMPILE) side by side,
 #       at meta-batch 16 and 32, and 64 with --checkpoint-inner (~6 minutes, compiling included)
+#   bash bench/gpu_targets.sh OUT_DIR graph
+#       instead: the reference, and fastweights both eager and captured as one CUDA graph
+#       (--cuda-graph also, bench/graph_step.py), at meta-batch 16 and 32; the same at 64 with
+#       --checkpoint-inner; last, graphed with --compile-ops at 16 (~6 minutes). Each graphed
+#       row has graph_vs_eager (a replay against an eager step from the same state) and its
+#       control eager_vs_eager in the JSON.
 # Writes OUT_DIR/b16.json, b64.json and census.json and prints the tables; ~6 minutes on an H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +32,15 @@ if [[ "${2:-}" == compile ]]; then
         "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
             --checkpoint-inner --reps 2 $flag --json "$out/b64${flag:+-compiled}.json"
     done
+    exit 0
+fi
+if [[ "${2:-}" == graph ]]; then
+    "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \
+        --ref-max-batch 16 --reps 3 --cuda-graph also --json "$out/b16-graph.json"
+    "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
+        --checkpoint-inner --reps 2 --cuda-graph also --json "$out/b64-graph.json"
+    "$py" bench/meta_step.py "${common[@]}" --meta-batch 16 --engines fastweights \
+        --reps 3 --compile-ops --cuda-graph also --json "$out/b16-graph-compiled.json"
     exit 0
 fi
 "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \

@@ -141,8 +141,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
-    """One table row (dict); out-of-memory becomes a row with an error."""
+def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, graphed=False):
+    """One table row (dict); out-of-memory becomes a row with an error. ``graphed``: the step
+    captured as a CUDA graph and replayed (``measure_graphed_row``)."""
     dev = args.device
     vocab = model.config.vocab_size
     row = dict(
@@ -158,10 +159,13 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         fw_attention=args.fw_attention,
         fused_ops=not args.unfused_ops,
         compile_ops=args.compile_ops,
+        cuda_graph=graphed,
         inner=args.inner,
         steps=spec.steps,
         params_M=round(n_params / 1e6, 1),
     )
+    if graphed:
+        return measure_graphed_row(model, opt, engine, spec, args, row, n_params)
     try:
         batch = random_batch(b, ctx, query, vocab, dev, args.contexts)
         outer_step(model, opt, engine, spec, batch, micro)  # warm-up (allocates AdamW state)
@@ -179,13 +183,43 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params):
         opt.zero_grad(set_to_none=True)
         row["error"] = "out of memory: " + str(e).split("\n")[0][:120]
         return row
-    flops = (12 * n_params * ctx + 6 * n_params * query) * args.contexts * b
-    row.update(ms_per_task=1000 * dt / b, tasks_per_s=b / dt, tflops=flops / dt / 1e12)
     if dev == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return add_rates(row, args, dt, n_params)
+
+
+def add_rates(row: dict, args, dt: float, n_params: int) -> dict:
+    """``row`` with ms/task, tasks/s, TFLOP/s and % of peak of a step of ``dt`` seconds."""
+    b, ctx, query = row["meta_batch"], row["ctx"], row["query"]
+    flops = (12 * n_params * ctx + 6 * n_params * query) * args.contexts * b
+    row.update(ms_per_task=1000 * dt / b, tasks_per_s=b / dt, tflops=flops / dt / 1e12)
+    if args.device == "cuda":
         peak = PEAK_TFLOPS.get(args.dtype)
         row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
     return row
+
+
+def measure_graphed_row(model, opt, engine, spec, args, row: dict, n_params: int) -> dict:
+    """The row of a step captured as a CUDA graph (``graph_step.measure_graphed``); a failed
+    capture or out-of-memory becomes a row with an error."""
+    from graph_step import measure_graphed
+
+    def batch_fn():
+        vocab = model.config.vocab_size
+        return random_batch(
+            row["meta_batch"], row["ctx"], row["query"], vocab, "cuda", args.contexts
+        )
+
+    try:
+        got = measure_graphed(model, opt, engine, spec, batch_fn, row["micro"], args.reps)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        opt.zero_grad(set_to_none=True)
+        print(f"cuda graph, meta-batch {row['meta_batch']}: {e}", file=sys.stderr, flush=True)
+        row["error"] = "cuda graph: " + str(e).split("\n")[0][:200]
+        return row
+    dt = got.pop("dt")
+    row.update(got)
+    return add_rates(row, args, dt, n_params)
 
 
 def phases(model, engine, spec, batch: MetaBatch) -> dict:
@@ -337,6 +371,8 @@ def table(rows_: list[dict]) -> str:
         cells = [r[k] for k in (*keys, "checkpoint_inner")]
         if r.get("compile_ops"):
             cells[0] += " (compiled ops)"
+        if r.get("cuda_graph"):
+            cells[0] += " (CUDA graph)"
         if "error" in r:
             cells += [r["error"]] + [""] * 5
         else:
@@ -363,6 +399,15 @@ def inner_names(model, which: str) -> tuple[str, ...]:
     if which == "blocks":
         names = [n for n in names if ".layers." in n and n.endswith("proj.weight")]
     return tuple(names)
+
+
+def graph_modes(cuda_graph: str | None, engine: str) -> list[bool]:
+    """Rows to measure for ``engine``: eager (False), captured as a CUDA graph (True), or both
+    (``--cuda-graph also``); only fast-weights steps are captured (the reference engine's runs
+    Hugging Face's SDPA mask, which reads the padding on the host)."""
+    if engine != "fastweights" or not cuda_graph:
+        return [False]
+    return [True] if cuda_graph == "only" else [False, True]
 
 
 def ints(s: str) -> list[int]:
@@ -431,6 +476,16 @@ def parse(argv=None):
         action="store_true",
         help="fastweights: the fused ops' bodies through torch.compile (fused.COMPILE)",
     )
+    p.add_argument(
+        "--cuda-graph",
+        nargs="?",
+        const="only",
+        default=None,
+        choices=["only", "also"],
+        help="fastweights: the whole step captured once as a CUDA graph and replayed "
+        "(bench/graph_step.py; cuda only; AdamW capturable for every row); 'also': an eager "
+        "row and a graphed one",
+    )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
     p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
     p.add_argument(
@@ -446,7 +501,10 @@ def parse(argv=None):
         help="after timing, profile one fastweights step and print this many top ops",
     )
     p.add_argument("--json", default="")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.cuda_graph and args.device != "cuda":
+        p.error(f"--cuda-graph needs --device cuda (got --device {args.device})")
+    return args
 
 
 def main(argv=None):
@@ -456,7 +514,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     model = build_model(args.shape, dtype, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, capturable=bool(args.cuda_graph))
     names = inner_names(model, args.inner)
     if args.unfused_ops:
         from raymeta.meta import fastweights
@@ -491,9 +549,14 @@ def main(argv=None):
                     continue
                 engine = select_engine(name, model, spec)
                 micro = args.ref_micro if name == "reference" else (args.micro or b)
-                row = measure(model, opt, engine, spec, args, b, ctx, args.query, micro, n_params)
-                print(json.dumps(row), flush=True)
-                results.append(row)
+                for graphed in graph_modes(args.cuda_graph, name):
+                    row = measure(
+                        model, opt, engine, spec, args, b, ctx, args.query, micro, n_params, graphed
+                    )
+                    print(json.dumps(row), flush=True)
+                    results.append(row)
+                if graphed:
+                    continue
                 if args.phases and args.device == "cuda" and name == "fastweights":
                     if "error" not in row:
                         batch = random_batch(

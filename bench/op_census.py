@@ -38,19 +38,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from graph_step import meta_backward  # noqa: E402
 from meta_step import (  # noqa: E402
     DTYPES,
     SHAPES,
     inner_names,
     llama_config,
     random_batch,
-    slice_batch,
 )
 
 from raymeta.meta import fastweights  # noqa: E402
 from raymeta.meta.engines import select_engine  # noqa: E402
-from raymeta.meta.inner import InnerSpec, double_backward_attention  # noqa: E402
-from raymeta.meta.objectives import lg_loss  # noqa: E402
+from raymeta.meta.inner import InnerSpec  # noqa: E402
 
 MATMULS = frozenset({"mm", "bmm", "addmm", "baddbmm"})
 FREE = frozenset(
@@ -145,13 +144,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
         opt.zero_grad(set_to_none=True)
         counted = Census()
         with counted:
-            for lo in range(0, b, micro):
-                part = slice_batch(batch, lo, lo + micro)
-                with double_backward_attention():  # meta_loss without its .item() calls
-                    state = engine.adapt(model, part.contexts, spec)
-                    loss = lg_loss(engine.logits(model, state, part.queries), part.queries)
-                (loss.mean() * (micro / b)).backward()
-                del state, loss
+            meta_backward(model, engine, spec, batch, micro)  # meta_loss without .item()
             meta = counted.totals()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()

@@ -1,0 +1,121 @@
+"""What a CUDA-graph capture of the meta-step needs, checked on CPU (bench/graph_step.py).
+
+A graph can be captured only from a step that never reads a device value on the host; the
+fast-weights step is such a step (every checkpoint mode, k = 2, padded contexts, LoRA), the
+reference engine on an SDPA model is not (Hugging Face's SDPA mask reads the padding mask),
+and ``host_syncs`` tells them apart. The graphed step is the bench's eager step without its
+logging reads, and the replay check restores parameters and optimizer state exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymeta.meta.engines import select_engine
+from raymeta.meta.inner import InnerSpec
+from raymeta.meta.step import MetaBatch
+from tests.unit.test_fastweights import MODELS, batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import graph_step  # noqa: E402
+import meta_step  # noqa: E402
+
+
+def meta_batch(n=2, seed=1) -> MetaBatch:
+    ctx, q = batch(n, seed)
+    flat = q.flat()
+    return MetaBatch(ctx, q, flat, flat)
+
+
+def setup(kind="llama_tied", checkpoint_inner=False, engine="fastweights", steps=1):
+    build, names = MODELS[kind]
+    model = build()
+    spec = InnerSpec(lr=0.1, names=names(model), steps=steps, checkpoint_inner=checkpoint_inner)
+    return model, spec, select_engine(engine, model, spec)
+
+
+def test_host_syncs_names_the_read_and_its_caller():
+    x = torch.ones(3)
+
+    def reads_a_value():
+        return (x * 2).sum().item()
+
+    found = graph_step.host_syncs(reads_a_value)
+    assert list(found) == ["_local_scalar_dense (cpu)"]
+    assert "reads_a_value" in found["_local_scalar_dense (cpu)"]
+    assert graph_step.host_syncs(lambda: (x * 2).sum()) == {}
+
+
+@pytest.mark.parametrize("mode", [False, "vjp", "forward"])
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen3", "mistral_window", "lora_adapter"])
+def test_fastweights_step_never_reads_the_device(kind, mode):
+    model, spec, engine = setup(kind, mode, steps=2)
+    assert engine.name == "fastweights"
+    found = graph_step.host_syncs(graph_step.meta_backward, model, engine, spec, meta_batch(3), 2)
+    assert found == {}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_reference_engine_on_sdpa_reads_the_padding_mask():
+    """The positive control: Hugging Face's SDPA mask checks the padding on the host."""
+    model, spec, engine = setup(engine="reference")
+    found = graph_step.host_syncs(graph_step.meta_backward, model, engine, spec, meta_batch(), 1)
+    assert "_local_scalar_dense (cpu)" in found
+    assert "masking_utils" in found["_local_scalar_dense (cpu)"]
+
+
+def snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_sync_free_step_is_the_bench_step():
+    model, spec, engine = setup()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    start = snapshot(model)
+    meta_step.outer_step(model, opt, engine, spec, meta_batch(), 1)
+    meta_step.outer_step(model, opt, engine, spec, meta_batch(seed=2), 2)
+    eager = snapshot(model)
+
+    model2, spec2, engine2 = setup()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model2), start))
+    for seed, micro in ((1, 1), (2, 2)):
+        graph_step.sync_free_step(model2, opt2, engine2, spec2, meta_batch(seed=seed), micro)
+        opt2.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model2), eager))
+    assert any(not torch.equal(a, b) for a, b in zip(eager, start))
+
+
+def test_check_replay_restores_parameters_and_optimizer_state():
+    model, spec, engine = setup()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    static = meta_batch()
+
+    def step():
+        graph_step.sync_free_step(model, opt, engine, spec, static, 2)
+
+    step()  # AdamW's state exists: the second step depends on it
+    opt.zero_grad(set_to_none=True)
+    start = snapshot(model)
+    check, noise, out = graph_step.check_replay(model, opt, step, lambda: step() or "replayed")
+    assert (check, noise, out) == (0.0, 0.0, "replayed")  # a CPU step repeats exactly
+    assert any(not torch.equal(a, b) for a, b in zip(snapshot(model), start))
+
+    graph_step.restore(list(model.parameters()), start)
+    check, noise, _ = graph_step.check_replay(model, opt, step, lambda: None)
+    assert (check, noise) == (1.0, 0.0)  # a replay that does not step is caught
+
+
+def test_copy_batch_fills_the_captured_tensors_in_place():
+    torch.manual_seed(0)
+    static, fresh = (meta_step.random_batch(2, 8, 6, 48, "cpu", n=2) for _ in range(2))
+    ids = static.contexts.input_ids
+    graph_step.copy_batch(static, fresh)
+    assert static.contexts.input_ids is ids
+    assert torch.equal(ids, fresh.contexts.input_ids)
+    assert torch.equal(static.queries.labels, fresh.queries.labels)
