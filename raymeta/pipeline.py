@@ -42,21 +42,33 @@ def prompt_accuracy_fn(tokenizer, device):
     return f
 
 
+def with_model_choices(cfg: RunConfig, model):
+    """``model`` with the configured LoRA adapter; InputError when a LoRA target or a
+    ``meta.inner_params`` pattern matches nothing in it."""
+    from raymeta.models import apply_lora
+
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    inner_spec(model, cfg.meta, cfg.model.lora)
+    return model
+
+
 def load_base_model(cfg: RunConfig, train, test, device):
-    """(model, tokenizer, path) of the configured model; builds the tiny one when asked."""
-    from raymeta.models import apply_lora, keep_float64, load_model, train_tokenizer
+    """(model, tokenizer, path) of the configured model; builds the tiny one when asked
+    (its LoRA targets and inner parameters checked on a random copy before pretraining)."""
+    from raymeta.models import build_tiny_model, keep_float64, load_model, train_tokenizer
     from raymeta.pretrain import ensure_tiny_model, tokenizer_texts
 
     path = cfg.model.name_or_path
     if path == "tiny":
         tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
+        with torch.random.fork_rng(devices=[]):  # the check leaves the global RNG as it was
+            with_model_choices(cfg, build_tiny_model(cfg.model.tiny, len(tok)))
         path = str(ensure_tiny_model(cfg, train, test, device, prompt_accuracy_fn(tok, device)))
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
     if cfg.model.dtype == "float64":
         keep_float64(model)
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model.lora)
-    return model, tok, path
+    return with_model_choices(cfg, model), tok, path
 
 
 def format_table(results: dict) -> str:

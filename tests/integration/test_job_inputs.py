@@ -108,6 +108,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, case):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
+    assert "[pretrain]" not in proc.stdout  # found before the tiny model is trained
 
 
 def test_output_dir_that_is_a_file_is_named(tmp_path):
