@@ -161,16 +161,19 @@ def measure_graphed(model, opt, engine, spec, batch_fn, micro: int, reps: int) -
     ``graph_vs_eager`` and its control ``eager_vs_eager`` (atomic accumulations make two eager
     GPU steps differ a little; a replay that computes the step stays near that)."""
     static = batch_fn()
-    found = host_syncs(sync_free_step, model, opt, engine, spec, static, micro)
+
+    def step():
+        sync_free_step(model, opt, engine, spec, static, micro)
+
+    step()  # AdamW creates its state first (copies from the host, once)
+    opt.zero_grad(set_to_none=True)
+    found = host_syncs(step)
     if found:
         call, where = next(iter(found.items()))
         raise RuntimeError(
             f"the step syncs with the host ({call}), so it cannot be captured:\n{where}"
         )
     opt.zero_grad(set_to_none=True)
-
-    def step():
-        sync_free_step(model, opt, engine, spec, static, micro)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -119,3 +119,13 @@ def test_copy_batch_fills_the_captured_tensors_in_place():
     assert static.contexts.input_ids is ids
     assert torch.equal(ids, fresh.contexts.input_ids)
     assert torch.equal(static.queries.labels, fresh.queries.labels)
+
+
+def test_only_fast_weights_rows_are_graphed_and_cpu_is_refused(capsys):
+    assert meta_step.graph_modes(None, "fastweights") == [False]
+    assert meta_step.graph_modes("only", "fastweights") == [True]
+    assert meta_step.graph_modes("also", "fastweights") == [False, True]
+    assert meta_step.graph_modes("also", "reference") == [False]
+    with pytest.raises(SystemExit):
+        meta_step.parse(["--cuda-graph"])
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
