@@ -11,6 +11,7 @@
 #       instead: fastweights with and without --compile-ops (fused.COMPILE) side by side,
 #       at meta-batch 16 and 32, and 64 with --checkpoint-inner (~6 minutes, compiling included)
 #   bash bench/gpu_targets.sh OUT_DIR graph
+#       (every target's row and the levers in one call: run this first when GPU time is short)
 #       instead: the reference, and fastweights both eager and captured as one CUDA graph
 #       (--cuda-graph also, bench/graph_step.py), at meta-batch 16 and 32; the same at 64 with
 #       --checkpoint-inner; last, graphed with --compile-ops at 16 (~6 minutes). Each graphed
@@ -25,6 +26,10 @@ py=${PYTHON:-python3}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 common=(--device cuda --shape llama-1b --dtype bfloat16 --ctx 192 --query 32)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
+    echo "gpu_targets: $py sees no CUDA device (these runs need one; PYTHON=... picks another)" >&2
+    exit 2
+}
 if [[ "${2:-}" == compile ]]; then
     for flag in "" --compile-ops; do
         "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines fastweights \
@@ -34,13 +39,16 @@ if [[ "${2:-}" == compile ]]; then
     done
     exit 0
 fi
-if [[ "${2:-}" == graph ]]; then
+if [[ "${2:-}" == graph ]]; then  # each run goes on if an earlier one failed
     "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \
-        --ref-max-batch 16 --reps 3 --cuda-graph also --json "$out/b16-graph.json"
+        --ref-max-batch 16 --reps 3 --cuda-graph also --json "$out/b16-graph.json" ||
+        echo "gpu_targets: the meta-batch 16/32 run failed" >&2
     "$py" bench/meta_step.py "${common[@]}" --meta-batch 64 --engines fastweights \
-        --checkpoint-inner --reps 2 --cuda-graph also --json "$out/b64-graph.json"
+        --checkpoint-inner --reps 2 --cuda-graph also --json "$out/b64-graph.json" ||
+        echo "gpu_targets: the meta-batch 64 run failed" >&2
     "$py" bench/meta_step.py "${common[@]}" --meta-batch 16 --engines fastweights \
-        --reps 3 --compile-ops --cuda-graph also --json "$out/b16-graph-compiled.json"
+        --reps 3 --compile-ops --cuda-graph also --json "$out/b16-graph-compiled.json" ||
+        echo "gpu_targets: the compiled run failed" >&2
     exit 0
 fi
 "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines reference,fastweights \

@@ -502,6 +502,9 @@ def parse(argv=None):
     )
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+        p.error(f"--device cuda: no CUDA device here (torch {torch.__version__}, {why})")
     if args.cuda_graph and args.device != "cuda":
         p.error(f"--cuda-graph needs --device cuda (got --device {args.device})")
     return args

@@ -129,3 +129,10 @@ def test_only_fast_weights_rows_are_graphed_and_cpu_is_refused(capsys):
     with pytest.raises(SystemExit):
         meta_step.parse(["--cuda-graph"])
     assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_device_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        meta_step.parse(["--device", "cuda"])
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err
