@@ -237,10 +237,14 @@ class TrainConfig:
     """Held-out evaluation every N steps (0 = only at the end)."""
     checkpoint_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
+    checkpoints_to_keep: int = 2
+    """Newest checkpoints kept per run (Ray deletes older ones; the final one is always kept)."""
     max_failures: int = 0
     """Restarts from the last checkpoint after a worker dies."""
     ray_address: str = ""
-    """Ray cluster address; empty = the running cluster if any, else a local one."""
+    """Ray cluster address (HOST:PORT of its GCS, ray://HOST:PORT, auto or local); empty =
+    $RAY_ADDRESS, else the running cluster if any, else a local one. A HOST:PORT that does
+    not answer stops the job before it starts."""
     object_store_mb: int = 0
     """Object store size for a local Ray instance (0 = Ray's default)."""
     launcher: Literal["ray", "local"] = "ray"
@@ -460,6 +464,7 @@ MINIMUM = {
     "train.report_every": 1,
     "train.eval_every": 0,
     "train.checkpoint_every": 0,
+    "train.checkpoints_to_keep": 1,
     "train.max_failures": 0,
     "train.object_store_mb": 0,
 }

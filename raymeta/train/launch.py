@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,31 @@ def check_inputs(cfg: RunConfig, out: Path) -> None:
     check_output_dir(out)
     check_model_path(cfg.model.name_or_path)
     check_source(cfg.data)
+    if cfg.train.launcher == "ray":
+        check_ray_address(cfg.train)
+
+
+def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
+    """Raise InputError when the Ray address the job would use (``train.ray_address``, else
+    $RAY_ADDRESS) is a HOST:PORT that takes no TCP connection within ``timeout_s``:
+    ``ray.init`` would retry such an address for minutes without a word of raymeta's."""
+    address, source = train_cfg.ray_address, "train.ray_address"
+    if not address:
+        address, source = os.environ.get("RAY_ADDRESS", ""), "$RAY_ADDRESS"
+    if address in ("", "auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(
+            f"{source}={address!r}: expected HOST:PORT, ray://HOST:PORT, auto or local"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(
+            f"{source}={address!r}: no Ray cluster answers at {host}:{port} ({e}); start one "
+            "(`ray start --head`) or leave the address empty to run on a local instance"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -205,7 +231,7 @@ def fit_objective(
             name=run_name or f"{cfg.name}-{objective}",
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         ),
     )
     result = trainer.fit()

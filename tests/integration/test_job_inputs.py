@@ -1,8 +1,8 @@
 """The metatrain job on bad inputs and signals, as a user runs it (a subprocess, real files,
 the real local sqlite MLflow store):
 
-* a bad data file, model path, LoRA target, inner-parameter pattern or output dir gives
-  one ``error:`` line and exit 2, no traceback;
+* a bad data file, model path, LoRA target, inner-parameter pattern, Ray address or output
+  dir gives one ``error:`` line and exit 2, no traceback;
 * a re-run that fails on its inputs leaves the earlier results where they were;
 * SIGTERM ends the MLflow run (KILLED) and the process (exit 143).
 """
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.unit.test_input_checks import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +87,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "model.lora.target_modules",
         ),
         "inner_params": (["meta.inner_params=[nosuch]"], "meta.inner_params"),
+        "ray_address": (
+            ["train.launcher=ray", f"train.ray_address=127.0.0.1:{free_port()}"],
+            "train.ray_address",
+        ),
     }
 
 
@@ -96,6 +102,7 @@ CASES = [
     "dir_without_model",
     "lora_target",
     "inner_params",
+    "ray_address",
 ]
 """The keys of :func:`bad_inputs`."""
 

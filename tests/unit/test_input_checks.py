@@ -174,3 +174,41 @@ def test_check_inputs_names_a_missing_jsonl_file_before_the_run(tmp_path):
         check_inputs(cfg, out)
     assert not out.exists()  # nothing was written
     check_inputs(load_config(None, ["data.dataset=jsonl", f"data.source={good}"]), out)
+
+
+# a Ray address nobody answers at stops the job at once (ray.init would retry for minutes)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_is_named(monkeypatch):
+    import socket
+
+    from raymeta.train.launch import check_ray_address
+
+    def train(address=""):
+        return load_config(None, [f"train.ray_address={address}"] if address else []).train
+
+    port = free_port()
+    with pytest.raises(InputError, match=rf"train\.ray_address='127\.0\.0\.1:{port}': no Ray"):
+        check_ray_address(train(f"127.0.0.1:{port}"))
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+    with pytest.raises(InputError, match=r"\$RAY_ADDRESS='ray://127\.0\.0\.1:\d+': no Ray"):
+        check_ray_address(train())
+    with pytest.raises(InputError, match="expected HOST:PORT"):
+        check_ray_address(train("headnode"))
+    for ok in ("auto", "local"):
+        check_ray_address(train(ok))
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_ray_address(train())
+    with socket.socket() as listening:  # something answers: ray.init takes it from here
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_ray_address(train(f"127.0.0.1:{listening.getsockname()[1]}"))
