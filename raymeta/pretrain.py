@@ -15,7 +15,9 @@ Text kinds of the mix (``pretrain.mix`` weights):
   fresh    1-3 newly sampled facts' contexts + a query about one + its response
            (generated sets only; test names and descriptions excluded)
   copy     a random token string, then the same string (loss on the repeat)
-Pretraining stops when Prompt accuracy on held-out fresh facts reaches the target.
+Pretraining stops when Prompt accuracy on held-out facts reaches the target: fresh facts for
+the generated sets; for the others (SQuAD, WikiText, a user's JSONL) the last tenth of the
+training triples (at most 200), which pretraining then never sees (``held_out_facts``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from raymeta.data.batches import Tokens, lm_batch, pad, pad_id, prefix_ids, prom
 from raymeta.data.triples import Triple, content_hash
 from raymeta.progress import Progress
 
+RECIPE = 2
+"""Version of the pretraining recipe, part of the cache key (2: sets without a generator
+validate on training triples held out of pretraining, not on trained ones)."""
+
 
 def tiny_cache_key(cfg, train: Sequence[Triple], test: Sequence[Triple]) -> str:
     """A hash of everything that determines the tiny model: the data set kind and the
@@ -49,6 +55,7 @@ def tiny_cache_key(cfg, train: Sequence[Triple], test: Sequence[Triple]) -> str:
             "data": [cfg.data.dataset, content_hash(train), content_hash(test)],
             "shape": asdict(cfg.model.tiny),
             "pretrain": asdict(cfg.pretrain),
+            "recipe": RECIPE,
         },
         sort_keys=True,
     )
@@ -138,6 +145,17 @@ def validation_facts(sampler: TextSampler, n: int) -> list[Triple]:
     return facts
 
 
+def held_out_facts(train: Sequence[Triple], n: int = 200) -> tuple[list[Triple], list[Triple]]:
+    """(triples to pretrain on, triples to validate on) for a set without a generator: the
+    last tenth of ``train``, at most ``n``, is held out of pretraining, so that its Prompt
+    accuracy measures reading the prompt, not memory. Below 10 triples nothing is held out
+    (validation then scores trained triples, and the log says so)."""
+    k = min(n, len(train) // 10)
+    if k == 0:
+        return list(train), list(train[:n])
+    return list(train[:-k]), list(train[-k:])
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -149,8 +167,19 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
 
     Returns a report: steps run, final loss, Prompt accuracy history, seconds."""
     torch.manual_seed(cfg.seed)
-    sampler = TextSampler(dataset, train, test, tokenizer, cfg.seed)
-    val = validation_facts(sampler, 200) if sampler.generated else list(train[:200])
+    if dataset in generate.CONTEXTS:
+        sampler = TextSampler(dataset, train, test, tokenizer, cfg.seed)
+        val = validation_facts(sampler, 200)
+        held = f"{len(val)} fresh facts"
+    else:
+        pool, val = held_out_facts(train)
+        held = (
+            f"{len(val)} training triples held out of pretraining"
+            if len(pool) < len(train)
+            else f"{len(val)} trained-on training triples (too few to hold any out)"
+        )
+        sampler = TextSampler(dataset, pool, test, tokenizer, cfg.seed)
+    print(f"[pretrain] Prompt accuracy measured on {held}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     prog = Progress("pretrain", cfg.steps, every=cfg.eval_every, unit="seqs")
     history, loss_ema, step = [], None, 0
@@ -177,7 +206,13 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
             if cfg.target_prompt_accuracy and acc >= cfg.target_prompt_accuracy:
                 break
     model.eval()
-    return {"steps": step, "loss": loss_ema, "history": history, "seconds": prog.elapsed}
+    return {
+        "steps": step,
+        "loss": loss_ema,
+        "history": history,
+        "seconds": prog.elapsed,
+        "validation": held,
+    }
 
 
 def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:

@@ -212,3 +212,37 @@ def test_unreachable_ray_address_is_named(monkeypatch):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         check_ray_address(train(f"127.0.0.1:{listening.getsockname()[1]}"))
+
+
+# pretraining on a set without a generator validates on triples it never trains on
+
+
+def test_held_out_facts_are_left_out_of_pretraining():
+    from raymeta.pretrain import held_out_facts
+
+    train = facts(50)
+    pool, val = held_out_facts(train)
+    assert val == train[-5:] and pool == train[:-5]
+    assert held_out_facts(facts(5000))[1] == facts(5000)[-200:]
+    assert held_out_facts(facts(9)) == (facts(9), facts(9))  # too few: said in the log
+
+
+def test_pretraining_a_jsonl_set_scores_prompt_reading_on_held_out_triples(capsys):
+    from raymeta.config import PretrainConfig, TinyModelConfig
+    from raymeta.models import build_tiny_model, train_tokenizer
+    from raymeta.pretrain import pretrain_tiny, tokenizer_texts
+
+    train, test = facts(40), facts(4, "beta")
+    tok = train_tokenizer(tokenizer_texts("jsonl", train, test))
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, intermediate_size=32), len(tok))
+    scored = []
+
+    def prompt_accuracy(m, triples):
+        scored.append(list(triples))
+        return 0.5
+
+    cfg = PretrainConfig(steps=2, eval_every=1, batch_size=4)
+    report = pretrain_tiny(model, tok, "jsonl", train, test, cfg, "cpu", prompt_accuracy)
+    assert scored == [train[-4:], train[-4:]]
+    assert report["validation"] == "4 training triples held out of pretraining"
+    assert "Prompt accuracy measured on 4 training triples held out" in capsys.readouterr().out
