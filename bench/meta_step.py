@@ -155,7 +155,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
         query=query,
         meta_batch=b,
         micro=micro,
-        checkpoint_inner=spec.checkpoint_inner,
+        checkpoint_inner=spec.checkpoint_inner if engine.name == "fastweights" else False,
         fw_attention=args.fw_attention,
         fused_ops=not args.unfused_ops,
         compile_ops=args.compile_ops,
@@ -365,6 +365,9 @@ def table(rows_: list[dict]) -> str:
         "% bf16 peak",
         "speedup",
     ]
+    kept = any("kept_GiB_per_task" in r for r in rows_)
+    if kept:
+        head.append("kept GiB/task")
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
@@ -374,7 +377,7 @@ def table(rows_: list[dict]) -> str:
         if r.get("cuda_graph"):
             cells[0] += " (CUDA graph)"
         if "error" in r:
-            cells += [r["error"]] + [""] * 5
+            cells += [r["error"]] + [""] * (5 + kept)
         else:
             base = ref.get(setting(r))
             speed = (
@@ -390,6 +393,8 @@ def table(rows_: list[dict]) -> str:
                 fmt(r.get("pct_peak")),
                 fmt(speed) + ("x" if speed else ""),
             ]
+            if kept:
+                cells.append(fmt(r.get("kept_GiB_per_task"), 4))
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
 
@@ -505,6 +510,11 @@ def parse(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
         p.error(f"--device cuda: no CUDA device here (torch {torch.__version__}, {why})")
+    unknown = set(args.engines.split(",")) - {"reference", "fastweights"}
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(sorted(unknown))} (known: reference, fastweights)")
+    if args.phases and args.device != "cuda":
+        p.error("--phases needs --device cuda (it reads the CUDA allocator)")
     if args.cuda_graph and args.device != "cuda":
         p.error(f"--cuda-graph needs --device cuda (got --device {args.device})")
     return args

@@ -116,6 +116,24 @@ def step_loss(
     return meta_loss(model, engine, spec, batch, objective, lc, lm_texts, meta.lm_weight)
 
 
+def train_label(objective: str, engine: Engine, spec: InnerSpec, *parts: str) -> str:
+    """Progress header of meta-training: objective, engine, inner checkpointing, ``parts``."""
+    ckpt = [f"checkpoint_inner={spec.checkpoint_inner}"] if spec.checkpoint_inner else []
+    return f"meta-train {objective} ({', '.join([engine.name, *ckpt, *parts])})"
+
+
+def steps_note(meta, num_tasks: int) -> str | None:
+    """A log line when ``meta.epochs`` caps ``meta.steps`` (None when it does not)."""
+    steps = total_steps(meta, num_tasks)
+    if not meta.steps or steps >= meta.steps:
+        return None
+    per_epoch = steps_per_epoch(num_tasks, meta.meta_batch_size)
+    return (
+        f"[meta-train] meta.steps={meta.steps} capped at {steps}: meta.epochs={meta.epochs} "
+        f"passes over {num_tasks} tasks, {per_epoch} meta-batches of {meta.meta_batch_size} each"
+    )
+
+
 def total_steps(meta, num_tasks: int) -> int:
     """Outer steps: ``meta.steps`` capped at ``meta.epochs`` passes over the tasks."""
     check_meta_batch(meta.meta_batch_size, num_tasks)
@@ -142,7 +160,9 @@ def meta_train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=meta.outer_lr)
     steps = total_steps(meta, len(groups))
-    prog = Progress(f"meta-train {objective} ({engine.name})", steps, every=meta.log_every)
+    if note := steps_note(meta, len(groups)):
+        print(note, flush=True)
+    prog = Progress(train_label(objective, engine, spec), steps, every=meta.log_every)
     pos, history = Position(), []
     model.train()
     for step in range(1, steps + 1):

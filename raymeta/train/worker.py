@@ -41,7 +41,14 @@ def train_loop(config: dict) -> None:
     from raymeta.config import from_dict
     from raymeta.data.tasks import advance, group_facts, shard_batch
     from raymeta.meta.engines import select_engine
-    from raymeta.outer import inner_spec, lm_sampler, step_loss, total_steps
+    from raymeta.outer import (
+        inner_spec,
+        lm_sampler,
+        step_loss,
+        steps_note,
+        total_steps,
+        train_label,
+    )
     from raymeta.progress import Progress
     from raymeta.train.engine import init_engine
 
@@ -83,8 +90,11 @@ def train_loop(config: dict) -> None:
                 flush=True,
             )
     tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
+    if rank == 0 and (note := steps_note(meta, len(groups))):
+        print(note, flush=True)
+    workers = f"{world} worker" + ("s" if world > 1 else "")
     prog = Progress(
-        f"meta-train {objective} ({engine.name}, {world} workers, ZeRO-{cfg.train.zero_stage})",
+        train_label(objective, engine, spec, workers, f"ZeRO-{cfg.train.zero_stage}"),
         steps,
         every=meta.log_every,
         stream=None if rank == 0 else open(os.devnull, "w"),

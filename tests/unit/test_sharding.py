@@ -76,3 +76,35 @@ def test_resume_position_continues_the_same_sequence():
 def test_indivisible_batch_is_refused():
     with pytest.raises(ValueError, match="not divisible"):
         shard_batch(20, 5, 0, 2, 0, Position())
+
+
+def test_a_step_count_capped_by_epochs_is_said():
+    from raymeta.config import load_config
+    from raymeta.outer import steps_note, total_steps
+
+    meta = load_config(None, ["meta.steps=400", "meta.epochs=3", "meta.meta_batch_size=4"]).meta
+    assert total_steps(meta, 100) == 75
+    assert steps_note(meta, 100) == (
+        "[meta-train] meta.steps=400 capped at 75: meta.epochs=3 passes over 100 tasks, "
+        "25 meta-batches of 4 each"
+    )
+    assert steps_note(meta, 1000) is None  # 750 steps available: not capped
+    uncapped = load_config(None, ["meta.steps=0", "meta.epochs=3", "meta.meta_batch_size=4"])
+    assert steps_note(uncapped.meta, 100) is None  # 0 = all epochs, nothing to cap
+
+
+def test_progress_header_names_engine_and_inner_checkpointing():
+    from raymeta.meta.engines import select_engine
+    from raymeta.meta.inner import InnerSpec
+    from raymeta.outer import train_label
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    names = tuple(n for n, _ in model.named_parameters())
+    for ckpt, label in ((False, "fastweights"), ("vjp", "fastweights, checkpoint_inner=vjp")):
+        spec = InnerSpec(lr=0.1, names=names, checkpoint_inner=ckpt)
+        engine = select_engine("fastweights", model, spec)
+        assert train_label("LG", engine, spec) == f"meta-train LG ({label})"
+    assert train_label("LC", engine, spec, "1 worker", "ZeRO-0") == (
+        "meta-train LC (fastweights, checkpoint_inner=vjp, 1 worker, ZeRO-0)"
+    )
