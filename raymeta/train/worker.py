@@ -30,6 +30,19 @@ from raymeta.train.checkpoint import MODEL_DIR, LoopState, load_checkpoint, save
 METRIC_KEYS = ("outer_loss", "inner_loss", "loss", "lm_loss", "grad_norm")
 
 
+def quiet_report_logs() -> None:
+    """Ray Train 2.x logs every ``ray.train.report`` at INFO ("Reporting training result N:
+    TrainingReport(...)", the whole metrics dict), which buries the progress lines; its
+    logger (named by its module's file) is raised to WARNING in this worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its messages stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (see :func:`raymeta.train.launch.fit_objective`).
 
@@ -55,6 +68,7 @@ def train_loop(config: dict) -> None:
     # Ray Train routes print() to its logger and, when a library has wrapped sys.stdout,
     # also tees to it: every progress line would show twice on the driver.
     sys.stdout = sys.__stdout__
+    quiet_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = from_dict(config["cfg"])
