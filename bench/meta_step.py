@@ -562,14 +562,17 @@ def main(argv=None):
                     continue
                 engine = select_engine(name, model, spec)
                 micro = args.ref_micro if name == "reference" else (args.micro or b)
+                eager = None  # the extras below look at the eager row only
                 for graphed in graph_modes(args.cuda_graph, name):
                     row = measure(
                         model, opt, engine, spec, args, b, ctx, args.query, micro, n_params, graphed
                     )
                     print(json.dumps(row), flush=True)
                     results.append(row)
-                if graphed:
+                    eager = eager if graphed else row
+                if eager is None:
                     continue
+                row = eager
                 if args.phases and args.device == "cuda" and name == "fastweights":
                     if "error" not in row:
                         batch = random_batch(

@@ -64,10 +64,8 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from raymeta.train.launch import check_launchable, run_job
+        from raymeta.train.launch import run_job
 
-        if cfg.train.launcher == "ray":
-            check_launchable(cfg)
         run_job(cfg, args.output_dir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -122,9 +122,9 @@ def train_label(objective: str, engine: Engine, spec: InnerSpec, *parts: str) ->
     return f"meta-train {objective} ({', '.join([engine.name, *ckpt, *parts])})"
 
 
-def steps_note(meta, num_tasks: int) -> str | None:
-    """A log line when ``meta.epochs`` caps ``meta.steps`` (None when it does not)."""
-    steps = total_steps(meta, num_tasks)
+def steps_note(meta, num_tasks: int, steps: int) -> str | None:
+    """A log line when ``meta.epochs`` capped ``meta.steps`` at ``steps`` (:func:`total_steps`;
+    None when it did not)."""
     if not meta.steps or steps >= meta.steps:
         return None
     per_epoch = steps_per_epoch(num_tasks, meta.meta_batch_size)
@@ -160,7 +160,7 @@ def meta_train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=meta.outer_lr)
     steps = total_steps(meta, len(groups))
-    if note := steps_note(meta, len(groups)):
+    if note := steps_note(meta, len(groups), steps):
         print(note, flush=True)
     prog = Progress(train_label(objective, engine, spec), steps, every=meta.log_every)
     pos, history = Position(), []

@@ -74,13 +74,21 @@ def check_inputs(cfg: RunConfig, out: Path) -> None:
         check_ray_address(cfg.train)
 
 
+def ray_address(train_cfg) -> tuple[str, str]:
+    """The Ray address the job uses and where it was set: ``train.ray_address``, else
+    $RAY_ADDRESS, else ``("", "")`` (a running cluster, else a local instance)."""
+    if train_cfg.ray_address:
+        return train_cfg.ray_address, "train.ray_address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    return "", ""
+
+
 def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
     """Raise InputError when the Ray address the job would use (``train.ray_address``, else
     $RAY_ADDRESS) is a HOST:PORT that takes no TCP connection within ``timeout_s``:
     ``ray.init`` would retry such an address for minutes without a word of raymeta's."""
-    address, source = train_cfg.ray_address, "train.ray_address"
-    if not address:
-        address, source = os.environ.get("RAY_ADDRESS", ""), "$RAY_ADDRESS"
+    address, source = ray_address(train_cfg)
     if address in ("", "auto", "local"):
         return
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
@@ -124,7 +132,7 @@ def init_ray(train_cfg) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    address = train_cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    address, _ = ray_address(train_cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return

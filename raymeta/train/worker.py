@@ -104,7 +104,7 @@ def train_loop(config: dict) -> None:
                 flush=True,
             )
     tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
-    if rank == 0 and (note := steps_note(meta, len(groups))):
+    if rank == 0 and (note := steps_note(meta, len(groups), steps)):
         print(note, flush=True)
     workers = f"{world} worker" + ("s" if world > 1 else "")
     prog = Progress(

@@ -84,13 +84,17 @@ def test_a_step_count_capped_by_epochs_is_said():
 
     meta = load_config(None, ["meta.steps=400", "meta.epochs=3", "meta.meta_batch_size=4"]).meta
     assert total_steps(meta, 100) == 75
-    assert steps_note(meta, 100) == (
+    assert steps_note(meta, 100, total_steps(meta, 100)) == (
         "[meta-train] meta.steps=400 capped at 75: meta.epochs=3 passes over 100 tasks, "
         "25 meta-batches of 4 each"
     )
-    assert steps_note(meta, 1000) is None  # 750 steps available: not capped
+    assert (
+        steps_note(meta, 1000, total_steps(meta, 1000)) is None
+    )  # 750 steps available: not capped
     uncapped = load_config(None, ["meta.steps=0", "meta.epochs=3", "meta.meta_batch_size=4"])
-    assert steps_note(uncapped.meta, 100) is None  # 0 = all epochs, nothing to cap
+    assert (
+        steps_note(uncapped.meta, 100, total_steps(uncapped.meta, 100)) is None
+    )  # 0 = all epochs, nothing to cap
 
 
 def test_progress_header_names_engine_and_inner_checkpointing():
