@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         from raymeta.train.launch import run_job
 
-        run_job(cfg, args.output_dir)
+        run_job(cfg, args.output_dir, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from raymeta.errors import InputError
+from raymeta.paths import looks_local
 
 DTYPES = {
     "float32": torch.float32,
@@ -104,12 +105,6 @@ def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> 
     if info is not None:
         (path / "raymeta.json").write_text(json.dumps(info, indent=1))
     return path
-
-
-def looks_local(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is meant as a local path rather than a hub name: absolute, starting
-    with ``./``, ``../`` or ``~``, or existing here."""
-    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
 
 
 def check_model_path(name_or_path: str) -> None:

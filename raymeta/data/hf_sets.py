@@ -70,6 +70,7 @@ from typing import Any
 
 from raymeta.data.triples import Triple, TripleFileError, content_hash, read_triples, write_triples
 from raymeta.errors import InputError
+from raymeta.paths import looks_local
 
 CACHE_VERSION = 1
 SQUAD_MAX_ANSWER_WORDS = 10
@@ -258,17 +259,6 @@ def split_source(source: str) -> tuple[str, str | None]:
         return source, None
     name, config = source.rsplit(":", 1)
     return name, config or None
-
-
-def looks_local(name: str) -> bool:
-    """A source that can only mean a local path (hub names are ``name`` or ``owner/name``)."""
-    suffixes = (".json", ".jsonl", ".parquet", ".raw", ".txt", ".tokens", ".arrow", ".csv")
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or name.endswith(suffixes)
-        or "\\" in name
-    )
 
 
 def plan_load(dataset: str, source: str, split: str) -> LoadPlan:

@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,8 +357,11 @@ def local_trainer_logged(tracker):
     return meta_trainer
 
 
-def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
+def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """The metatrain job: MLflow run, pipeline (Ray or in-process), results to MLflow.
+
+    ``overrides`` (the command line's dotted overrides) and the output directory are tagged
+    on the MLflow run, so runs of one config (one run name) can be told apart and repeated.
 
     The MLflow run ends FINISHED, KILLED when interrupted (Ctrl-C, or SIGTERM made into
     SystemExit by the job), else FAILED."""
@@ -374,7 +378,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path) -> dict:
         default_dir=out,
         run_name=cfg.name,
         params=to_dict(cfg),
-        tags=run_tags(cfg, kinds),
+        tags={**run_tags(cfg, kinds), "overrides": " ".join(overrides), "output_dir": str(out)},
     )
     try:
         if cfg.train.launcher == "ray":

@@ -202,6 +202,8 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert parent.data.tags["experiment"] == "smoke"
     assert parent.data.tags["dataset"] == "character_descriptions"
     assert parent.data.tags["model_kind"] == "BM,LG"
+    assert parent.data.tags["overrides"] == f"model.tiny_cache_dir={tmp_path / 'models'}"
+    assert parent.data.tags["output_dir"] == str(out.resolve())
     assert child.data.tags["model_kind"] == "LG"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "LG.FT.accuracy" in parent.data.metrics

@@ -246,3 +246,31 @@ def test_pretraining_a_jsonl_set_scores_prompt_reading_on_held_out_triples(capsy
     assert scored == [train[-4:], train[-4:]]
     assert report["validation"] == "4 training triples held out of pretraining"
     assert "Prompt accuracy measured on 4 training triples held out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("meta-llama/Llama-3.2-1B", False),
+        ("gpt2", False),
+        ("Salesforce/wikitext:wikitext-2-raw-v1", False),
+        ("./models/llama", True),
+        ("~/models/llama", True),
+        ("/abs/model", True),
+        ("models/llama/final", True),  # three parts cannot be a hub id
+        ("train.jsonl", True),
+        ("C:\\data\\train.json", True),
+    ],
+)
+def test_looks_local_tells_paths_from_hub_names(name, local):
+    from raymeta.paths import looks_local
+
+    assert looks_local(name) is local
+
+
+def test_model_path_with_nested_parts_is_checked_as_a_path(tmp_path):
+    from raymeta.models import check_model_path
+
+    with pytest.raises(InputError, match="models/llama/final does not exist"):
+        check_model_path("models/llama/final")
+    check_model_path("meta-llama/Llama-3.2-1B")  # a hub name: left to from_pretrained
