@@ -64,7 +64,8 @@ def load_base_model(cfg: RunConfig, train, test, device):
         tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
         with torch.random.fork_rng(devices=[]):  # the check leaves the global RNG as it was
             with_model_choices(cfg, build_tiny_model(cfg.model.tiny, len(tok)))
-        path = str(ensure_tiny_model(cfg, train, test, device, prompt_accuracy_fn(tok, device)))
+        accuracy = prompt_accuracy_fn(tok, device)
+        path = str(ensure_tiny_model(cfg, train, test, device, accuracy, tokenizer=tok))
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
     if cfg.model.dtype == "float64":
         keep_float64(model)

@@ -215,8 +215,9 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
     }
 
 
-def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
-    """The cached tiny model directory for ``cfg``, building and pretraining it if missing.
+def ensure_tiny_model(cfg, train, test, device, prompt_accuracy, tokenizer=None) -> Path:
+    """The cached tiny model directory for ``cfg``, building and pretraining it if missing
+    (with ``tokenizer`` when the caller already trained it on ``tokenizer_texts``).
 
     The result is loaded like any other model, through ``from_pretrained``."""
     from raymeta.models import build_tiny_model, count_parameters, save_model, train_tokenizer
@@ -225,7 +226,7 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy) -> Path:
     if (path / "raymeta.json").is_file():
         print(f"[pretrain] reusing the cached tiny model {path}", flush=True)
         return path
-    tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
+    tok = tokenizer or train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
     model = build_tiny_model(cfg.model.tiny, len(tok), seed=cfg.pretrain.seed).to(device)
     n = count_parameters(model)
     print(f"[pretrain] tiny Llama: {n / 1e6:.2f}M parameters, vocabulary {len(tok)}", flush=True)
