@@ -14,8 +14,9 @@ generated character descriptions). Overrides are dotted config keys, e.g.
 ``meta.inner_lr=0.3``. See docs/cluster.md.
 
 Exit status: 0 done; 2 bad config or input (one ``config error:`` / ``error:`` line);
-3 tracking store unusable; 143 stopped by SIGTERM (``ray job stop``, a scheduler; the
-MLflow run ends KILLED, as it does on Ctrl-C).
+3 tracking store unusable; 4 meta-training diverged (a nan or inf loss: the line names the
+step and the figures; the models evaluated before it keep their results); 143 stopped by SIGTERM (``ray job stop``, a scheduler), 130 by
+Ctrl-C (one ``stopped by`` line; the MLflow runs end KILLED).
 """
 
 from __future__ import annotations
@@ -46,37 +47,66 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM raise SystemExit(143), so the job's cleanup ends its MLflow run (KILLED)
-    before the process exits; further SIGTERMs during that cleanup are ignored."""
+STOPPED_BY: list[int] = []
+"""The signal that stopped the job (SIGTERM, SIGINT), once one has."""
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM raise SystemExit and Ctrl-C KeyboardInterrupt, so the job's cleanup ends its
+    MLflow runs (KILLED) before the process exits, and remember the signal: raised inside
+    ``ray.get`` either comes back as ``SystemExit(1)``, so the exit status is taken from the
+    signal. Further signals during that cleanup are ignored."""
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        STOPPED_BY.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray if this job connected, so that no worker log line streamed to this
+    process comes after the job's last line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    exit_on_sigterm()
+    stop_on_signals()
+    from raymeta.outer import MetaTrainingDiverged
     from raymeta.train.tracking import TrackingError
 
+    known = [
+        (ConfigError, "config error", 2),
+        (InputError, "error", 2),
+        (TrackingError, "tracking error", 3),
+        (MetaTrainingDiverged, "error", 4),
+    ]
     try:
         cfg = load_config(args.config, args.overrides)
         from raymeta.train.launch import run_job
 
         run_job(cfg, args.output_dir, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrackingError as e:
-        print(f"tracking error: {e}", file=sys.stderr)
-        return 3
-    return 0
+        if not STOPPED_BY:
+            return 0
+    except BaseException as e:
+        label, code = next(((lab, c) for kind, lab, c in known if isinstance(e, kind)), ("", 0))
+        if not code and not STOPPED_BY:
+            raise
+        line = f"{label}: {e}"
+    if STOPPED_BY:
+        signum = STOPPED_BY[0]
+        line, code = f"stopped by {signal.Signals(signum).name}", 128 + signum
+    shutdown_ray()
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

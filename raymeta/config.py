@@ -31,6 +31,13 @@ class ConfigError(ValueError):
         self.field = field
 
 
+SOURCE_FORMS = {
+    "jsonl": "TRAIN.jsonl[,TEST.jsonl]",
+    "squad": "a hub name such as rajpurkar/squad, or a local file or directory",
+    "wikitext": "a hub name such as Salesforce/wikitext[:CONFIG], or a local file or directory",
+}
+"""What ``data.source`` holds for the data sets that need one."""
+
 MIX_KINDS = ("context", "prompt", "nc", "prompt2", "fresh", "copy")
 """The text kinds of the tiny model's pretraining mix (``pretrain.mix`` keys; see pretrain.py)."""
 
@@ -98,7 +105,8 @@ class ModelConfig:
     """A Hugging Face causal LM name or local path, or ``tiny`` for the offline tiny model
     (built, pretrained on the task texts and cached under ``tiny_cache_dir``)."""
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    """Parameter dtype."""
+    """Parameter dtype. float16 is refused: meta-training has no loss scaling, so its
+    gradients under- and overflow (use bfloat16)."""
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     """eager has double backward; sdpa is run under its math backend for the meta step."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -273,7 +281,7 @@ class RunConfig:
     seed: int = 0
     """Global seed."""
     device: str = "cpu"
-    """Torch device of single-process jobs (cpu, cuda)."""
+    """Torch device of single-process jobs (cpu, cuda, cuda:N)."""
     threads: int = 0
     """torch threads (0 = torch's default)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -552,11 +560,31 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0 and not cfg.meta.lm_file:
         raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'", "meta.lm_file")
-    if cfg.data.dataset == "jsonl" and not cfg.data.source:
+    if not cfg.data.source and cfg.data.dataset in SOURCE_FORMS:
         raise ConfigError(
-            "data.source: required for dataset 'jsonl' (TRAIN.jsonl[,TEST.jsonl])", "data.source"
+            f"data.source: required for dataset {cfg.data.dataset!r} "
+            f"({SOURCE_FORMS[cfg.data.dataset]})",
+            "data.source",
         )
     generated = cfg.data.dataset in ("character_descriptions", "reversal_curse")
+    if not generated and not any(w > 0 for k, w in cfg.pretrain.mix.items() if k != "fresh"):
+        _fail(
+            "pretrain.mix",
+            cfg.pretrain.mix,
+            f"a weight > 0 for a kind other than 'fresh': fresh facts exist only for the "
+            f"generated sets, not {cfg.data.dataset!r}",
+        )
+    if cfg.model.dtype == "float16":
+        _fail(
+            "model.dtype",
+            cfg.model.dtype,
+            "float32, float64 or bfloat16 (float16 needs loss scaling, which meta-training "
+            "does not do: its gradients under- and overflow)",
+        )
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        _fail("device", cfg.device, "cpu, cuda or cuda:N")
+    if not cfg.tracking.experiment.strip():
+        _fail("tracking.experiment", cfg.tracking.experiment, "a non-empty MLflow experiment name")
     if generated and cfg.data.n_train < 1:
         _fail("data.n_train", cfg.data.n_train, ">= 1 for a generated set (how many to generate)")
     if generated and cfg.data.n_test < 1:

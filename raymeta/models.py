@@ -24,6 +24,15 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+"""Files of which a saved Hugging Face tokenizer has at least one."""
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -109,7 +118,8 @@ def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> 
 
 def check_model_path(name_or_path: str) -> None:
     """Raise InputError when ``model.name_or_path`` names a local path that holds no saved model
-    (no directory, or no ``config.json`` in it); hub names and ``tiny`` pass unchecked."""
+    (no directory, no ``config.json`` in it, or no tokenizer files); hub names and ``tiny`` pass
+    unchecked."""
     if name_or_path == "tiny" or not looks_local(name_or_path):
         return
     path = Path(name_or_path).expanduser()
@@ -119,6 +129,11 @@ def check_model_path(name_or_path: str) -> None:
         problem = "is a file, not a model directory"
     elif not (path / "config.json").is_file():
         problem = "is a directory without config.json (no model saved there)"
+    elif not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problem = (
+            "holds a model but no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}; save one there with tokenizer.save_pretrained)"
+        )
     else:
         return
     raise InputError(
@@ -152,6 +167,11 @@ def load_model(
             f"model.name_or_path: cannot load {name_or_path!r} ({e}). Offline machines need a "
             "local directory written by save_pretrained, or model.name_or_path=tiny."
         ) from None
+    if not tokenizer("The river is called Alba.")["input_ids"]:
+        raise InputError(
+            f"model.name_or_path: the tokenizer of {name_or_path!r} encodes text to no tokens "
+            "(an empty vocabulary: was the right tokenizer saved there?)"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = Path(name_or_path) / ADAPTER_DIR

@@ -8,8 +8,10 @@ DeepSpeed engine do backward, reduction, clipping and the Adam step.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -23,7 +25,8 @@ from raymeta.data.tasks import (
     shard_batch,
     steps_per_epoch,
 )
-from raymeta.data.triples import Triple
+from raymeta.data.triples import Triple, utf8_lines
+from raymeta.errors import InputError
 from raymeta.meta.engines import Engine, select_engine
 from raymeta.meta.inner import InnerSpec
 from raymeta.meta.step import lc_targets, meta_loss
@@ -67,11 +70,7 @@ def lm_sampler(
             return sampler.batch(meta.lm_batch_size, cfg.pretrain.mix)
     else:
         if meta.lm_source == "file":
-            from pathlib import Path
-
-            pool = [x for x in Path(meta.lm_file).read_text().splitlines() if x.strip()]
-            if not pool:
-                raise ValueError(f"meta.lm_file: {meta.lm_file} holds no text")
+            pool = read_lm_file(meta.lm_file)
         else:
             pool = [t.context for t in train]
 
@@ -89,6 +88,37 @@ def lm_sampler(
         return Tokens(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
 
     return share
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """A meta-training step gave a non-finite loss or gradient norm (jobs exit 4 on it)."""
+
+
+def check_finite(stats: dict, step: int) -> None:
+    """Raise MetaTrainingDiverged when a loss or the gradient norm in ``stats`` is nan or inf:
+    later steps would only spread it through the weights."""
+    bad = [
+        f"{k}={stats[k]}"
+        for k in ("outer_loss", "inner_loss", "lm_loss", "grad_norm")
+        if k in stats and not math.isfinite(stats[k])
+    ]
+    if bad:
+        raise MetaTrainingDiverged(
+            f"meta-training diverged at step {step}: {', '.join(bad)}. Lower meta.outer_lr or "
+            "meta.inner_lr, or keep meta.clip_norm > 0; float32 is safer than bfloat16"
+        )
+
+
+def read_lm_file(path: str) -> list[str]:
+    """The documents of ``meta.lm_file`` (one a line, blank lines skipped); InputError naming
+    the file when it is missing, not UTF-8 or holds no text."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"meta.lm_file: {path} not found (a text file, one document a line)")
+    pool = [line.strip() for _, line in utf8_lines(file) if line.strip()]
+    if not pool:
+        raise InputError(f"meta.lm_file: {path} holds no text")
+    return pool
 
 
 def step_loss(
@@ -184,8 +214,9 @@ def meta_train_local(
         norm = torch.nn.utils.clip_grad_norm_(
             params, meta.clip_norm if meta.clip_norm > 0 else float("inf")
         )
-        opt.step()
         stats["grad_norm"] = float(norm)
+        check_finite(stats, step)  # before the update: the model keeps its last finite weights
+        opt.step()
         pos = advance(pos, len(groups), meta.meta_batch_size)
         prog.update(
             step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")}

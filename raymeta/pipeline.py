@@ -122,11 +122,23 @@ def check_sizes(cfg: RunConfig, train, test) -> None:
     eval_triples(test, cfg.eval)
 
 
-def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> dict:
+def write_results(out: Path, results: dict) -> str:
+    """``results.json`` and ``results.md`` (the table, returned) of the models evaluated so far."""
+    table = format_table(results)
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", table)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text + "\n")
+        tmp.replace(out / name)
+    return table
+
+
+def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_result=None) -> dict:
     """Run the whole job; returns results (also written to ``output_dir/results.json``).
 
     ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher) -> history`` replaces
-    the in-process meta-training loop (the Ray Train path passes its own)."""
+    the in-process meta-training loop (the Ray Train path passes its own). Each model's results
+    are written (results.json, results.md, records) and passed to ``on_result(name, metrics)``
+    as soon as it is evaluated, so a job that stops later keeps them."""
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +166,9 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
         )
         results[name] = metrics
         write_records(out, name, records)
+        write_results(out, results)
+        if on_result is not None:
+            on_result(name, metrics)
         print(
             f"[eval {name}] " + "  ".join(f"{s}={v['accuracy']:.3f}" for s, v in metrics.items()),
             flush=True,
@@ -168,10 +183,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None) -> d
         lc_teacher = teacher if objective == "LC" else None
         histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
         run_eval(objective, m)
-    table = format_table(results)
-    print("\n" + table + "\n", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(table + "\n")
+    print("\n" + format_table(results) + "\n", flush=True)
     from raymeta.plots import plot_results
 
     plot_results(results, histories, out / "results.png")

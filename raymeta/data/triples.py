@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +57,7 @@ def parse_triple(row: object, where: str) -> Triple:
     for k in FIELDS:
         if not isinstance(row[k], str):
             raise TripleFileError(f"{where}: field {k!r} must be a string, got {row[k]!r}")
-    for k in ("query", "response"):
+    for k in FIELDS:
         if not row[k].strip():
             raise TripleFileError(f"{where}: field {k!r} is empty")
     extra = set(row) - set(FIELDS) - {"meta"}
@@ -78,21 +78,35 @@ def check_triple_file(path: str | Path, field: str = "") -> Path:
     return path
 
 
+def utf8_lines(path: Path, error: type[InputError] = InputError) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file (a leading BOM dropped); ``error`` names the
+    file, line and byte of the first that is not UTF-8."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(
+                    f"{path}:{i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
+
+
 def read_triples(path: str | Path) -> list[Triple]:
-    """Read a JSONL triple file (yours or ours); blank lines are skipped.
+    """Read a JSONL triple file (yours or ours; UTF-8, a leading BOM allowed); blank lines are
+    skipped.
 
     Raises TripleFileError naming the file and line of the first malformed line."""
     path = check_triple_file(path)
     out = []
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TripleFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            out.append(parse_triple(row, f"{path}:{i}"))
+    for i, line in utf8_lines(path, TripleFileError):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TripleFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        out.append(parse_triple(row, f"{path}:{i}"))
     if not out:
         raise TripleFileError(f"{path}: no triples in file")
     return out

@@ -69,10 +69,33 @@ def check_inputs(cfg: RunConfig, out: Path) -> None:
     from raymeta.models import check_model_path
 
     check_output_dir(out)
+    check_device(cfg.device)
     check_model_path(cfg.model.name_or_path)
     check_source(cfg.data)
+    if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0:
+        from raymeta.outer import read_lm_file
+
+        read_lm_file(cfg.meta.lm_file)
     if cfg.train.launcher == "ray":
         check_ray_address(cfg.train)
+
+
+def check_device(device: str) -> None:
+    """Raise InputError when ``device`` (cuda, cuda:N) names a GPU this torch cannot use."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"device={device!r}: torch {torch.__version__} sees no CUDA GPU here "
+            "(a CPU build, or no driver); use device=cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise InputError(
+            f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def ray_address(train_cfg) -> tuple[str, str]:
@@ -87,11 +110,25 @@ def ray_address(train_cfg) -> tuple[str, str]:
 
 def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
     """Raise InputError when the Ray address the job would use (``train.ray_address``, else
-    $RAY_ADDRESS) is a HOST:PORT that takes no TCP connection within ``timeout_s``:
+    $RAY_ADDRESS) is a HOST:PORT (or ``auto``'s cluster) that takes no TCP connection within
+    ``timeout_s``, or ``auto`` finds no cluster:
     ``ray.init`` would retry such an address for minutes without a word of raymeta's."""
     address, source = ray_address(train_cfg)
-    if address in ("", "auto", "local"):
+    if address in ("", "local"):
         return
+    if address == "auto":  # the cluster the last `ray start` on this machine left behind
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            found = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            found = None
+        if found is None:
+            raise InputError(
+                f"{source}='auto': no running Ray cluster found on this machine; start one "
+                "(`ray start --head`) or leave the address empty to run on a local instance"
+            )
+        address = found
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise InputError(
@@ -107,15 +144,17 @@ def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def keeping_sigterm_handler():
-    """Within the block, ``ray.init`` may replace the SIGTERM handler (with ``sys.exit(15)``);
-    afterwards a Python handler the caller had installed (the job's) is put back."""
-    previous = signal.getsignal(signal.SIGTERM)
+def keeping_signal_handlers():
+    """Within the block, ``ray.init`` may replace the SIGTERM handler (with ``sys.exit(15)``) or
+    SIGINT's; afterwards the Python handlers the caller had installed (the job's) are put back."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        if callable(previous) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in previous.items():
+                if callable(handler):
+                    signal.signal(signum, handler)
 
 
 def connect_ray(train_cfg) -> None:
@@ -124,7 +163,7 @@ def connect_ray(train_cfg) -> None:
 
     if ray.is_initialized():
         return
-    with keeping_sigterm_handler():
+    with keeping_signal_handlers():
         init_ray(train_cfg)
 
 
@@ -243,13 +282,43 @@ def fit_objective(
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        if (cause := diverged_cause(e)) is None:
+            raise
+        raise cause from None
+    if result.error is not None and (cause := diverged_cause(result.error)) is not None:
+        raise cause from None
     if result.checkpoint is None:
         raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
     ckpt = Path(result.checkpoint.path)
     state = read_state(ckpt)
     history = json.loads((ckpt / "history.json").read_text())
     return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)
+
+
+def diverged_cause(error: BaseException):
+    """The workers' MetaTrainingDiverged inside Ray's wrapping of ``error`` (None if none)."""
+    from raymeta.outer import MetaTrainingDiverged
+
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MetaTrainingDiverged):
+            return MetaTrainingDiverged(str(e))
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    text = str(error)
+    name = f"{MetaTrainingDiverged.__name__}: "
+    if name in text:  # only the text came back
+        return MetaTrainingDiverged(text.split(name, 1)[1].splitlines()[0])
+    return None
 
 
 def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:
@@ -364,7 +433,8 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     on the MLflow run, so runs of one config (one run name) can be told apart and repeated.
 
     The MLflow run ends FINISHED, KILLED when interrupted (Ctrl-C, or SIGTERM made into
-    SystemExit by the job), else FAILED."""
+    SystemExit by the job), else FAILED; each model's eval metrics are logged as soon as it is
+    evaluated, and a run that ends early still gets the result files written by then."""
     from raymeta.pipeline import run_pipeline
     from raymeta.train.tracking import end_status, start_run
 
@@ -380,32 +450,47 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
         params=to_dict(cfg),
         tags={**run_tags(cfg, kinds), "overrides": " ".join(overrides), "output_dir": str(out)},
     )
+    evaluated: list[str] = []
+
+    def on_result(name: str, metrics: dict) -> None:
+        evaluated.append(name)
+        log_metrics_of(tracker, name, metrics)
+
     try:
         if cfg.train.launcher == "ray":
             start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
             trainer = local_trainer_logged(tracker)
-        results = run_pipeline(cfg, out, meta_trainer=trainer)
-        log_results(tracker, out, results)
+        results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
+        log_artifacts(tracker, out)
     except BaseException as e:
+        if evaluated:  # this job's files (an earlier job's were moved to previous/ by then)
+            log_artifacts(tracker, out)
         tracker.finish(end_status(e))
         raise
     tracker.finish()
     return results
 
 
-def log_results(tracker, out: Path, results: dict) -> None:
-    """Eval metrics (``<model>.<setting>.<metric>``), the results table and records as artifacts."""
-    metrics = {
-        f"{model}.{setting}.{k}": v
-        for model, res in results.items()
-        for setting, m in res.items()
-        for k, v in m.items()
-        if isinstance(v, (int, float))
-    }
-    tracker.log_metrics(metrics, step=0)
-    for name in ("results.json", "results.md", "results.png", "summary.json", "config.yaml"):
+def log_metrics_of(tracker, model: str, metrics: dict) -> None:
+    """One model's eval metrics (``<model>.<setting>.<metric>``), logged once it is evaluated."""
+    tracker.log_metrics(
+        {
+            f"{model}.{setting}.{k}": v
+            for setting, m in metrics.items()
+            for k, v in m.items()
+            if isinstance(v, (int, float))
+        },
+        step=0,
+    )
+
+
+def log_artifacts(tracker, out: Path) -> None:
+    """The results table, figure, summary, config and per-example records as artifacts."""
+    from raymeta.pipeline import RESULT_FILES
+
+    for name in RESULT_FILES:
         if (out / name).is_file():
             tracker.log_artifact(out / name)
     if (out / "records").is_dir():

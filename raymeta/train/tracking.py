@@ -137,18 +137,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
             error = e
         if attempt + 1 < tries:
             time.sleep(1.0)
-    raise TrackingError(_unreachable_message(uri, error))
+    raise TrackingError(_store_message(uri, f"is not reachable: {error}"))
 
 
-def _unreachable_message(uri: str, error: BaseException | None) -> str:
-    """The error text for a tracking store that cannot be used."""
+def _store_message(uri: str, problem: str) -> str:
+    """The error text for a tracking store that cannot be used: ``problem`` and the fixes."""
     source = " (from $MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
     return (
-        f"MLflow tracking store {uri}{source} is not reachable: {error}. Fix one of: start the "
-        "server (e.g. `mlflow server --backend-store-uri sqlite:///<dir>/mlflow.db "
-        "--default-artifact-root <abs dir>/artifacts --host 127.0.0.1 --port 5000`); "
-        "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to log to a local store "
-        "in the output directory; or set tracking.enabled=false."
+        f"MLflow tracking store {uri}{source} {problem}. Fix one of: point tracking.tracking_uri "
+        "(or $MLFLOW_TRACKING_URI) at a running server (e.g. `mlflow server --backend-store-uri "
+        "sqlite:///<dir>/mlflow.db --default-artifact-root <abs dir>/artifacts --host 127.0.0.1 "
+        "--port 5000`) or at a sqlite:///<abs dir>/mlflow.db store; or unset both to log to a "
+        "local store in the output directory; or set tracking.enabled=false."
     )
 
 
@@ -510,7 +510,10 @@ def start_run(
     if not is_http(uri):
         default_dir.mkdir(parents=True, exist_ok=True)
     check_reachable(uri, timeout_s=request_timeout_s)
-    client = MlflowClient(tracking_uri=uri)
+    try:  # MLflow refuses some stores here (a bare directory: its deprecated file store)
+        client = MlflowClient(tracking_uri=uri)
+    except Exception as e:
+        raise TrackingError(_store_message(uri, f"cannot be used: {e}")) from e
     tag_list = [
         RunTag(sanitize_key(k), truncate(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()
     ]
@@ -527,7 +530,7 @@ def start_run(
             for chunk in _chunks(tag_list, _BATCH_PARAMS_TAGS):
                 client.log_batch(run_id, tags=chunk, synchronous=True)
     except Exception as e:
-        raise TrackingError(_unreachable_message(uri, e)) from e
+        raise TrackingError(_store_message(uri, f"cannot be used: {e}")) from e
     tracker = MlflowTracker(
         client,
         uri=uri,

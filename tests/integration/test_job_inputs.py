@@ -4,7 +4,8 @@ the real local sqlite MLflow store):
 * a bad data file, model path, LoRA target, inner-parameter pattern, Ray address or output
   dir gives one ``error:`` line and exit 2, no traceback;
 * a re-run that fails on its inputs leaves the earlier results where they were;
-* SIGTERM ends the MLflow run (KILLED) and the process (exit 143).
+* SIGTERM or Ctrl-C ends the MLflow runs (KILLED) and the process (exit 143 / 130, one line),
+  on either launcher.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "bad_line.jsonl").write_text("not json\n")
     (tmp_path / "no_response.jsonl").write_text('{"context": "a", "query": "b"}\n')
     (tmp_path / "empty_model").mkdir()
+    (tmp_path / "model_no_tokenizer").mkdir()
+    (tmp_path / "model_no_tokenizer" / "config.json").write_text("{}")
+    good = '{"context": "a", "query": "b", "response": "c"}\n'
+    (tmp_path / "latin1.jsonl").write_bytes((good + '{"context": "caf\xe9", ').encode("latin-1"))
+    (tmp_path / "empty_context.jsonl").write_text(good.replace('"a"', '""'))
+    (tmp_path / "lm.txt").write_bytes(b"\xff\n")
     return {
         "missing_file": (
             ["data.dataset=jsonl", f"data.source={tmp_path / 'missing.jsonl'}"],
@@ -82,6 +89,27 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             [f"model.name_or_path={tmp_path / 'empty_model'}"],
             "config.json",
         ),
+        "model_without_tokenizer": (
+            [f"model.name_or_path={tmp_path / 'model_no_tokenizer'}"],
+            "holds a model but no tokenizer",
+        ),
+        "not_utf8": (
+            ["data.dataset=jsonl", f"data.source={tmp_path / 'latin1.jsonl'}"],
+            "latin1.jsonl:2: not UTF-8",
+        ),
+        "empty_context": (
+            ["data.dataset=jsonl", f"data.source={tmp_path / 'empty_context.jsonl'}"],
+            "empty_context.jsonl:1: field 'context' is empty",
+        ),
+        "lm_file_missing": (
+            ["meta.lm_source=file", f"meta.lm_file={tmp_path / 'nope.txt'}"],
+            "meta.lm_file",
+        ),
+        "lm_file_not_utf8": (
+            ["meta.lm_source=file", f"meta.lm_file={tmp_path / 'lm.txt'}"],
+            "lm.txt:1: not UTF-8",
+        ),
+        "device": (["device=cuda:99"], "device='cuda:99'"),
         "lora_target": (
             ["model.lora.enabled=true", "model.lora.target_modules=[nosuch]"],
             "model.lora.target_modules",
@@ -91,6 +119,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["train.launcher=ray", f"train.ray_address=127.0.0.1:{free_port()}"],
             "train.ray_address",
         ),
+        # no cluster runs during this test (or only a stale record of one)
+        "ray_auto": (["train.launcher=ray", "train.ray_address=auto"], "train.ray_address"),
     }
 
 
@@ -100,9 +130,16 @@ CASES = [
     "missing_field",
     "no_model_dir",
     "dir_without_model",
+    "model_without_tokenizer",
+    "not_utf8",
+    "empty_context",
+    "lm_file_missing",
+    "lm_file_not_utf8",
+    "device",
     "lora_target",
     "inner_params",
     "ray_address",
+    "ray_auto",
 ]
 """The keys of :func:`bad_inputs`."""
 
@@ -175,12 +212,30 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout_s: float = 18
     raise AssertionError("timed out waiting; job output:\n" + log.read_text()[-3000:])
 
 
-def test_sigterm_ends_the_mlflow_run_and_the_job(tmp_path):
+@pytest.mark.parametrize(
+    ("launcher", "signum", "code"),
+    [
+        ("local", signal.SIGTERM, 143),
+        ("local", signal.SIGINT, 130),
+        ("ray", signal.SIGTERM, 143),  # raised inside ray.get, which turns it into exit 1
+    ],
+)
+def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, code):
     out = tmp_path / "out"
     log = tmp_path / "job.log"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = job_command(out, tmp_path, "meta.steps=100000", "meta.log_every=1")
+    env.pop("RAY_ADDRESS", None)
+    extra = ["train.num_workers=1", "train.checkpoint_every=0"] if launcher == "ray" else []
+    cmd = job_command(
+        out,
+        tmp_path,
+        "meta.steps=100000",
+        "meta.epochs=100000",
+        "meta.log_every=1",
+        f"train.launcher={launcher}",
+        *extra,
+    )
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
@@ -189,11 +244,53 @@ def test_sigterm_ends_the_mlflow_run_and_the_job(tmp_path):
         (run,) = mlflow_runs(out)
         assert run.info.status == "RUNNING"
         wait_for(lambda: "[meta-train LG" in log.read_text(), proc, log)  # in the thick of it
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 143, log.read_text()[-3000:]
+        proc.send_signal(signum)
+        assert proc.wait(timeout=90) == code, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    (run,) = mlflow_runs(out)
-    assert run.info.status == "KILLED"
-    assert run.info.end_time is not None
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert last == f"stopped by {signal.Signals(signum).name}", text[-3000:]
+    if launcher == "local":  # (Ray's own processes may log their ends)
+        assert "Traceback" not in text.split("[meta-train LG", 1)[1], text[-3000:]
+    runs = mlflow_runs(out)
+    assert len(runs) == (2 if launcher == "ray" else 1)  # Ray: the job's run and LG's child
+    assert {r.info.status for r in runs} == {"KILLED"}
+    assert all(r.info.end_time is not None for r in runs)
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tmp_path, launcher):
+    """A nan loss stops the job (exit 4) at its step; the base model's evaluation, done before,
+    stays in results.json, records/ and the MLflow run (logged as it finished)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    cmd = job_command(
+        out,
+        tmp_path,
+        "meta.steps=5",
+        "meta.inner_lr=1e30",  # the inner step overflows: nan at step 1
+        "eval.inner_lr=1e-3",
+        f"train.launcher={launcher}",
+        "train.num_workers=1",
+    )
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]  # (after Ray's streamed worker lines)
+    assert last.startswith("error: meta-training diverged at step 1: "), proc.stderr[-3000:]
+    assert "meta.inner_lr" in last
+    assert list(json.loads((out / "results.json").read_text())) == ["BM"]
+    assert (out / "records" / "BM.jsonl").is_file()
+    parent = next(r for r in mlflow_runs(out) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    assert "BM.Prompt.accuracy" in parent.data.metrics
+    assert "results.json" in {a.path for a in _artifacts(out, parent.info.run_id)}
+
+
+def _artifacts(out: Path, run_id: str) -> list:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").list_artifacts(run_id)

@@ -1,5 +1,6 @@
 """The config tree: YAML + dotted overrides, validation errors that name field and value."""
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -74,12 +75,23 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("data.n_test=0", ["data.n_test", "generated set"]),
         ("meta.steps=abc", ["override 'meta.steps=abc'", "meta.steps", "'abc'"]),
         ("meta=3 meta.steps=1", ["override 'meta.steps=1'", "meta is 3", "not a section"]),
+        ("model.dtype=float16", ["model.dtype", "'float16'", "loss scaling", "bfloat16"]),
+        ("device=gpu", ["device", "'gpu'", "cpu, cuda or cuda:N"]),
+        ("device=cuda:x", ["device", "'cuda:x'"]),
+        ("tracking.experiment=", ["tracking.experiment", "non-empty"]),
+        ("data.dataset=squad", ["data.source", "required for dataset 'squad'", "rajpurkar/squad"]),
+        ("data.dataset=wikitext", ["data.source", "'wikitext'", "Salesforce/wikitext"]),
+        ("data.dataset=jsonl", ["data.source", "TRAIN.jsonl[,TEST.jsonl]"]),
+        (
+            "data.dataset=jsonl data.source=t.jsonl 'pretrain.mix={fresh: 1}'",
+            ["pretrain.mix", "other than 'fresh'", "'jsonl'"],
+        ),
     ],
 )
 def test_bad_values_name_field_and_value(override, words):
     """Each bad value stops at load time, naming the field, the value and what was expected."""
     with pytest.raises(ConfigError) as e:
-        load_config(None, override.split())
+        load_config(None, shlex.split(override))
     for w in words:
         assert w in str(e.value)
 

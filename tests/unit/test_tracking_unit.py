@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from raymeta.config import RunConfig, TrackingConfig, to_dict
 from raymeta.train.tracking import (
     MAX_PARAM_VALUE,
     Tracker,
+    TrackingError,
     end_status,
     flatten_params,
     local_artifact_root,
@@ -118,3 +121,15 @@ def test_interrupted_runs_end_killed_and_errors_failed():
     assert end_status(KeyboardInterrupt()) == "KILLED"
     assert end_status(SystemExit(143)) == "KILLED"
     assert end_status(ValueError("bad")) == "FAILED"
+
+
+def test_a_store_mlflow_refuses_is_a_tracking_error_with_the_fixes(tmp_path, monkeypatch):
+    """A bare directory is MLflow's deprecated file store, which it refuses at client creation."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = str(tmp_path / "mlruns")
+    with pytest.raises(TrackingError) as e:
+        start_run(TrackingConfig(tracking_uri=store), default_dir=tmp_path, run_name="r")
+    text = str(e.value)
+    assert f"MLflow tracking store {store} cannot be used" in text
+    assert "sqlite:///<abs dir>/mlflow.db" in text and "tracking.enabled=false" in text

@@ -25,6 +25,7 @@ def test_jsonl_round_trip(tmp_path):
         ('{"context": "c", "query": "q"}', "missing field(s) response"),
         ('{"context": "c", "query": "q", "response": 3}', "'response' must be a string"),
         ('{"context": "c", "query": "", "response": "r"}', "'query' is empty"),
+        ('{"context": " ", "query": "q", "response": "r"}', "'context' is empty"),
         ('["c", "q", "r"]', "expected a JSON object"),
         ('{"context": "c", "query": "q", "response": "r", "extra": 1}', "unknown field(s) extra"),
     ],
@@ -36,6 +37,21 @@ def test_malformed_line_names_file_line_and_problem(tmp_path, line, problem):
     with pytest.raises(TripleFileError) as e:
         read_triples(p)
     assert f"{p}:3" in str(e.value) and problem in str(e.value)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    good = json.dumps({"context": "c", "query": "q", "response": "r"})
+    bad = json.dumps({"context": "Café", "query": "q", "response": "r"}, ensure_ascii=False)
+    p.write_bytes(f"{good}\n".encode() + f"{bad}\n".encode("latin-1"))
+    with pytest.raises(TripleFileError, match=rf"{p}:2: not UTF-8 \(byte 0xe9 at column 17\)"):
+        read_triples(p)
+
+
+def test_a_leading_byte_order_mark_is_allowed(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text(json.dumps({"context": "c", "query": "q", "response": "r"}) + "\n", "utf-8-sig")
+    assert read_triples(p) == [Triple("c", "q", "r")]
 
 
 def test_bring_your_own_triples(tmp_path):
