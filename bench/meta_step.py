@@ -415,8 +415,20 @@ def graph_modes(cuda_graph: str | None, engine: str) -> list[bool]:
     return [True] if cuda_graph == "only" else [False, True]
 
 
+def positive(s: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not >= 1")
+    return n
+
+
 def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",")]
+    """An argparse type: a comma-separated list of integers >= 1."""
+    return [positive(x) for x in s.split(",")]
 
 
 def parse(argv=None):
@@ -428,10 +440,10 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--meta-batch", type=ints, default=[8], help="comma-separated list")
     p.add_argument("--ctx", type=ints, default=[64], help="context tokens (comma-separated)")
-    p.add_argument("--query", type=int, default=16)
+    p.add_argument("--query", type=positive, default=16)
     p.add_argument(
         "--contexts",
-        type=int,
+        type=positive,
         default=1,
         help="contexts per task, all in one inner update (and as many queries)",
     )
@@ -442,7 +454,7 @@ def parse(argv=None):
         default="all",
         help="inner parameters: all, or the decoder blocks' projection weights",
     )
-    p.add_argument("--steps", type=int, default=1, help="inner SGD steps")
+    p.add_argument("--steps", type=positive, default=1, help="inner SGD steps")
     p.add_argument("--first-order", action="store_true")
     p.add_argument(
         "--checkpoint-inner",
@@ -492,12 +504,12 @@ def parse(argv=None):
         "row and a graphed one",
     )
     p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
-    p.add_argument("--ref-micro", type=int, default=1, help="reference tasks per forward")
+    p.add_argument("--ref-micro", type=positive, default=1, help="reference tasks per forward")
     p.add_argument(
         "--ref-max-batch", type=int, default=10**9, help="skip the reference above this meta-batch"
     )
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--ref-reps", type=int, default=1)
+    p.add_argument("--reps", type=positive, default=3)
+    p.add_argument("--ref-reps", type=positive, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument(
         "--profile",

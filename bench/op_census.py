@@ -44,6 +44,7 @@ from meta_step import (  # noqa: E402
     SHAPES,
     inner_names,
     llama_config,
+    positive,
     random_batch,
 )
 
@@ -204,17 +205,19 @@ def parse(argv=None):
     )
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--meta-batch", type=int, default=16)
-    p.add_argument("--ctx", type=int, default=192)
-    p.add_argument("--query", type=int, default=32)
-    p.add_argument("--contexts", type=int, default=1, help="contexts per task (one inner update)")
+    p.add_argument("--meta-batch", type=positive, default=16)
+    p.add_argument("--ctx", type=positive, default=192)
+    p.add_argument("--query", type=positive, default=32)
+    p.add_argument(
+        "--contexts", type=positive, default=1, help="contexts per task (one inner update)"
+    )
     p.add_argument("--inner", choices=["all", "blocks"], default="all")
     p.add_argument(
         "--variants",
         default="reference,fused,unfused",
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
-    p.add_argument("--top", type=int, default=4, help="ops with the most bytes to list")
+    p.add_argument("--top", type=positive, default=4, help="ops with the most bytes to list")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)

@@ -44,7 +44,7 @@ def parse_args(argv=None):
         "(use an absolute path with `ray job submit`)",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_lr=1e-3")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 STOPPED_BY: list[int] = []

@@ -309,6 +309,9 @@ class Override:
     text: str
     value: Any
 
+    def __repr__(self) -> str:  # as errors show it: what was written
+        return self.text.strip()
+
     def as_text(self) -> str:
         t = self.text.strip()
         if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
@@ -321,12 +324,16 @@ NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _number(value: Any, tp: type) -> Any:
-    """A string written as a number of type ``tp`` (int: no dot or exponent), else ``value``."""
+    """A string written as a number of type ``tp`` (int: digits, or a whole number in exponent
+    notation without a dot, such as ``2e4``), else ``value``."""
     if not isinstance(value, str) or not NUMBER.fullmatch(value.strip()):
         return value
     text = value.strip()
     if tp is int:
-        return int(text) if text.lstrip("+-").isdigit() else value
+        if text.lstrip("+-").isdigit():
+            return int(text)
+        whole = "." not in text and float(text).is_integer() and abs(float(text)) < 2**53
+        return int(float(text)) if whole else value
     return float(text)
 
 

@@ -189,7 +189,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     plot_results(results, histories, out / "results.png")
     summary = {
         "seconds": time.perf_counter() - t0,
-        "model": path,
+        "model": str(Path(path).resolve()) if Path(path).exists() else path,
         "prepare": prep,
         "history": histories,
     }

@@ -81,12 +81,12 @@ def jsonl_files(source: str) -> list[str]:
 
 
 def check_source(data) -> None:
-    """Raise InputError for a jsonl ``data.source`` naming a file that does not exist (a cheap
-    check before a run starts; the files' content is checked when they are read)."""
+    """Raise InputError for a jsonl ``data.source`` naming a file that does not exist or holds a
+    malformed line (checked before a run starts, so that no MLflow run is opened for it)."""
     if data.dataset != "jsonl":
         return
     for path in jsonl_files(data.source):
-        check_triple_file(path, "data.source")
+        read_triples(check_triple_file(path, "data.source"))
 
 
 def own_triples(data) -> tuple[list[Triple], list[Triple]]:

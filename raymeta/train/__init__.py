@@ -1,1 +1,1 @@
-"""Distributed training, sweeps and evaluation jobs (Ray Train, Ray Tune, MLflow)."""
+"""Distributed training and its wiring (Ray Train workers, DeepSpeed, MLflow tracking)."""

@@ -342,12 +342,10 @@ def ray_trainer(output_dir: str | Path, parent=None):
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
         from raymeta.models import save_model
-        from raymeta.train.tracking import end_status
 
         if not (base_dir / "config.json").is_file():  # once per job: the base of every objective
             save_model(model, tokenizer, base_dir)
-        child, info = _child_run(cfg, objective, out, parent)
-        try:
+        with child_run(cfg, objective, out, parent) as (_, info):
             result = fit_objective(
                 cfg,
                 objective,
@@ -358,23 +356,23 @@ def ray_trainer(output_dir: str | Path, parent=None):
                 info,
                 run_name=f"{cfg.name}-{objective}-{job}",
             )
-        except BaseException as e:
-            child.finish(end_status(e))
-            raise
-        load_weights_into(model, result.model_dir, cfg)
+            load_weights_into(model, result.model_dir, cfg)
         model.eval()
-        child.finish()
         return result.history
 
     return meta_trainer
 
 
-def _child_run(cfg: RunConfig, objective: str, out: Path, parent):
-    """(tracker, worker info) of an MLflow child run for ``objective`` (no-op without a parent)."""
-    from raymeta.train.tracking import Tracker, start_run
+@contextlib.contextmanager
+def child_run(cfg: RunConfig, objective: str, out: Path, parent):
+    """Within the block, ``(tracker, worker info)`` of an MLflow child run of ``parent`` for
+    ``objective`` (a no-op tracker without a parent); it ends FINISHED, KILLED or FAILED with
+    the block."""
+    from raymeta.train.tracking import Tracker, end_status, start_run
 
     if parent is None or parent.run_id is None:
-        return Tracker(), None
+        yield Tracker(), None
+        return
     child = start_run(
         cfg.tracking,
         default_dir=out,
@@ -388,7 +386,12 @@ def _child_run(cfg: RunConfig, objective: str, out: Path, parent):
         "run_id": child.run_id,
         "spill_dir": str(out / "mlflow_spill"),
     }
-    return child, info
+    try:
+        yield child, info
+    except BaseException as e:
+        child.finish(end_status(e))
+        raise
+    child.finish()
 
 
 def run_tags(cfg: RunConfig, model_kind: str) -> dict[str, str]:
@@ -402,26 +405,24 @@ def run_tags(cfg: RunConfig, model_kind: str) -> dict[str, str]:
     }
 
 
-def local_trainer_logged(tracker):
-    """The in-process meta_trainer, logging per-step metrics as ``<objective>/<name>``."""
+def local_trainer_logged(output_dir: Path, parent):
+    """The in-process meta_trainer; each objective's per-step metrics go to an MLflow child run
+    of ``parent``, as on the Ray launcher."""
     from raymeta.outer import lm_sampler, meta_train_local
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
         lm_next = lm_sampler(cfg, tokenizer, train, test)
+        with child_run(cfg, objective, output_dir, parent) as (child, _):
 
-        def on_log(stats, step):
-            tracker.log_metrics(
-                {
-                    f"{objective}/{k}": v
-                    for k, v in stats.items()
-                    if k != "step" and isinstance(v, (int, float))
-                },
-                step,
+            def on_log(stats, step):
+                child.log_metrics(
+                    {k: v for k, v in stats.items() if k != "step" and isinstance(v, (int, float))},
+                    step,
+                )
+
+            return meta_train_local(
+                model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, on_log=on_log
             )
-
-        return meta_train_local(
-            model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, on_log=on_log
-        )
 
     return meta_trainer
 
@@ -461,7 +462,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
             start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
-            trainer = local_trainer_logged(tracker)
+            trainer = local_trainer_logged(out, tracker)
         results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
         log_artifacts(tracker, out)
     except BaseException as e:

@@ -192,6 +192,17 @@ def test_failing_rerun_leaves_earlier_results_in_place(tmp_path, case):
         assert (out / name).read_text() == text
 
 
+def test_a_malformed_data_file_opens_no_mlflow_run(tmp_path):
+    out = tmp_path / "out"
+    overrides, _ = bad_inputs(tmp_path)["not_utf8"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = job_command(out, tmp_path, *overrides)  # tracking on
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert not (out / "mlflow.db").exists() or not mlflow_runs(out)
+
+
 def mlflow_runs(out: Path) -> list:
     """The runs in the job's local sqlite store."""
     from mlflow import MlflowClient
@@ -241,7 +252,7 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
     try:
         # the job prints this once its run exists (opening the store earlier races its creation)
         wait_for(lambda: "MLflow run " in log.read_text(), proc, log)
-        (run,) = mlflow_runs(out)
+        (run,) = [r for r in mlflow_runs(out) if "mlflow.parentRunId" not in r.data.tags]
         assert run.info.status == "RUNNING"
         wait_for(lambda: "[meta-train LG" in log.read_text(), proc, log)  # in the thick of it
         proc.send_signal(signum)
@@ -255,7 +266,7 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
     if launcher == "local":  # (Ray's own processes may log their ends)
         assert "Traceback" not in text.split("[meta-train LG", 1)[1], text[-3000:]
     runs = mlflow_runs(out)
-    assert len(runs) == (2 if launcher == "ray" else 1)  # Ray: the job's run and LG's child
+    assert len(runs) == 2  # the job's run and LG's child run
     assert {r.info.status for r in runs} == {"KILLED"}
     assert all(r.info.end_time is not None for r in runs)
 

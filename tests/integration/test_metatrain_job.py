@@ -63,10 +63,24 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     # the pretrained tiny model is cached and reused by a second run into the same directory,
     # which keeps the first run's results
     first = (tmp_path / "out" / "results.json").read_text()
-    assert "reusing the cached tiny model" in run_job(tmp_path, "meta.objectives=[LG]").stdout
+    again = run_job(tmp_path, "meta.objectives=[LG]", "tracking.enabled=true")
+    assert "reusing the cached tiny model" in again.stdout
     kept = list((tmp_path / "out" / "previous").glob("*/results.json"))
     assert len(kept) == 1 and kept[0].read_text() == first
     assert set(json.loads((tmp_path / "out" / "results.json").read_text())) == {"BM", "LG"}
+    # tracked as on the Ray launcher: the job's run, and a child run of per-step metrics
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {parent.info.status, child.info.status} == {"FINISHED"}
+    assert child.info.run_name == f"{parent.info.run_name}-LG"
+    assert {"BM.FT.accuracy", "LG.FT2.leak"} <= set(parent.data.metrics)
+    history = client.get_metric_history(child.info.run_id, "outer_loss")
+    assert [m.step for m in history] == [2, 4]
+    assert parent.data.tags["overrides"].endswith("meta.objectives=[LG] tracking.enabled=true")
 
 
 @pytest.mark.integration

@@ -42,6 +42,8 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("meta.engine=turbo", ["meta.engine", "turbo"]),
         ("meta.nope=1", ["meta.nope", "unknown field"]),
         ("data.n_train=1.5", ["data.n_train", "1.5"]),
+        ("data.n_train=1.5e1", ["data.n_train", "1.5e1"]),
+        ("data.n_train=2.5e-1", ["data.n_train", "2.5e-1"]),
         ("train.zero_stage=7", ["train.zero_stage", "7"]),
         ("meta.second_order=maybe", ["meta.second_order", "maybe"]),
         ("meta.checkpoint_inner=always", ["meta.checkpoint_inner", "always"]),
@@ -158,6 +160,7 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path):
         ("experiment=1e3", "experiment", "1e3"),
         ("meta.inner_lr=1e-3", "meta.inner_lr", 1e-3),
         ("meta.steps=12", "meta.steps", 12),
+        ("meta.steps=2e4", "meta.steps", 20000),
         ("pretrain.mix={context: 1e-1, copy: 2}", "pretrain.mix", {"context": 0.1, "copy": 2.0}),
     ],
 )
@@ -179,3 +182,16 @@ def test_yaml_strings_that_look_like_numbers_stay_strings(tmp_path):
 def test_a_section_set_whole_then_one_field():
     cfg = load_config(None, ["pretrain.mix={context: 1}", "pretrain.mix.copy=3"])
     assert cfg.pretrain.mix == {"context": 1.0, "copy": 3.0}
+
+
+def test_the_job_takes_options_after_overrides():
+    """``jobs/metatrain.py meta.steps=1 --output-dir X meta.steps=2`` keeps every override."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "metatrain.py"
+    spec = importlib.util.spec_from_file_location("metatrain_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = job.parse_args(["meta.steps=1", "--output-dir", "X", "meta.steps=2"])
+    assert args.output_dir == "X" and args.overrides == ["meta.steps=1", "meta.steps=2"]
+    assert load_config(args.config, args.overrides).meta.steps == 2
