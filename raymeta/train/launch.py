@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -405,6 +406,35 @@ def run_tags(cfg: RunConfig, model_kind: str) -> dict[str, str]:
     }
 
 
+RAY_ONLY = (
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "zero_stage",
+    "precision",
+    "report_every",
+    "eval_every",
+    "checkpoint_every",
+    "checkpoints_to_keep",
+    "max_failures",
+    "ray_address",
+    "object_store_mb",
+)
+"""The ``train`` fields that only the Ray launcher uses."""
+
+
+def unused_by_local(train_cfg) -> list[str]:
+    """``train.<field>=<value>`` of each Ray-only field set away from its default."""
+    from raymeta.config import TrainConfig
+
+    default = TrainConfig()
+    return [
+        f"train.{k}={getattr(train_cfg, k)!r}"
+        for k in RAY_ONLY
+        if getattr(train_cfg, k) != getattr(default, k)
+    ]
+
+
 def local_trainer_logged(output_dir: Path, parent):
     """The in-process meta_trainer; each objective's per-step metrics go to an MLflow child run
     of ``parent``, as on the Ray launcher."""
@@ -437,7 +467,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     SystemExit by the job), else FAILED; each model's eval metrics are logged as soon as it is
     evaluated, and a run that ends early still gets the result files written by then."""
     from raymeta.pipeline import run_pipeline
-    from raymeta.train.tracking import end_status, start_run
+    from raymeta.train.tracking import end_status, source_tags, start_run
 
     out = Path(output_dir).expanduser().resolve()
     check_inputs(cfg, out)
@@ -449,7 +479,12 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
         default_dir=out,
         run_name=cfg.name,
         params=to_dict(cfg),
-        tags={**run_tags(cfg, kinds), "overrides": " ".join(overrides), "output_dir": str(out)},
+        tags={
+            **run_tags(cfg, kinds),
+            **source_tags(sys.argv[0] or "jobs/metatrain.py"),
+            "overrides": " ".join(overrides),
+            "output_dir": str(out),
+        },
     )
     evaluated: list[str] = []
 
@@ -462,6 +497,12 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
             start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
+            if unused := unused_by_local(cfg.train):
+                print(
+                    "[train] train.launcher=local meta-trains in this process; not used: "
+                    + ", ".join(unused),
+                    flush=True,
+                )
             trainer = local_trainer_logged(out, tracker)
         results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
         log_artifacts(tracker, out)

@@ -219,6 +219,29 @@ def _warn(message: str) -> None:
     print(f"[raymeta.tracking] {message}", file=sys.stderr, flush=True)
 
 
+def source_tags(script: str | Path) -> dict[str, str]:
+    """MLflow's own user and source tags for a run started by ``script`` (its fluent API sets
+    them; the client does not): the user, the script, and the git commit of its checkout when
+    there is one (a ``ray job submit`` working dir has none)."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": str(script), "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(script).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def end_status(error: BaseException | None) -> str:
     """The status a run ends with after ``error``: FINISHED (none), KILLED (interrupted:
     Ctrl-C, or SIGTERM turned into SystemExit), else FAILED."""
@@ -523,7 +546,8 @@ def start_run(
             experiment_id = ensure_experiment(
                 client, cfg.experiment, local_artifact_root(uri, default_dir)
             )
-            run = client.create_run(experiment_id, run_name=run_name)
+            user = {k: v for k, v in (tags or {}).items() if k == "mlflow.user"}
+            run = client.create_run(experiment_id, run_name=run_name, tags=user)  # its user_id
             run_id = run.info.run_id
             for chunk in _chunks(param_list, _BATCH_PARAMS_TAGS):
                 client.log_batch(run_id, params=chunk, synchronous=True)

@@ -1,5 +1,6 @@
 """The main job end to end in one process on a small config: data → tiny model → BM → LG/LC → eval."""
 
+import getpass
 import json
 import subprocess
 import sys
@@ -81,6 +82,11 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     history = client.get_metric_history(child.info.run_id, "outer_loss")
     assert [m.step for m in history] == [2, 4]
     assert parent.data.tags["overrides"].endswith("meta.objectives=[LG] tracking.enabled=true")
+    assert parent.info.user_id == getpass.getuser()
+    assert parent.data.tags["mlflow.source.name"].endswith("metatrain.py")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone is one)
+        assert parent.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
 
 
 @pytest.mark.integration

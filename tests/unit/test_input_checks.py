@@ -276,3 +276,11 @@ def test_model_path_with_nested_parts_is_checked_as_a_path(tmp_path):
     with pytest.raises(InputError, match="models/llama/final does not exist"):
         check_model_path("models/llama/final")
     check_model_path("meta-llama/Llama-3.2-1B")  # a hub name: left to from_pretrained
+
+
+def test_ray_only_settings_of_a_local_run_are_named():
+    from raymeta.train.launch import unused_by_local
+
+    cfg = load_config(None, ["train.launcher=local", "train.num_workers=2", "train.zero_stage=1"])
+    assert unused_by_local(cfg.train) == ["train.num_workers=2", "train.zero_stage=1"]
+    assert unused_by_local(load_config(None, ["train.launcher=local"]).train) == []
