@@ -369,7 +369,7 @@ def child_run(cfg: RunConfig, objective: str, out: Path, parent):
     """Within the block, ``(tracker, worker info)`` of an MLflow child run of ``parent`` for
     ``objective`` (a no-op tracker without a parent); it ends FINISHED, KILLED or FAILED with
     the block."""
-    from raymeta.train.tracking import Tracker, end_status, start_run
+    from raymeta.train.tracking import Tracker, end_status, source_tags, start_run
 
     if parent is None or parent.run_id is None:
         yield Tracker(), None
@@ -379,7 +379,11 @@ def child_run(cfg: RunConfig, objective: str, out: Path, parent):
         default_dir=out,
         run_name=f"{cfg.name}-{objective}",
         params={"objective": objective},
-        tags={**run_tags(cfg, objective), "mlflow.parentRunId": parent.run_id},
+        tags={
+            **run_tags(cfg, objective),
+            **source_tags(sys.argv[0] or "jobs/metatrain.py"),
+            "mlflow.parentRunId": parent.run_id,
+        },
     )
     info = {
         "uri": child.uri,

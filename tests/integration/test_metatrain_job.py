@@ -82,7 +82,7 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     history = client.get_metric_history(child.info.run_id, "outer_loss")
     assert [m.step for m in history] == [2, 4]
     assert parent.data.tags["overrides"].endswith("meta.objectives=[LG] tracking.enabled=true")
-    assert parent.info.user_id == getpass.getuser()
+    assert parent.info.user_id == child.info.user_id == getpass.getuser()
     assert parent.data.tags["mlflow.source.name"].endswith("metatrain.py")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI's clone is one)
