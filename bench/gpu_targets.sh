@@ -17,7 +17,9 @@
 #       --checkpoint-inner; last, graphed with --compile-ops at 16 (~6 minutes). Each graphed
 #       row has graph_vs_eager (a replay against an eager step from the same state) and its
 #       control eager_vs_eager in the JSON.
-# Writes OUT_DIR/b16.json, b64.json and census.json and prints the tables; ~6 minutes on an H100.
+# Writes OUT_DIR/b16.json, b64.json and census.json (compile: b16[-compiled].json,
+# b64[-compiled].json; graph: b16-graph.json, b64-graph.json, b16-graph-compiled.json) and
+# prints the tables; ~6 minutes on an H100. PYTHON must have torch (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/gpu}
@@ -26,6 +28,10 @@ py=${PYTHON:-python3}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 common=(--device cuda --shape llama-1b --dtype bfloat16 --ctx 192 --query 32)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$py" -c "import torch" 2>/dev/null || {
+    echo "gpu_targets: $py has no torch (PYTHON=... picks another, e.g. PYTHON=.venv/bin/python)" >&2
+    exit 2
+}
 "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
     echo "gpu_targets: $py sees no CUDA device (these runs need one; PYTHON=... picks another)" >&2
     exit 2

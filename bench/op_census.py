@@ -2,8 +2,8 @@
 
 Runs the same outer step as ``meta_step.py`` (LG meta-loss, backward, grad-norm clip, AdamW)
 on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes only), so any shape
-(the Llama-3.2-1B one included) runs in seconds on any machine, and counts every aten call
-below autograd (forward, create_graph inner backward, outer backward, optimizer):
+(the Llama-3.2-1B one included) runs on any machine (about a minute on 2 CPU cores for the
+1B shape), and counts every aten call below autograd (forward, create_graph inner backward, outer backward, optimizer):
 
 * ``calls/step``: aten calls other than views (each is one kernel launch on a GPU);
 * ``GFLOP/task``: of mm / bmm / addmm / baddbmm;

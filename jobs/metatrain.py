@@ -6,7 +6,8 @@
 
 Meta-training runs on Ray Train workers with DeepSpeed (``train.launcher=ray``,
 the default): against ``train.ray_address`` / ``$RAY_ADDRESS`` (set by ``ray job
-submit``), else a running local cluster, else a local Ray instance started here.
+submit``), else the cluster a `ray start` left running on this machine, else a private
+Ray instance started here (never another job's).
 ``train.launcher=local`` keeps everything in this process. MLflow: the run goes
 to ``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``, else to a sqlite store in
 the output directory. With no --config the embedded defaults run (tiny model,

@@ -238,9 +238,10 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage for the outer optimizer (0, 1 or 2)."""
+    """DeepSpeed ZeRO stage for the outer optimizer (0, 1 or 2; the Ray launcher refuses 3,
+    which shards the parameters the inner step needs whole)."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Outer-step precision."""
+    """Outer-step precision (bf16: DeepSpeed's bf16 mode; the saved model is then bfloat16)."""
     report_every: int = 10
     """ray.train.report every N steps."""
     eval_every: int = 0
@@ -253,8 +254,9 @@ class TrainConfig:
     """Restarts from the last checkpoint after a worker dies."""
     ray_address: str = ""
     """Ray cluster address (HOST:PORT of its GCS, ray://HOST:PORT, auto or local); empty =
-    $RAY_ADDRESS, else the running cluster if any, else a local one. A HOST:PORT that does
-    not answer stops the job before it starts."""
+    $RAY_ADDRESS, else the cluster a ``ray start`` left running on this machine, else a
+    private instance (``auto`` is Ray's: any running instance, even another job's). A HOST:PORT
+    that does not answer stops the job before it starts."""
     object_store_mb: int = 0
     """Object store size for a local Ray instance (0 = Ray's default)."""
     launcher: Literal["ray", "local"] = "ray"
@@ -596,6 +598,22 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("data.n_train", cfg.data.n_train, ">= 1 for a generated set (how many to generate)")
     if generated and cfg.data.n_test < 1:
         _fail("data.n_test", cfg.data.n_test, ">= 1 for a generated set (how many to generate)")
+    if generated:
+        from raymeta.data.generate import max_facts
+
+        if cfg.data.n_train + cfg.data.n_test > max_facts():
+            raise ConfigError(
+                f"data.n_train + data.n_test: {cfg.data.n_train} + {cfg.data.n_test} facts "
+                f"asked, but the generator has {max_facts()} distinct names and descriptions",
+                "data.n_train",
+            )
+    workers = cfg.train.num_workers if cfg.train.launcher == "ray" else 1
+    if cfg.meta.lm_weight > 0 and cfg.meta.lm_batch_size % workers:
+        raise ConfigError(
+            f"meta.lm_batch_size: {cfg.meta.lm_batch_size} is not divisible by "
+            f"train.num_workers={workers} (each worker takes an equal share)",
+            "meta.lm_batch_size",
+        )
     if cfg.meta.meta_batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"meta.meta_batch_size: {cfg.meta.meta_batch_size} is not divisible by "

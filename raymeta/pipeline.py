@@ -17,6 +17,7 @@ import torch
 from raymeta.config import RunConfig, dump_config
 from raymeta.data.sets import load_task_set, save_task_set
 from raymeta.data.tasks import check_task_count
+from raymeta.errors import InputError
 from raymeta.evaluate import SETTINGS, eval_triples, evaluate
 from raymeta.finetune import prepare
 from raymeta.meta.engines import select_engine
@@ -43,11 +44,17 @@ def prompt_accuracy_fn(tokenizer, device):
 
 
 def with_model_choices(cfg: RunConfig, model):
-    """``model`` with the configured LoRA adapter; InputError when a LoRA target or a
-    ``meta.inner_params`` pattern matches nothing in it."""
-    from raymeta.models import apply_lora
+    """``model`` with the configured LoRA adapter (a model loaded with its adapter keeps that
+    one); InputError when a LoRA target or a ``meta.inner_params`` pattern matches nothing in
+    it, or when the model holds an adapter but ``model.lora.enabled`` is false."""
+    from raymeta.models import apply_lora, is_peft
 
-    if cfg.model.lora.enabled:
+    if is_peft(model) and not cfg.model.lora.enabled:
+        raise InputError(
+            f"model.name_or_path: {cfg.model.name_or_path} holds a LoRA adapter (adapter/); set "
+            "model.lora.enabled=true to go on training it, or give a model without one"
+        )
+    if cfg.model.lora.enabled and not is_peft(model):
         model = apply_lora(model, cfg.model.lora)
     inner_spec(model, cfg.meta, cfg.model.lora)
     return model

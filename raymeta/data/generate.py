@@ -100,6 +100,11 @@ def all_descriptions() -> list[str]:
     return [f"{v} {o.strip()} {p.strip()}" for v in VERBS for o in OBJECTS for p in PLACES]
 
 
+def max_facts() -> int:
+    """How many facts with distinct names and descriptions the generator can make."""
+    return min(len(all_names()), len(all_descriptions()))
+
+
 def sample_facts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[Fact]:
     """``n`` facts with distinct names and distinct descriptions, none in ``exclude``."""
     rng = random.Random(seed)

@@ -1,8 +1,8 @@
 """Launching meta-training on Ray: the Ray instance, the TorchTrainer, and the whole job.
 
 * :func:`connect_ray` joins the cluster named by ``train.ray_address`` or
-  ``$RAY_ADDRESS`` (set by ``ray job submit``), else a running local cluster,
-  else starts a local instance sized by ``train.object_store_mb``.
+  ``$RAY_ADDRESS`` (set by ``ray job submit``), else the cluster ``ray start`` left running
+  on this machine, else starts a private instance sized by ``train.object_store_mb``.
 * :func:`fit_objective` trains one objective with a ``TorchTrainer``
   (``train.num_workers`` workers, DeepSpeed in each, checkpoints and restarts
   through ``FailureConfig(train.max_failures)``) and returns where the trained
@@ -101,7 +101,7 @@ def check_device(device: str) -> None:
 
 def ray_address(train_cfg) -> tuple[str, str]:
     """The Ray address the job uses and where it was set: ``train.ray_address``, else
-    $RAY_ADDRESS, else ``("", "")`` (a running cluster, else a local instance)."""
+    $RAY_ADDRESS, else ``("", "")`` (a ``ray start`` cluster, else a private instance)."""
     if train_cfg.ray_address:
         return train_cfg.ray_address, "train.ray_address"
     if os.environ.get("RAY_ADDRESS"):
@@ -159,7 +159,8 @@ def keeping_signal_handlers():
 
 
 def connect_ray(train_cfg) -> None:
-    """``ray.init`` against the configured cluster, else a running one, else a local instance."""
+    """``ray.init`` against the configured cluster, else the one ``ray start`` left running on
+    this machine, else a private local instance."""
     import ray
 
     if ray.is_initialized():
@@ -177,15 +178,31 @@ def init_ray(train_cfg) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
+    recorded = started_cluster()
+    if recorded:
+        ray.init(address=recorded, log_to_driver=True)
         return
-    except ConnectionError:
-        pass
-    kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    # a private instance: never another job's (``address="auto"`` would join any instance)
+    kwargs = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     if train_cfg.object_store_mb:
         kwargs["object_store_memory"] = train_cfg.object_store_mb * 1024**2
     ray.init(**kwargs)
+
+
+def started_cluster(timeout_s: float = 2.0) -> str | None:
+    """HOST:PORT of the cluster the last ``ray start`` on this machine recorded, if it answers
+    (None: none recorded, or it has stopped). Other jobs' private instances are not recorded."""
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 def check_cluster_fits(train_cfg) -> None:
@@ -283,14 +300,11 @@ def fit_objective(
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        if (cause := diverged_cause(e)) is None:
-            raise
-        raise cause from None
-    if result.error is not None and (cause := diverged_cause(result.error)) is not None:
-        raise cause from None
+    result = fit_off_main_thread(trainer)
+    if result.error is None and "diverged" in (result.metrics or {}):
+        from raymeta.outer import MetaTrainingDiverged
+
+        raise MetaTrainingDiverged(result.metrics["diverged"])
     if result.checkpoint is None:
         raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
     ckpt = Path(result.checkpoint.path)
@@ -299,27 +313,27 @@ def fit_objective(
     return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)
 
 
-def diverged_cause(error: BaseException):
-    """The workers' MetaTrainingDiverged inside Ray's wrapping of ``error`` (None if none)."""
-    from raymeta.outer import MetaTrainingDiverged
+def fit_off_main_thread(trainer):
+    """``trainer.fit()`` in a daemon thread while the main thread waits, interruptibly.
 
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, MetaTrainingDiverged):
-            return MetaTrainingDiverged(str(e))
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo += list(failures.values())
-    text = str(error)
-    name = f"{MetaTrainingDiverged.__name__}: "
-    if name in text:  # only the text came back
-        return MetaTrainingDiverged(text.split(name, 1)[1].splitlines()[0])
-    return None
+    Called from the main thread, Ray Train replaces the SIGINT handler with its own, so Ctrl-C
+    would end the job with exit 1 and no word of ours; from another thread it installs none
+    (as under Tune), and the job's handlers (Ctrl-C, SIGTERM) stay in force."""
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:

@@ -605,13 +605,25 @@ def replay_spill(spill_path: str | Path, tracking_uri: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m raymeta.train.tracking replay SPILL.jsonl [TRACKING_URI]``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 3) or args[0] != "replay":
-        print(main.__doc__, file=sys.stderr)
+    """``python -m raymeta.train.tracking replay SPILL [TRACKING_URI]``: send what a job could
+    not (its spill file, or every one in a spill directory such as
+    ``<output-dir>/mlflow_spill``) to the tracking store."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m raymeta.train.tracking", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    replay = sub.add_parser("replay", help="send a kept spill file (or a directory of them)")
+    replay.add_argument("spill", help="a spill .jsonl file, or a directory holding them")
+    replay.add_argument("tracking_uri", nargs="?", default="", help="default: the spill's own")
+    args = p.parse_args(argv)
+    path = Path(args.spill).expanduser()
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        print(f"error: {path}: no spill file (.jsonl) there", file=sys.stderr)
         return 2
-    run_id = replay_spill(args[1], args[2] if len(args) == 3 else "")
-    print(f"replayed {args[1]} into run {run_id}")
+    for f in files:
+        run_id = replay_spill(f, args.tracking_uri)
+        print(f"replayed {f} into run {run_id}")
     return 0
 
 

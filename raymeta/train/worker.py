@@ -55,6 +55,7 @@ def train_loop(config: dict) -> None:
     from raymeta.data.tasks import advance, group_facts, shard_batch
     from raymeta.meta.engines import select_engine
     from raymeta.outer import (
+        MetaTrainingDiverged,
         check_finite,
         inner_spec,
         lm_sampler,
@@ -138,7 +139,13 @@ def train_loop(config: dict) -> None:
         ds.step()
         stats = _mean_over_workers(stats, world)
         stats["grad_norm"] = norm0 if norm0 is not None else _grad_norm(ds)
-        check_finite(stats, step)  # the same figures on every rank: all stop together
+        try:
+            check_finite(stats, step)  # the same figures on every rank: all stop together
+        except MetaTrainingDiverged as e:  # reported, not raised: a retry would diverge again
+            if tracker is not None:
+                tracker.finish("FAILED")
+            ray.train.report({"step": step, "diverged": str(e)})
+            return
         state.step, state.position = (
             step,
             advance(state.position, len(groups), meta.meta_batch_size),

@@ -19,6 +19,7 @@ import pytest
 
 from raymeta.config import RunConfig, TrackingConfig, to_dict
 from raymeta.train.tracking import TrackingError, replay_spill, start_run
+from raymeta.train.tracking import main as tracking_main
 
 pytestmark = pytest.mark.integration
 
@@ -224,7 +225,8 @@ def test_server_killed_and_restarted_mid_run(server, tmp_path, monkeypatch):
     assert run.data.params["meta.inner_lr"] == "0.001"
     assert run.data.tags["setting"] == "FT"
 
-    replay_spill(doomed.spill_path)
+    # the command line takes the spill directory (here holding only the doomed run's file)
+    assert tracking_main(["replay", str(doomed.spill_path.parent)]) == 0
     assert [m.value for m in client.get_metric_history(doomed.run_id, "x")] == [0.0, 1.0]
     assert client.get_run(doomed.run_id).info.status == "FINISHED"
 

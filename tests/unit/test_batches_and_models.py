@@ -1,5 +1,6 @@
 """Token batches for the formats, greedy decoding, the offline tiny model and tokenizer."""
 
+import pytest
 import torch
 
 from raymeta.config import TinyModelConfig
@@ -123,3 +124,25 @@ def test_lora_model_saves_as_base_plus_adapter_and_loads_back(tmp_path):
     assert base.state_dict().keys() == base_weights.keys()
     for k, v in base_weights.items():
         assert torch.equal(base.state_dict()[k], v), k
+
+
+def test_a_model_reloaded_with_its_adapter_is_not_wrapped_twice(tmp_path):
+    """``model.name_or_path`` = a LoRA-trained model: with model.lora.enabled its adapter goes on
+    training (not a second adapter on top); without, the mismatch is an input error."""
+    from raymeta.config import load_config
+    from raymeta.errors import InputError
+    from raymeta.models import apply_lora, is_peft
+    from raymeta.pipeline import with_model_choices
+
+    _, _, tok = tiny_tokenizer()
+    plain = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2), len(tok))
+    cfg = load_config(None, ["model.lora.enabled=true", "model.lora.rank=2"])
+    save_model(apply_lora(plain, cfg.model.lora), tok, tmp_path / "m")
+    loaded, _ = load_model(str(tmp_path / "m"))
+    names = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    again = with_model_choices(cfg, loaded)
+    assert is_peft(again) and {n for n, p in again.named_parameters() if p.requires_grad} == names
+    assert not any("base_model.model.base_model" in n for n, _ in again.named_parameters())
+    off = load_config(None, [f"model.name_or_path={tmp_path / 'm'}"])
+    with pytest.raises(InputError, match="holds a LoRA adapter"):
+        with_model_choices(off, load_model(str(tmp_path / "m"))[0])

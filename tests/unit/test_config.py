@@ -75,6 +75,8 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("meta.objectives=[LG,LG]", ["meta.objectives", "repeated: LG"]),
         ("data.n_train=0", ["data.n_train", "generated set"]),
         ("data.n_test=0", ["data.n_test", "generated set"]),
+        ("data.n_train=6000", ["data.n_train + data.n_test", "6000 + 500", "distinct names"]),
+        ("train.num_workers=2 meta.lm_batch_size=3", ["meta.lm_batch_size", "3", "num_workers=2"]),
         ("meta.steps=abc", ["override 'meta.steps=abc'", "meta.steps", "'abc'"]),
         ("meta=3 meta.steps=1", ["override 'meta.steps=1'", "meta is 3", "not a section"]),
         ("model.dtype=float16", ["model.dtype", "'float16'", "loss scaling", "bfloat16"]),
