@@ -270,7 +270,7 @@ def fit_objective(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raymeta.train.worker import train_loop
+    from raymeta.train.worker import DIVERGED, train_loop
 
     check_launchable(cfg)
     start_ray(cfg.train)
@@ -301,10 +301,10 @@ def fit_objective(
         ),
     )
     result = fit_off_main_thread(trainer)
-    if result.error is None and "diverged" in (result.metrics or {}):
+    if result.checkpoint is not None and (Path(result.checkpoint.path) / DIVERGED).is_file():
         from raymeta.outer import MetaTrainingDiverged
 
-        raise MetaTrainingDiverged(result.metrics["diverged"])
+        raise MetaTrainingDiverged((Path(result.checkpoint.path) / DIVERGED).read_text())
     if result.checkpoint is None:
         raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
     ckpt = Path(result.checkpoint.path)

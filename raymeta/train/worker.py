@@ -144,7 +144,7 @@ def train_loop(config: dict) -> None:
         except MetaTrainingDiverged as e:  # reported, not raised: a retry would diverge again
             if tracker is not None:
                 tracker.finish("FAILED")
-            ray.train.report({"step": step, "diverged": str(e)})
+            _report_divergence(str(e), step, rank)
             return
         state.step, state.position = (
             step,
@@ -289,6 +289,22 @@ def _report_checkpoint(ds, state, history, record, tok, rank: int, final: bool) 
 
                 save_model(ds.module, tok, Path(d) / MODEL_DIR)
         ray.train.report(_reportable(record), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+DIVERGED = "diverged.txt"
+"""The file of a checkpoint that reports a divergence (its text: the error)."""
+
+
+def _report_divergence(message: str, step: int, rank: int) -> None:
+    """Report the divergence as a checkpoint holding only its message (the driver's Result
+    keeps checkpoints' reports, not plain ones), so fit_objective raises it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raymeta-diverged-") as d:
+        if rank == 0:
+            Path(d, DIVERGED).write_text(message)
+        checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+        ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
 def _read_history(directory) -> list[dict]:
