@@ -16,8 +16,9 @@ generated character descriptions). Overrides are dotted config keys, e.g.
 
 Exit status: 0 done; 2 bad config or input (one ``config error:`` / ``error:`` line);
 3 tracking store unusable; 4 meta-training diverged (a nan or inf loss: the line names the
-step and the figures; the models evaluated before it keep their results); 143 stopped by SIGTERM (``ray job stop``, a scheduler), 130 by
-Ctrl-C (one ``stopped by`` line; the MLflow runs end KILLED).
+step and the figures; the models evaluated before it keep their results); 143 stopped by
+SIGTERM (``ray job stop``, a scheduler), 130 by Ctrl-C (one ``stopped by`` line; the MLflow
+runs end KILLED).
 """
 
 from __future__ import annotations

@@ -135,13 +135,20 @@ def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
         raise InputError(
             f"{source}={address!r}: expected HOST:PORT, ray://HOST:PORT, auto or local"
         )
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
+    if (error := connection_error(host, int(port), timeout_s)) is not None:
         raise InputError(
-            f"{source}={address!r}: no Ray cluster answers at {host}:{port} ({e}); start one "
-            "(`ray start --head`) or leave the address empty to run on a local instance"
-        ) from None
+            f"{source}={address!r}: no Ray cluster answers at {host}:{port} ({error}); start "
+            "one (`ray start --head`) or leave the address empty to run on a local instance"
+        )
+
+
+def connection_error(host: str, port: int, timeout_s: float) -> OSError | None:
+    """Why a TCP connection to ``host:port`` failed within ``timeout_s`` (None: it answered)."""
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
+    except OSError as e:
+        return e
+    return None
 
 
 @contextlib.contextmanager
@@ -198,9 +205,7 @@ def started_cluster(timeout_s: float = 2.0) -> str | None:
     if not address:
         return None
     host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError):
+    if not port.isdigit() or connection_error(host, int(port), timeout_s) is not None:
         return None
     return address
 

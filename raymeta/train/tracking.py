@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import posixpath
@@ -219,6 +220,7 @@ def _warn(message: str) -> None:
     print(f"[raymeta.tracking] {message}", file=sys.stderr, flush=True)
 
 
+@functools.cache
 def source_tags(script: str | Path) -> dict[str, str]:
     """MLflow's own user and source tags for a run started by ``script`` (its fluent API sets
     them; the client does not): the user, the script, and the git commit of its checkout when
