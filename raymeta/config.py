@@ -165,7 +165,9 @@ class PrepareConfig:
 @dataclass
 class MetaConfig:
     objectives: list[Literal["LG", "LC"]] = field(default_factory=lambda: ["LG", "LC"])
-    """Which meta-models to train: LG (gold labels) and/or LC (learn from conditioning)."""
+    """Which meta-models to train: LG (gold labels) and/or LC (learn from conditioning);
+    ``[]``: none, the job only evaluates the configured model (e.g. one a job saved:
+    ``model.name_or_path=DIR/models/LG meta.objectives=[] prepare.steps=0``)."""
     engine: Literal["auto", "reference", "fastweights"] = "auto"
     """Meta-step engine: reference (materialised θ'), fastweights (exact low-rank), or auto
     (fastweights where exact, else reference)."""
@@ -286,6 +288,10 @@ class RunConfig:
     """Torch device of single-process jobs (cpu, cuda, cuda:N)."""
     threads: int = 0
     """torch threads (0 = torch's default)."""
+    save_models: bool = True
+    """Write each meta-trained model with ``save_pretrained`` (weights, tokenizer, and a LoRA
+    adapter in ``adapter/``) to ``DIR/models/<objective>``, loadable as ``model.name_or_path``
+    or with ``AutoModelForCausalLM.from_pretrained``."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -524,7 +530,8 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 def _check_lists(cfg: RunConfig) -> None:
-    """Non-empty lists without repeats; known pretraining text kinds with usable weights."""
+    """Lists without repeats, non-empty but for ``meta.objectives``; known pretraining text kinds
+    with usable weights."""
     for path in (
         "meta.objectives",
         "eval.settings",
@@ -532,7 +539,7 @@ def _check_lists(cfg: RunConfig) -> None:
         "model.lora.target_modules",
     ):
         items = get_field(cfg, path)
-        if not items:
+        if not items and path != "meta.objectives":
             _fail(path, items, "at least one entry")
         repeated = sorted({x for x in items if items.count(x) > 1})
         if repeated:

@@ -1,7 +1,8 @@
 """The main job in one process: data → (tiny model) → preparation → BM eval → meta-train → eval.
 
 Writes ``DIR/results.json`` shaped ``{"BM"|"LG"|"LC": {setting: {"accuracy", "nll"|"leak", ...}}}``,
-per-example records ``DIR/records/<model>.jsonl``, the resolved config and a table.
+per-example records ``DIR/records/<model>.jsonl``, the resolved config, a table and the
+meta-trained models (``DIR/models/<objective>``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from raymeta.config import RunConfig, dump_config
+from raymeta.config import RunConfig, dump_config, to_dict
 from raymeta.data.sets import load_task_set, save_task_set
 from raymeta.data.tasks import check_task_count
 from raymeta.errors import InputError
@@ -115,7 +116,7 @@ def keep_previous(out: Path) -> Path | None:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((out / "results.json").stat().st_mtime))
     dest = out / "previous" / stamp
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (*RESULT_FILES, "records", "data"):
+    for name in (*RESULT_FILES, "records", "data", "models"):
         if (out / name).exists():
             shutil.move(str(out / name), str(dest / name))
     print(f"[output] the earlier results in {out} were moved to {dest}", flush=True)
@@ -123,9 +124,10 @@ def keep_previous(out: Path) -> Path | None:
 
 
 def check_sizes(cfg: RunConfig, train, test) -> None:
-    """InputError, before any training, when the triples fill no meta-batch of tasks or are
-    too few to evaluate in ``eval.settings``."""
-    check_task_count(len(train), cfg.meta.contexts_per_update, cfg.meta.meta_batch_size)
+    """InputError, before any training, when the triples fill no meta-batch of tasks (if any
+    objective is to be meta-trained) or are too few to evaluate in ``eval.settings``."""
+    if cfg.meta.objectives:
+        check_task_count(len(train), cfg.meta.contexts_per_update, cfg.meta.meta_batch_size)
     eval_triples(test, cfg.eval)
 
 
@@ -163,7 +165,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
-    results, histories = {}, {}
+    results, histories, saved = {}, {}, {}
 
     def run_eval(name, m):
         spec = inner_spec(m, cfg.meta, cfg.model.lora, lr=eval_lr)
@@ -189,6 +191,8 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         m = copy.deepcopy(base)
         lc_teacher = teacher if objective == "LC" else None
         histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
+        if cfg.save_models:
+            saved[objective] = save_trained(m, tok, out, objective, path, cfg)
         run_eval(objective, m)
     print("\n" + format_table(results) + "\n", flush=True)
     from raymeta.plots import plot_results
@@ -198,11 +202,25 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         "seconds": time.perf_counter() - t0,
         "model": str(Path(path).resolve()) if Path(path).exists() else path,
         "prepare": prep,
+        "models": saved,
         "history": histories,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[done] {summary['seconds']:.0f} s; results in {out / 'results.json'}", flush=True)
     return results
+
+
+def save_trained(model, tokenizer, out: Path, objective: str, base: str, cfg: RunConfig) -> str:
+    """Write a meta-trained model to ``out/models/<objective>`` (see
+    :func:`raymeta.models.save_model`; ``raymeta.json`` there names the objective, the base
+    model, the run name and the job's resolved config); returns the path relative to ``out``."""
+    from raymeta.models import save_model
+
+    dest = out / "models" / objective
+    info = {"objective": objective, "base_model": base, "run": cfg.name, "config": to_dict(cfg)}
+    save_model(model, tokenizer, dest, info=info)
+    print(f"[model] {objective} saved to {dest}", flush=True)
+    return str(dest.relative_to(out))
 
 
 def local_trainer(model, tokenizer, train, test, cfg, objective, teacher):

@@ -496,7 +496,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     check_inputs(cfg, out)
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
-    kinds = "BM," + ",".join(cfg.meta.objectives)
+    kinds = ",".join(["BM", *cfg.meta.objectives])
     tracker = start_run(
         cfg.tracking,
         default_dir=out,
@@ -517,7 +517,8 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
 
     try:
         if cfg.train.launcher == "ray":
-            start_ray(cfg.train)
+            if cfg.meta.objectives:  # an evaluation-only job needs no cluster
+                start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
             if unused := unused_by_local(cfg.train):

@@ -27,14 +27,14 @@ SMALL = [
 ]
 
 
-def run_job(tmp_path, *extra):
+def run_job(tmp_path, *extra, out="out"):
     cmd = [
         sys.executable,
         "jobs/metatrain.py",
         "--config",
         "configs/tiny_char.yaml",
         "--output-dir",
-        str(tmp_path / "out"),
+        str(tmp_path / out),
         f"model.tiny_cache_dir={tmp_path / 'models'}",
         f"data.cache_dir={tmp_path / 'data'}",
         *SMALL,
@@ -61,6 +61,27 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     # progress was shown: stages, steps, tasks/s, ETA
     for marker in ("[pretrain]", "[prepare]", "[meta-train LG", "[meta-train LC", "tasks/s", "ETA"):
         assert marker in proc.stdout
+    # each meta-trained model is saved, and evaluating the saved LG alone (no preparation, no
+    # meta-training, and so no Ray instance on the Ray launcher) gives the LG results of the
+    # job, figure for figure
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["models"] == {"LG": "models/LG", "LC": "models/LC"}
+    saved = tmp_path / "out" / "models" / "LG"
+    assert json.loads((saved / "raymeta.json").read_text())["objective"] == "LG"
+    only = run_job(
+        tmp_path,
+        f"model.name_or_path={saved}",
+        "meta.objectives=[]",
+        "prepare.steps=0",
+        "train.launcher=ray",
+        out="eval",
+    )
+    assert only.returncode == 0, only.stderr[-3000:]
+    assert "[meta-train" not in only.stdout and "[prepare]" not in only.stdout
+    assert "Ray instance" not in only.stdout + only.stderr
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated == {"BM": results["LG"]}
+    assert not (tmp_path / "eval" / "models").exists()
     # the pretrained tiny model is cached and reused by a second run into the same directory,
     # which keeps the first run's results
     first = (tmp_path / "out" / "results.json").read_text()
@@ -68,6 +89,8 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     assert "reusing the cached tiny model" in again.stdout
     kept = list((tmp_path / "out" / "previous").glob("*/results.json"))
     assert len(kept) == 1 and kept[0].read_text() == first
+    assert (kept[0].parent / "models" / "LC" / "config.json").is_file()
+    assert not (tmp_path / "out" / "models" / "LC").exists()
     assert set(json.loads((tmp_path / "out" / "results.json").read_text())) == {"BM", "LG"}
     # tracked as on the Ray launcher: the job's run, and a child run of per-step metrics
     from mlflow import MlflowClient

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,14 @@ EXCLUDES = [
 ]
 
 
+AGENT_PORTS = (
+    "dashboard-agent-listen",
+    "dashboard-agent-grpc",
+    "metrics-export",
+    "runtime-env-agent",
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,12 +56,18 @@ def free_port() -> int:
 
 
 def cluster_env(temp: Path) -> dict:
+    """The environment of the test's cluster and its clients: token authentication with a
+    token of its own (in ``temp``; a fresh machine has no ``~/.ray/auth_token``)."""
+    token = temp / "auth_token"
+    if not token.is_file():
+        token.write_text(secrets.token_hex(32))
     env = dict(os.environ)
     env.update(
         PATH=f"{BIN}:{env.get('PATH', '')}",
         TMPDIR=str(temp),
         RAY_TMPDIR=str(temp),
         RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
         MLFLOW_DISABLE_TELEMETRY="true",
         HF_HUB_OFFLINE="1",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
@@ -113,6 +129,8 @@ def cluster():
         "true",
         "--ray-client-server-port",
         str(free_port()),
+        # ports of its own, so that it can run beside another cluster on this machine
+        *[f"--{name}-port={free_port()}" for name in AGENT_PORTS],
         "--object-store-memory",
         str(256 * 1024**2),
         "--temp-dir",
@@ -189,6 +207,14 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert "Reporting training result" not in logs  # Ray's per-report INFO lines are quiet
     assert "[eval LG]" in logs
     assert json.loads((out / "results.json").read_text()).keys() == {"BM", "LG"}
+    # the model saved for the user holds the final checkpoint's weights
+    from safetensors.torch import load_file
+
+    *_, final = sorted(out.glob("ray/tiny_char_ray-LG-*/checkpoint_*/model/model.safetensors"))
+    saved = load_file(out / "models" / "LG" / "model.safetensors")
+    trained = load_file(final)
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
 
     from mlflow import MlflowClient
 
