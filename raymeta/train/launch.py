@@ -496,6 +496,8 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     check_inputs(cfg, out)
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
+        if cfg.meta.objectives:  # a cluster the workers cannot fit stops us before any MLflow run
+            start_ray(cfg.train)
     kinds = ",".join(["BM", *cfg.meta.objectives])
     tracker = start_run(
         cfg.tracking,
@@ -517,8 +519,6 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
 
     try:
         if cfg.train.launcher == "ray":
-            if cfg.meta.objectives:  # an evaluation-only job needs no cluster
-                start_ray(cfg.train)
             trainer = ray_trainer(out, tracker)
         else:
             if unused := unused_by_local(cfg.train):

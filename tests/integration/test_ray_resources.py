@@ -52,3 +52,19 @@ def test_more_cpus_than_the_cluster_has_fail_fast(ray_two_cpus):
 
 def test_a_group_that_fits_passes(ray_two_cpus):
     check_cluster_fits(train_cfg(num_workers=2, cpus_per_worker=1))
+
+
+def test_a_job_that_cannot_fit_leaves_no_tracking_run(ray_two_cpus, tmp_path):
+    from raymeta.train.launch import run_job
+
+    db = tmp_path / "mlflow.db"
+    cfg = from_dict(
+        {
+            "train": {"num_workers": 4},
+            "meta": {"meta_batch_size": 4},
+            "tracking": {"tracking_uri": f"sqlite:///{db}"},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"train\.num_workers=4"):
+        run_job(cfg, tmp_path / "out")
+    assert not db.exists() and not (tmp_path / "out").exists()
