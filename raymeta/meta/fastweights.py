@@ -549,7 +549,14 @@ class Replay:
 # checkpointing the inner backward per decoder block ("vjp" mode)
 # ---------------------------------------------------------------------------
 
-CHECKPOINT_MODES = {False: None, None: None, True: "vjp", "vjp": "vjp", "forward": "forward"}
+CHECKPOINT_MODES = {
+    False: None,
+    None: None,
+    "none": None,
+    True: "vjp",
+    "vjp": "vjp",
+    "forward": "forward",
+}
 """``InnerSpec.checkpoint_inner`` values: True / "vjp" checkpoints the inner *backward* per
 decoder block (see ``BlockVJP``); "forward" only recomputes the inner forward's blocks (the
 create_graph inner backward then keeps the recomputed activations)."""
@@ -560,7 +567,7 @@ def checkpoint_mode(value) -> str | None:
         return CHECKPOINT_MODES[value]
     except (KeyError, TypeError):
         raise ValueError(
-            f"checkpoint_inner={value!r}: expected False, True, 'vjp' or 'forward'"
+            f"checkpoint_inner={value!r}: expected False, True, 'none', 'vjp' or 'forward'"
         ) from None
 
 
@@ -570,6 +577,20 @@ def _fields(term) -> list[torch.Tensor]:
 
 def _key(t: torch.Tensor):
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def draws_random(module: nn.Module) -> bool:
+    """Whether ``module``'s forward draws random numbers in its current mode: active dropout
+    (a dropout module, or a Hugging Face attention's ``attention_dropout``, in training)."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        p = getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, float) and p > 0:
+            return True
+    return False
 
 
 class Block:
@@ -590,6 +611,27 @@ class Block:
         self.shape = shape  # tasks, rows, length
         self.layout: list | None = None  # (name, term class, output indices) per new term
         self.x: torch.Tensor | None = None
+        self.random = draws_random(blk)
+        self.rng: tuple | None = None  # the generators' state before its first run
+
+    @contextlib.contextmanager
+    def same_randomness(self, device: torch.device):
+        """The first run draws as usual (dropout masks) and keeps the generators' state before
+        it; every re-run draws the same numbers again without advancing the generators, so
+        the recomputed block is the one that ran (as ``torch.utils.checkpoint`` does)."""
+        if not self.random:
+            yield
+            return
+        cuda = [device] if device.type == "cuda" else []
+        if self.rng is None:
+            self.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda])
+            yield
+            return
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self.rng[0])
+            for d, state in zip(cuda, self.rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            yield
 
     def rebuild(self, flat) -> dict[str, list]:
         out: dict[str, list] = {}
@@ -609,7 +651,8 @@ class Block:
             kwargs["hidden_states"] = x
         hooks = Hooks(self.uses, self.rebuild(flat), *self.shape, inner=True, record=record)
         with hooks, double_backward_attention(), engine_ops(self.module):
-            y = self.orig(*args, **kwargs)
+            with self.same_randomness(x.device):
+                y = self.orig(*args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise RuntimeError(
                 "fast-weights checkpoint_inner='vjp': a decoder block returned "

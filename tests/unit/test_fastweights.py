@@ -212,6 +212,36 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     print(f"{kind} (checkpointed inner backward): max relative gradient error {worst:.2e}")
 
 
+def gpt2_with_dropout(p=0.1):
+    """``gpt2()`` in training mode with active dropout in its blocks (attention, residuals)."""
+    model = gpt2()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return model.train()
+
+
+@pytest.mark.parametrize("mode", ["vjp", "forward"])
+def test_checkpointed_blocks_replay_their_dropout(mode):
+    """With dropout active, a recomputed block draws the masks it drew when it ran: the
+    checkpointed step equals the uncheckpointed one from the same seed (loss and every
+    gradient), for k = 2 and second order."""
+    model = gpt2_with_dropout()
+    assert all(fastweights.draws_random(b) for b in fastweights.decoder_blocks(model))
+    ctx, q = batch(2)
+    out = {}
+    for key in ("none", mode, "eval"):
+        model.train(key != "eval")
+        torch.manual_seed(7)
+        mode_of = "none" if key == "eval" else key
+        spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=mode_of)
+        out[key] = run(fastweights, model, spec, ctx, q)
+    (l0, _, g0), (l1, _, g1), (_, _, ge) = out["none"], out[mode], out["eval"]
+    assert l1 == pytest.approx(l0, rel=1e-12)
+    assert max_rel_error(g0, g1) < 1e-10
+    assert max_rel_error(g0, ge) > 1e-3  # the control: the dropout draws change the step
+
+
 def test_checkpoint_inner_values():
     assert fastweights.checkpoint_mode(False) is None
     assert fastweights.checkpoint_mode(True) == "vjp"
