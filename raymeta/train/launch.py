@@ -53,9 +53,24 @@ def check_launchable(cfg: RunConfig) -> None:
         raise ConfigError("train.precision=bf16 expects model.dtype=float32 master weights")
 
 
+def in_ray_working_dir(path: Path) -> bool:
+    """Whether ``path`` lies in the copy of a working dir Ray made for a submitted job
+    (``.../runtime_resources/working_dir_files/_ray_pkg_*/``), which Ray deletes later."""
+    parts = path.resolve().parts
+    return any(
+        a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:])
+    )
+
+
 def check_output_dir(out: Path) -> None:
     """Raise InputError when ``out`` (``--output-dir``) or the nearest existing folder above it
-    is not a directory."""
+    is not a directory, or when it lies in Ray's copy of a submitted job's working dir."""
+    if in_ray_working_dir(out):
+        raise InputError(
+            f"--output-dir {out}: inside this job's copy of the working dir, which Ray deletes "
+            "after the job (a relative --output-dir under `ray job submit`); give an absolute "
+            "path outside it"
+        )
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
@@ -70,6 +85,17 @@ def check_inputs(cfg: RunConfig, out: Path) -> None:
     from raymeta.models import check_model_path
 
     check_output_dir(out)
+    caches = [("data.cache_dir", cfg.data.cache_dir)]
+    if cfg.model.name_or_path == "tiny":
+        caches.append(("model.tiny_cache_dir", cfg.model.tiny_cache_dir))
+    for field_name, cache in caches:
+        if in_ray_working_dir(Path(cache)):
+            print(
+                f"[cache] {field_name}={cache} lies in this job's copy of the working dir, which "
+                "Ray deletes after the job: later jobs build it again (give an absolute path to "
+                "keep it)",
+                flush=True,
+            )
     check_device(cfg.device)
     check_model_path(cfg.model.name_or_path)
     check_source(cfg.data)
@@ -130,8 +156,16 @@ def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
                 "(`ray start --head`) or leave the address empty to run on a local instance"
             )
         address = found
-    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not sep or not host or not port.isdigit():
+    scheme, _, rest = address.rpartition("://")
+    if scheme in ("http", "https"):
+        raise InputError(
+            f"{source}={address!r}: an {scheme}:// address is the dashboard's (the one `ray job "
+            "submit --address` takes); a job connects to the cluster's GCS, HOST:PORT (`ray "
+            "start --port`, 6379 by default), or leave the address empty for the `ray start` "
+            "cluster of this machine"
+        )
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if scheme not in ("", "ray") or not sep or not host or not port.isdigit():
         raise InputError(
             f"{source}={address!r}: expected HOST:PORT, ray://HOST:PORT, auto or local"
         )
@@ -139,6 +173,11 @@ def check_ray_address(train_cfg, timeout_s: float = 10.0) -> None:
         raise InputError(
             f"{source}={address!r}: no Ray cluster answers at {host}:{port} ({error}); start "
             "one (`ray start --head`) or leave the address empty to run on a local instance"
+        )
+    if speaks_http(host, int(port), min(timeout_s, 3.0)):
+        raise InputError(
+            f"{source}={address!r}: {host}:{port} is a web server (the Ray dashboard?), not a "
+            "Ray cluster's GCS; give the GCS port (`ray start --port`, 6379 by default)"
         )
 
 
@@ -149,6 +188,52 @@ def connection_error(host: str, port: int, timeout_s: float) -> OSError | None:
     except OSError as e:
         return e
     return None
+
+
+def speaks_http(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` answers an HTTP/1.0 request with an HTTP status line (a dashboard
+    does; a GCS or Ray client server speaks gRPC and answers with HTTP/2 frames or nothing)."""
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            conn.sendall(b"GET / HTTP/1.0\r\nHost: raymeta\r\n\r\n")
+            return conn.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def auth_token_found() -> bool:
+    """Whether this user has a Ray auth token: ``$RAY_AUTH_TOKEN``, the file
+    ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).expanduser().is_file()
+
+
+def cluster_init(address: str) -> None:
+    """``ray.init(address)`` for a running cluster. With a token at hand and ``$RAY_AUTH_MODE``
+    unset, the driver sends it (``RAY_AUTH_MODE=token``): Ray 2.60's ``ray start`` turns token
+    authentication on whenever the user has a token, and a cluster without it accepts the
+    token too. A cluster that takes no connection (a token it does not accept, say) is an
+    InputError that says so, not Ray's ConnectionError."""
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ and auth_token_found():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray reads the mode into its config once; read it again
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as e:
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        raise InputError(
+            f"the Ray cluster at {address} did not accept this job's connection ({e}); "
+            f"RAY_AUTH_MODE={mode}, token {'found' if auth_token_found() else 'not found'}: a "
+            "cluster with token authentication needs its token here (~/.ray/auth_token, "
+            "$RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN; docs/cluster.md)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -182,12 +267,12 @@ def init_ray(train_cfg) -> None:
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     address, _ = ray_address(train_cfg)
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address and address != "local":
+        cluster_init(address)
         return
-    recorded = started_cluster()
+    recorded = started_cluster() if not address else None
     if recorded:
-        ray.init(address=recorded, log_to_driver=True)
+        cluster_init(recorded)
         return
     # a private instance: never another job's (``address="auto"`` would join any instance)
     kwargs = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}

@@ -120,7 +120,7 @@ def cluster():
         "--node-ip-address",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(gcs_port := free_port()),
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
@@ -159,6 +159,7 @@ def cluster():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("ray start failed:\n" + (temp / "ray_start.log").read_text())
             time.sleep(1)
+        env["RAYMETA_TEST_GCS"] = f"127.0.0.1:{gcs_port}"  # for drivers run here
         yield address, env
     finally:
         stop_cluster(proc, temp)
@@ -254,3 +255,36 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert len(kept) == 1 and kept[0].read_text() == first
     parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny_char_ray'")
     assert len(parents) == 2
+
+
+DRIVER = """
+import ray
+from raymeta.config import from_dict
+from raymeta.errors import InputError
+from raymeta.train.launch import check_ray_address, connect_ray
+train = from_dict({"train": {"ray_address": "%s"}}).train
+check_ray_address(train)  # a GCS: it answers, and not as a web server
+try:
+    connect_ray(train)
+    print("CPUs", ray.cluster_resources()["CPU"])
+except InputError as e:
+    print("InputError:", e)
+"""
+
+
+def test_a_driver_here_sends_the_token_it_finds(cluster, tmp_path):
+    """The cluster has token authentication; a driver run on this machine without
+    RAY_AUTH_MODE sends the token it finds, and one without a token is told why it failed."""
+    _, env = cluster
+    code = DRIVER % env["RAYMETA_TEST_GCS"]
+    plain = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    ok = subprocess.run(
+        [sys.executable, "-c", code], env=plain, cwd=ROOT, capture_output=True, text=True
+    )
+    assert "CPUs 2.0" in ok.stdout, ok.stdout + ok.stderr[-3000:]
+    lost = {**plain, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    refused = subprocess.run(
+        [sys.executable, "-c", code], env=lost, cwd=ROOT, capture_output=True, text=True
+    )
+    assert "InputError: the Ray cluster at 127.0.0.1:" in refused.stdout, refused.stderr[-3000:]
+    assert "token not found" in refused.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -218,7 +219,31 @@ def test_unreachable_ray_address_is_named(monkeypatch):
     with socket.socket() as listening:  # something answers: ray.init takes it from here
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        check_ray_address(train(f"127.0.0.1:{listening.getsockname()[1]}"))
+        check_ray_address(train(f"127.0.0.1:{listening.getsockname()[1]}"), timeout_s=1.0)
+
+
+def test_a_dashboard_address_is_named_as_one(monkeypatch):
+    """The dashboard's address (what `ray job submit` takes) given to a job: an http:// one, or
+    its HOST:PORT (a web server answers there, not a GCS), stops the job at once."""
+    import http.server
+    import threading
+
+    from raymeta.train.launch import check_ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(InputError, match=r"\$RAY_ADDRESS='http://127\.0\.0\.1:8265': an http"):
+        check_ray_address(load_config(None, []).train)
+    monkeypatch.delenv("RAY_ADDRESS")
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        cfg = load_config(None, [f"train.ray_address={address}"]).train
+        with pytest.raises(InputError, match=rf"'{address}': {address} is a web server"):
+            check_ray_address(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # pretraining on a set without a generator validates on triples it never trains on
@@ -289,3 +314,21 @@ def test_ray_only_settings_of_a_local_run_are_named():
     cfg = load_config(None, ["train.launcher=local", "train.num_workers=2", "train.zero_stage=1"])
     assert unused_by_local(cfg.train) == ["train.num_workers=2", "train.zero_stage=1"]
     assert unused_by_local(load_config(None, ["train.launcher=local"]).train) == []
+
+
+def test_an_output_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path, monkeypatch, capsys):
+    """Under `ray job submit`, a relative --output-dir lands in Ray's copy of the working dir
+    (deleted after the job): refused, while the caches there are only noted."""
+    from raymeta.train.launch import check_inputs, check_output_dir, in_ray_working_dir
+
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert in_ray_working_dir(Path("runs/rel")) and not in_ray_working_dir(tmp_path / "runs")
+    with pytest.raises(InputError, match=r"--output-dir .*runs/rel: inside this job's copy"):
+        check_output_dir(Path("runs/rel").resolve())
+    check_output_dir(tmp_path / "runs")
+    check_inputs(load_config(None, ["train.launcher=local"]), tmp_path / "runs")
+    notes = capsys.readouterr().out
+    assert "[cache] data.cache_dir=.cache/raymeta/data lies in this job's copy" in notes
+    assert "[cache] model.tiny_cache_dir=.cache/raymeta/models lies in" in notes
