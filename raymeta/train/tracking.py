@@ -224,7 +224,8 @@ def _warn(message: str) -> None:
 def source_tags(script: str | Path) -> dict[str, str]:
     """MLflow's own user and source tags for a run started by ``script`` (its fluent API sets
     them; the client does not): the user, the script, and the git commit of its checkout when
-    there is one (a ``ray job submit`` working dir has none)."""
+    there is one, else ``$RAYMETA_GIT_COMMIT`` (a ``ray job submit`` working dir has no .git:
+    pass the commit through the runtime env's ``env_vars``)."""
     import getpass
     import subprocess
 
@@ -241,6 +242,9 @@ def source_tags(script: str | Path) -> dict[str, str]:
         ).stdout.strip()
         if re.fullmatch(r"[0-9a-f]{40}", commit):
             tags["mlflow.source.git.commit"] = commit
+    given = os.environ.get("RAYMETA_GIT_COMMIT", "").strip().lower()
+    if "mlflow.source.git.commit" not in tags and re.fullmatch(r"[0-9a-f]{7,40}", given):
+        tags["mlflow.source.git.commit"] = given
     return tags
 
 

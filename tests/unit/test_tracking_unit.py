@@ -133,3 +133,44 @@ def test_a_store_mlflow_refuses_is_a_tracking_error_with_the_fixes(tmp_path, mon
     text = str(e.value)
     assert f"MLflow tracking store {store} cannot be used" in text
     assert "sqlite:///<abs dir>/mlflow.db" in text and "tracking.enabled=false" in text
+
+
+def test_source_tags_take_the_commit_from_the_checkout_else_the_environment(tmp_path, monkeypatch):
+    """A script in a git checkout is tagged with its commit; one outside any (a `ray job submit`
+    working-dir copy) with ``$RAYMETA_GIT_COMMIT`` when that is a commit id."""
+    import shutil
+    import subprocess
+
+    from raymeta.train.tracking import source_tags
+
+    def fresh(script):  # computed once per process: forget the last call's
+        source_tags.cache_clear()
+        return source_tags(script)
+
+    script = tmp_path / "jobs" / "metatrain.py"
+    script.parent.mkdir()
+    script.write_text("")
+    monkeypatch.delenv("RAYMETA_GIT_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no checkout above tmp_path
+    assert "mlflow.source.git.commit" not in fresh(script)
+    monkeypatch.setenv("RAYMETA_GIT_COMMIT", "not a commit")
+    assert "mlflow.source.git.commit" not in fresh(script)
+    monkeypatch.setenv("RAYMETA_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    tags = fresh(script)
+    assert tags["mlflow.source.git.commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert tags["mlflow.source.name"] == str(script)
+    if shutil.which("git"):  # a checkout's own commit wins over the variable
+        monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+        env = {
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+            "PATH": __import__("os").environ["PATH"],
+        }
+        for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+            subprocess.run(["git", *cmd], cwd=tmp_path, env=env, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+        ).stdout.strip()
+        assert fresh(script)["mlflow.source.git.commit"] == head
