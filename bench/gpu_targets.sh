@@ -23,11 +23,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/gpu}
-mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 common=(--device cuda --shape llama-1b --dtype bfloat16 --ctx 192 --query 32)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
 "$py" -c "import torch" 2>/dev/null || {
     echo "gpu_targets: $py has no torch (PYTHON=... picks another, e.g. PYTHON=.venv/bin/python)" >&2
     exit 2
@@ -36,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
     echo "gpu_targets: $py sees no CUDA device (these runs need one; PYTHON=... picks another)" >&2
     exit 2
 }
+mkdir -p "$out"
 if [[ "${2:-}" == compile ]]; then
     for flag in "" --compile-ops; do
         "$py" bench/meta_step.py "${common[@]}" --meta-batch 16,32 --engines fastweights \

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -341,13 +342,23 @@ def fmt(v, nd=1):
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
-def table(rows_: list[dict]) -> str:
-    """Markdown table with the speedup of fastweights over reference at equal settings."""
+def add_speedups(rows_: list[dict]) -> None:
+    """Set each measured fastweights row's ``speedup``: its tasks/s over the reference's at the
+    same context length, contexts, query length and meta-batch (when that was measured)."""
 
     def setting(r):
         return r["ctx"], r["contexts"], r["query"], r["meta_batch"]
 
     ref = {setting(r): r for r in rows_ if r["engine"] == "reference" and "error" not in r}
+    for r in rows_:
+        base = ref.get(setting(r))
+        if r["engine"] != "reference" and "error" not in r and base:
+            r["speedup"] = r["tasks_per_s"] / base["tasks_per_s"]
+
+
+def table(rows_: list[dict]) -> str:
+    """Markdown table with the speedup of fastweights over reference at equal settings."""
+    add_speedups(rows_)
     head = [
         "engine",
         "shape",
@@ -379,12 +390,7 @@ def table(rows_: list[dict]) -> str:
         if "error" in r:
             cells += [r["error"]] + [""] * (5 + kept)
         else:
-            base = ref.get(setting(r))
-            speed = (
-                r["tasks_per_s"] / base["tasks_per_s"]
-                if base and r["engine"] != "reference"
-                else None
-            )
+            speed = r.get("speedup")
             cells += [
                 fmt(r["ms_per_task"]),
                 fmt(r["tasks_per_s"], 2),
@@ -415,15 +421,50 @@ def graph_modes(cuda_graph: str | None, engine: str) -> list[bool]:
     return [True] if cuda_graph == "only" else [False, True]
 
 
-def positive(s: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is not >= 1")
-    return n
+def at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse_int(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is not >= {low}")
+        return n
+
+    parse_int.__name__ = f"integer >= {low}"
+    return parse_int
+
+
+positive = at_least(1)
+nonnegative = at_least(0)
+
+
+def json_path(s: str) -> str:
+    """An argparse type: a file the rows can be written to (checked before any measurement);
+    empty = none."""
+    if not s:
+        return s
+    path = Path(s).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{s} is a directory, not a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{s}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{s}: not writable")
+    return str(path)
+
+
+def distinct(p: argparse.ArgumentParser, flag: str, items: list[str], known) -> None:
+    """argparse error for unknown or repeated entries of a comma-separated ``flag``."""
+    unknown = set(items) - set(known)
+    if unknown:
+        p.error(f"{flag}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    repeated = sorted({x for x in items if items.count(x) > 1})
+    if repeated:
+        p.error(f"{flag}: {', '.join(repeated)} given twice")
 
 
 def ints(s: str) -> list[int]:
@@ -503,28 +544,37 @@ def parse(argv=None):
         "(bench/graph_step.py; cuda only; AdamW capturable for every row); 'also': an eager "
         "row and a graphed one",
     )
-    p.add_argument("--micro", type=int, default=0, help="fastweights tasks per forward (0: all)")
+    p.add_argument(
+        "--micro", type=nonnegative, default=0, help="fastweights tasks per forward (0: all)"
+    )
     p.add_argument("--ref-micro", type=positive, default=1, help="reference tasks per forward")
     p.add_argument(
-        "--ref-max-batch", type=int, default=10**9, help="skip the reference above this meta-batch"
+        "--ref-max-batch",
+        type=positive,
+        default=10**9,
+        help="skip the reference above this meta-batch",
     )
     p.add_argument("--reps", type=positive, default=3)
     p.add_argument("--ref-reps", type=positive, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=nonnegative, default=0, help="torch CPU threads (0: default)")
     p.add_argument(
         "--profile",
-        type=int,
+        type=nonnegative,
         default=0,
         help="after timing, profile one fastweights step and print this many top ops",
     )
-    p.add_argument("--json", default="")
+    p.add_argument("--json", type=json_path, default="", help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
         p.error(f"--device cuda: no CUDA device here (torch {torch.__version__}, {why})")
-    unknown = set(args.engines.split(",")) - {"reference", "fastweights"}
-    if unknown:
-        p.error(f"--engines: unknown {', '.join(sorted(unknown))} (known: reference, fastweights)")
+    engines = args.engines.split(",")
+    distinct(p, "--engines", engines, ("reference", "fastweights"))
+    if engines == ["reference"] and min(args.meta_batch) > args.ref_max_batch:
+        p.error(
+            f"--ref-max-batch {args.ref_max_batch} skips every --meta-batch "
+            f"{','.join(map(str, args.meta_batch))} of the only engine: nothing to measure"
+        )
     if args.phases and args.device != "cuda":
         p.error("--phases needs --device cuda (it reads the CUDA allocator)")
     if args.cuda_graph and args.device != "cuda":

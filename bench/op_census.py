@@ -42,7 +42,9 @@ from graph_step import meta_backward  # noqa: E402
 from meta_step import (  # noqa: E402
     DTYPES,
     SHAPES,
+    distinct,
     inner_names,
+    json_path,
     llama_config,
     positive,
     random_batch,
@@ -167,6 +169,12 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
     }
 
 
+def figure(v: float) -> str:
+    """A table cell: one decimal from 10 up, two from 1, else three significant digits (the
+    tiny shapes' GFLOP and GB per task are hundredths)."""
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3g}"
+
+
 def table(rows: list[dict]) -> str:
     head = [
         "variant",
@@ -182,7 +190,7 @@ def table(rows: list[dict]) -> str:
     ]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        top = ", ".join(f"{k} {v:.2f}" for k, v in r["top"].items())
+        top = ", ".join(f"{k} {figure(v)}" for k, v in r["top"].items())
         cells = [
             r["variant"],
             r["shape"],
@@ -191,8 +199,8 @@ def table(rows: list[dict]) -> str:
             r["query"],
             r["meta_batch"],
             r["calls_per_step"],
-            f"{r['gflop_per_task']:.1f}",
-            f"{r['gb_per_task']:.2f}",
+            figure(r["gflop_per_task"]),
+            figure(r["gb_per_task"]),
             top,
         ]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -218,11 +226,9 @@ def parse(argv=None):
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     p.add_argument("--top", type=positive, default=4, help="ops with the most bytes to list")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", type=json_path, default="", help="also write the rows to this file")
     args = p.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    distinct(p, "--variants", args.variants.split(","), list(VARIANTS))
     return args
 
 

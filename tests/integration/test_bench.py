@@ -47,6 +47,36 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path):
     assert {r["engine"] for r in rows} == {"reference", "fastweights"}
     assert all(r["tasks_per_s"] > 0 and "error" not in r for r in rows)
     assert all(r["contexts"] == 2 and 0 < r["kept_GiB_per_task"] < 0.01 for r in rows)
+    (fast,) = [r for r in rows if r["engine"] == "fastweights"]
+    (ref,) = [r for r in rows if r["engine"] == "reference"]
+    assert fast["speedup"] == pytest.approx(fast["tasks_per_s"] / ref["tasks_per_s"])
+
+
+BAD_ARGUMENTS = [
+    (["--micro", "-1"], "argument --micro: -1 is not >= 0"),
+    (["--threads", "-2"], "argument --threads: -2 is not >= 0"),
+    (["--engines", "fastweights,fastweights"], "--engines: fastweights given twice"),
+    (["--engines", "reference", "--ref-max-batch", "1", "--meta-batch", "2"], "nothing to measure"),
+    (["--json", "/nonexistent/dir/rows.json"], "the folder /nonexistent/dir does not exist"),
+    (["--json", "/tmp"], "/tmp is a directory"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ARGUMENTS)
+def test_bad_benchmark_arguments_stop_before_any_measurement(extra, message, capsys):
+    """An argparse error (exit 2) that names the argument, at parse time: before the model is
+    built or anything measured (the census checks its --json path the same way)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import meta_step
+    import op_census
+
+    with pytest.raises(SystemExit) as stop:
+        meta_step.parse(["--device", "cpu", *extra])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    if extra[0] == "--json":
+        with pytest.raises(SystemExit):
+            op_census.parse(extra)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.integration
