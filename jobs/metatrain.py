@@ -42,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--output-dir",
         default="runs/metatrain",
-        help="where results, records, checkpoints and the local MLflow store go "
-        "(use an absolute path with `ray job submit`)",
+        help="where results, records, saved models, checkpoints and the local MLflow store go "
+        "(default: %(default)s; use an absolute path with `ray job submit`)",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_lr=1e-3")
     return p.parse_intermixed_args(argv)  # options may follow the overrides

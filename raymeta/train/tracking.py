@@ -396,6 +396,8 @@ class MlflowTracker(Tracker):
         if ok:
             self.spill_path.unlink(missing_ok=True)
             shutil.rmtree(self._staging, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last run to end leaves no empty folder
+                self.spill_path.parent.rmdir()
         else:
             _warn(
                 f"could not send {len(self._metrics)} metrics and {len(self._artifacts)} "

@@ -100,6 +100,7 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {parent.info.status, child.info.status} == {"FINISHED"}
+    assert not (tmp_path / "out" / "mlflow_spill").exists()  # all sent: no spill files kept
     assert child.info.run_name == f"{parent.info.run_name}-LG"
     assert {"BM.FT.accuracy", "LG.FT2.leak"} <= set(parent.data.metrics)
     history = client.get_metric_history(child.info.run_id, "outer_loss")
