@@ -285,6 +285,11 @@ class Tracker:
         """End the run with ``status``; True when everything reached the store."""
         return True
 
+    def last_step(self, key: str) -> int:
+        """The highest step of metric ``key`` the store holds for this run (0: none, or the
+        store does not answer)."""
+        return 0
+
     def __enter__(self) -> Tracker:
         return self
 
@@ -406,6 +411,14 @@ class MlflowTracker(Tracker):
                 f"`python -m raymeta.train.tracking replay {self.spill_path}`."
             )
         return ok
+
+    def last_step(self, key: str) -> int:
+        try:
+            with fast_http(self.request_timeout_s):
+                history = self._client.get_metric_history(self.run_id, sanitize_key(key))
+        except Exception:  # noqa: BLE001 - unknown: the caller logs every step again
+            return 0
+        return max((m.step for m in history), default=0)
 
     # ------------------------------------------------------------------ internals
 

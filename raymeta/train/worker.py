@@ -106,6 +106,15 @@ def train_loop(config: dict) -> None:
                 flush=True,
             )
     tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
+    # a restart replays the steps after its checkpoint: the store keeps the first attempt's
+    logged = tracker.last_step("outer_loss") if tracker is not None and state.attempt else 0
+    if logged > state.step:
+        steps_in = f"{state.step + 1}-{logged}" if logged > state.step + 1 else f"{logged}"
+        print(
+            f"[meta-train {objective}] step(s) {steps_in} are in MLflow from the attempt "
+            "before; their replay is not logged again",
+            flush=True,
+        )
     if rank == 0 and (note := steps_note(meta, len(groups), steps)):
         print(note, flush=True)
     workers = f"{world} worker" + ("s" if world > 1 else "")
@@ -171,7 +180,7 @@ def train_loop(config: dict) -> None:
             record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
             t_last, tasks_since = now, 0
         history.append(record)
-        if tracker is not None:
+        if tracker is not None and step > logged:
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
         if ckpt_now:
             _report_checkpoint(ds, state, history, record, tok, rank, final=step == steps)

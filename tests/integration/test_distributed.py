@@ -190,8 +190,23 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tasks_and_model, tmp_p
     cfg.meta.steps = steps
     flag = tmp_path / "killed.txt"
     fault = {"step": 5, "rank": 1, "flag": str(flag)}
-    hurt = fit_objective(cfg, "LG", base, train, test, tmp_path / "hurt", fault=fault)
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # rank 0 logs each step's metrics here
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("resume", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    info = {
+        "uri": uri,
+        "experiment_id": exp,
+        "run_id": run.info.run_id,
+        "spill_dir": str(tmp_path / "spill"),
+    }
+    hurt = fit_objective(cfg, "LG", base, train, test, tmp_path / "hurt", info, fault=fault)
     assert flag.is_file(), "the fault hook never fired"
+    # the replayed step 4 (done before the kill, after the checkpoint at 3) is logged once
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "outer_loss")]
+    assert sorted(logged) == list(range(1, steps + 1)), logged
     done = [s for s, _ in hurt.steps_log]
     assert done == list(range(1, steps + 1)), f"steps not done exactly once: {hurt.steps_log}"
     attempts = dict(hurt.steps_log)
