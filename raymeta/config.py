@@ -13,7 +13,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -354,6 +354,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         )
         value = value.as_text() if wants_text and not isinstance(value.value, bool) else value.value
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty section in YAML (``meta:`` with nothing under it)
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, where)
@@ -414,7 +416,11 @@ def _build(cls: type, values: dict, where: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         path = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})", path)
+        hint = ""
+        if "." in unknown[0]:
+            head, _, rest = unknown[0].partition(".")
+            hint = f"; in YAML a dotted key nests: write {head}: then {rest}: under it"
+        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))}){hint}", path)
     kwargs = {}
     for name, value in values.items():
         path = f"{where}.{name}" if where else name
@@ -440,10 +446,33 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), Override(raw, value)
 
 
+def _default_mapping(keys: list[str]) -> dict:
+    """A copy of the default of the mapping-typed field at ``keys`` (e.g. ``pretrain.mix``), so
+    that an override of one of its entries keeps the others; {} for a section or no field."""
+    cls: Any = RunConfig
+    for i, k in enumerate(keys):
+        fields = (
+            {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        )
+        if k not in fields:
+            return {}
+        tp = typing.get_type_hints(cls)[k]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        f = fields[k]
+        if i == len(keys) - 1 and get_origin(tp) is dict and f.default_factory is not MISSING:
+            return dict(f.default_factory())
+        return {}
+    return {}
+
+
 def _set_path(tree: dict, keys: list[str], value: Any, text: str) -> None:
     node = tree
     for i, k in enumerate(keys[:-1]):
-        child = node.setdefault(k, {})
+        if k not in node:
+            node[k] = _default_mapping(keys[: i + 1])
+        child = node[k]
         if isinstance(child, Override) and isinstance(child.value, dict):
             child = node[k] = dict(child.value)  # a section set whole by an earlier override
         if not isinstance(child, dict):
@@ -599,6 +628,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         _fail("device", cfg.device, "cpu, cuda or cuda:N")
+    if not cfg.model.name_or_path.strip():
+        _fail("model.name_or_path", cfg.model.name_or_path, "tiny, a hub name or a model directory")
     if not cfg.tracking.experiment.strip():
         _fail("tracking.experiment", cfg.tracking.experiment, "a non-empty MLflow experiment name")
     if generated and cfg.data.n_train < 1:

@@ -197,3 +197,28 @@ def test_the_job_takes_options_after_overrides():
     args = job.parse_args(["meta.steps=1", "--output-dir", "X", "meta.steps=2"])
     assert args.output_dir == "X" and args.overrides == ["meta.steps=1", "meta.steps=2"]
     assert load_config(args.config, args.overrides).meta.steps == 2
+
+
+def test_an_override_of_one_mix_weight_keeps_the_others(tmp_path):
+    """``pretrain.mix.copy=5`` changes one weight of the default mix (with or without a config
+    file) instead of replacing the mix; a YAML mapping still replaces it whole."""
+    default = load_config(None, []).pretrain.mix
+    for path in (None, "configs/tiny_char.yaml"):
+        mix = load_config(path, ["pretrain.mix.copy=5"]).pretrain.mix
+        assert mix == {**default, "copy": 5.0}
+    f = tmp_path / "mix.yaml"
+    f.write_text("pretrain:\n  mix: {copy: 1}\n")
+    assert load_config(str(f)).pretrain.mix == {"copy": 1.0}
+
+
+def test_yaml_shapes_users_write_by_mistake(tmp_path):
+    """An empty section is the defaults; a dotted key in YAML is named with how to nest it; an
+    empty model name is refused on load."""
+    f = tmp_path / "c.yaml"
+    f.write_text("meta:\n")
+    assert load_config(str(f)).meta == load_config(None).meta
+    f.write_text("meta.inner_lr: 0.1\n")
+    with pytest.raises(ConfigError, match="meta.inner_lr: unknown field .*write meta: then"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="model.name_or_path: invalid value ''"):
+        load_config(None, ["model.name_or_path="])
