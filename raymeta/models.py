@@ -102,12 +102,18 @@ def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> 
     """``save_pretrained`` model and tokenizer into ``path`` (plus ``raymeta.json`` info).
 
     A peft model is written as its base model (``path``) plus its adapter
-    (``path/adapter``), which :func:`load_model` puts back together."""
+    (``path/adapter``), which :func:`load_model` puts back together, and so does peft's
+    ``AutoPeftModelForCausalLM.from_pretrained(path/adapter)``: the adapter's
+    ``base_model_name_or_path`` is ``path`` itself (absolute)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
         model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model))
         model.save_pretrained(path / ADAPTER_DIR)
+        adapter_config = path / ADAPTER_DIR / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text())
+        settings["base_model_name_or_path"] = str(path.resolve())
+        adapter_config.write_text(json.dumps(settings, indent=2))
     else:
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)

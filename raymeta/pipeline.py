@@ -51,14 +51,71 @@ def with_model_choices(cfg: RunConfig, model):
     from raymeta.models import apply_lora, is_peft
 
     if is_peft(model) and not cfg.model.lora.enabled:
+        mode = saved_config(cfg.model.name_or_path).get("model", {}).get("lora", {}).get("mode")
         raise InputError(
             f"model.name_or_path: {cfg.model.name_or_path} holds a LoRA adapter (adapter/); set "
-            "model.lora.enabled=true to go on training it, or give a model without one"
+            "model.lora.enabled=true"
+            + (f" model.lora.mode={mode} (as it was meta-trained)" if mode else "")
+            + " to evaluate it or go on training it, or give a model without one"
         )
     if cfg.model.lora.enabled and not is_peft(model):
         model = apply_lora(model, cfg.model.lora)
     inner_spec(model, cfg.meta, cfg.model.lora)
     return model
+
+
+SAVED_SETTINGS = (
+    "meta.inner_lr",
+    "meta.inner_steps",
+    "meta.inner_params",
+    "eval.inner_lr",
+    "model.lora.enabled",
+    "model.lora.mode",
+    "model.lora.rank",
+    "model.lora.alpha",
+    "model.lora.target_modules",
+)
+"""Settings of a model saved by a job (its ``raymeta.json``) that its evaluation and further
+training depend on; a job that loads it with others says so."""
+
+
+def saved_config(path: str) -> dict:
+    """The config tree a job saved with the model at ``path`` (``raymeta.json``), or {}."""
+    info = Path(path).expanduser() / "raymeta.json"
+    try:
+        return json.loads(info.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def note_saved_settings(cfg: RunConfig, path: str) -> list[str]:
+    """One printed line per :data:`SAVED_SETTINGS` value that differs from the one the model at
+    ``path`` was meta-trained with (the returned lines). A loaded adapter keeps its own rank,
+    alpha and targets whatever this job's ``model.lora`` says."""
+    saved = saved_config(path)
+    if not saved:
+        return []
+    from raymeta.config import flatten
+
+    def norm(v):
+        return sorted(v) if isinstance(v, list) else v
+
+    then, now = flatten(saved), flatten(to_dict(cfg))
+    lines = []
+    for key in SAVED_SETTINGS:
+        if key in then and norm(then[key]) != norm(now.get(key)):
+            lines.append(
+                f"[model] {path} was meta-trained with {key}={then[key]}; this job has "
+                f"{now.get(key)}"
+                + (
+                    " (the saved adapter is used as it is)"
+                    if key.rsplit(".", 1)[-1] in ("rank", "alpha", "target_modules")
+                    else ""
+                )
+            )
+    for line in lines:
+        print(line, flush=True)
+    return lines
 
 
 def load_base_model(cfg: RunConfig, train, test, device):
@@ -74,6 +131,7 @@ def load_base_model(cfg: RunConfig, train, test, device):
             with_model_choices(cfg, build_tiny_model(cfg.model.tiny, len(tok)))
         accuracy = prompt_accuracy_fn(tok, device)
         path = str(ensure_tiny_model(cfg, train, test, device, accuracy, tokenizer=tok))
+    note_saved_settings(cfg, path)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
     if cfg.model.dtype == "float64":
         keep_float64(model)
@@ -160,7 +218,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     model, tok, path = load_base_model(cfg, train, test, device)
     print(f"[model] {path}", flush=True)
     # only once data and model have loaded: a re-run with bad inputs leaves the results in place
-    keep_previous(out)
+    source = model_source(path, out, keep_previous(out))
     dump_config(cfg, out / "config.yaml")
     save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
@@ -192,7 +250,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         lc_teacher = teacher if objective == "LC" else None
         histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
         if cfg.save_models:
-            saved[objective] = save_trained(m, tok, out, objective, path, cfg)
+            saved[objective] = save_trained(m, tok, out, objective, source, cfg)
         run_eval(objective, m)
     print("\n" + format_table(results) + "\n", flush=True)
     from raymeta.plots import plot_results
@@ -200,7 +258,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     plot_results(results, histories, out / "results.png")
     summary = {
         "seconds": time.perf_counter() - t0,
-        "model": str(Path(path).resolve()) if Path(path).exists() else path,
+        "model": source,
         "prepare": prep,
         "models": saved,
         "history": histories,
@@ -210,14 +268,33 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     return results
 
 
+def model_source(path: str, out: Path, moved_to: Path | None) -> str:
+    """Where the job's base model ``path`` lives once the job runs: a local one as an absolute
+    path, at its new place if :func:`keep_previous` just moved it (a model of this output dir's
+    ``models/`` trained on again); a hub name as given."""
+    from raymeta.paths import looks_local
+
+    if not looks_local(path):
+        return path
+    where = Path(path).expanduser().resolve()
+    if moved_to is not None and where.is_relative_to(out.resolve() / "models"):
+        return str(moved_to.resolve() / where.relative_to(out.resolve()))
+    return str(where)
+
+
 def save_trained(model, tokenizer, out: Path, objective: str, base: str, cfg: RunConfig) -> str:
     """Write a meta-trained model to ``out/models/<objective>`` (see
     :func:`raymeta.models.save_model`; ``raymeta.json`` there names the objective, the base
     model, the run name and the job's resolved config); returns the path relative to ``out``."""
-    from raymeta.models import save_model
+    from raymeta.models import is_peft, save_model
 
     dest = out / "models" / objective
     info = {"objective": objective, "base_model": base, "run": cfg.name, "config": to_dict(cfg)}
+    if is_peft(model):  # the adapter as it is (one loaded with the base keeps its own shape)
+        lora = model.peft_config["default"]
+        info["config"]["model"]["lora"].update(
+            rank=lora.r, alpha=float(lora.lora_alpha), target_modules=sorted(lora.target_modules)
+        )
     save_model(model, tokenizer, dest, info=info)
     print(f"[model] {objective} saved to {dest}", flush=True)
     return str(dest.relative_to(out))

@@ -113,6 +113,11 @@ def test_lora_model_saves_as_base_plus_adapter_and_loads_back(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-6)
+    # peft's own loader finds the base from any working directory (an absolute path)
+    from peft import AutoPeftModelForCausalLM
+
+    peft_back = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "m" / ADAPTER_DIR))
+    assert torch.allclose(peft_back(ids).logits, model(ids).logits, atol=1e-5)
 
     # the base model alone is the model before the adapter, under the usual names
     (tmp_path / "base").mkdir()
@@ -146,3 +151,51 @@ def test_a_model_reloaded_with_its_adapter_is_not_wrapped_twice(tmp_path):
     off = load_config(None, [f"model.name_or_path={tmp_path / 'm'}"])
     with pytest.raises(InputError, match="holds a LoRA adapter"):
         with_model_choices(off, load_model(str(tmp_path / "m"))[0])
+
+
+def test_a_saved_models_settings_are_named_where_a_job_differs(tmp_path, capsys):
+    """A job that loads a model another job saved names each setting its evaluation and training
+    depend on that differs from the saved raymeta.json, and records the adapter as it is."""
+    import json
+
+    from raymeta.config import load_config
+    from raymeta.models import apply_lora
+    from raymeta.pipeline import note_saved_settings, save_trained
+
+    _, _, tok = tiny_tokenizer()
+    plain = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2), len(tok))
+    lora = ["model.lora.enabled=true", "model.lora.mode=outer_lora_inner_full"]
+    model = apply_lora(plain, load_config(None, [*lora, "model.lora.rank=2"]).model.lora)
+    # a job asked for rank 4 but trained on a loaded rank-2 adapter as it was
+    save_trained(
+        model, tok, tmp_path, "LG", "base", load_config(None, [*lora, "model.lora.rank=4"])
+    )
+    path = str(tmp_path / "models" / "LG")
+    capsys.readouterr()  # the "saved to" line
+    info = json.loads((tmp_path / "models" / "LG" / "raymeta.json").read_text())
+    assert info["config"]["model"]["lora"]["rank"] == 2
+    assert note_saved_settings(load_config(None, [*lora, "model.lora.rank=2"]), path) == []
+    lines = note_saved_settings(load_config(None, ["meta.inner_lr=0.1"]), path)
+    assert lines == capsys.readouterr().out.splitlines()
+    assert [x.split(" was meta-trained with ")[1] for x in lines] == [
+        "meta.inner_lr=0.3; this job has 0.1",
+        "model.lora.enabled=True; this job has False",
+        "model.lora.mode=outer_lora_inner_full; this job has adapter",
+        "model.lora.rank=2; this job has 8 (the saved adapter is used as it is)",
+    ]
+
+
+def test_model_source_is_absolute_and_follows_a_moved_model(tmp_path, monkeypatch):
+    """The base model a job records: an absolute path; one of the output dir's own models,
+    moved to previous/ as the job starts, at its new place; a hub name as given."""
+    from raymeta.pipeline import model_source
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    (out / "models" / "LG").mkdir(parents=True)
+    (tmp_path / "m").mkdir()
+    assert model_source("m", out, None) == str(tmp_path / "m")
+    moved = out / "previous" / "20261202-000000"
+    assert model_source("out/models/LG", out, moved) == str(moved / "models" / "LG")
+    assert model_source("out/models/LG", out, None) == str(out / "models" / "LG")
+    assert model_source("meta-llama/Llama-3.2-1B", out, moved) == "meta-llama/Llama-3.2-1B"
