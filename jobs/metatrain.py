@@ -9,10 +9,13 @@ the default): against ``train.ray_address`` / ``$RAY_ADDRESS`` (set by ``ray job
 submit``), else the cluster a `ray start` left running on this machine, else a private
 Ray instance started here (never another job's).
 ``train.launcher=local`` keeps everything in this process. MLflow: the run goes
-to ``$MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``, else to a sqlite store in
+to ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else to a sqlite store in
 the output directory. With no --config the embedded defaults run (tiny model,
 generated character descriptions). Overrides are dotted config keys, e.g.
-``meta.inner_lr=0.3``. See docs/cluster.md.
+``meta.inner_lr=0.3``; every field, with its docstring: raymeta/config.py. Each meta-trained
+model is saved to DIR/models/<objective> (``save_models=false``: not); evaluate one alone with
+``model.name_or_path=DIR/models/LG 'meta.objectives=[]' prepare.steps=0``. See README.md and
+docs/cluster.md.
 
 Exit status: 0 done; 2 bad config or input (one ``config error:`` / ``error:`` line);
 3 tracking store unusable; 4 meta-training diverged (a nan or inf loss: the line names the

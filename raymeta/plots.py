@@ -13,8 +13,8 @@ def model_colours(results: dict, histories: dict) -> dict[str, str]:
 
 def draw_results(results: dict, histories: dict):
     """The results figure: left, accuracy of each model (BM, LG, LC) per setting, with the
-    leak of the control settings hatched; right, outer loss against step for each objective.
-    Each model keeps its colour in both panels."""
+    leak of the control settings hatched; right, outer loss against step for each objective
+    (left out when nothing was meta-trained). Each model keeps its colour in both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +23,11 @@ def draw_results(results: dict, histories: dict):
     colours = model_colours(results, histories)
     models = list(results)
     settings = [s for s in next(iter(results.values()))] if results else []
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    if histories:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    else:  # an evaluation-only job: no meta-training to draw
+        fig, ax = plt.subplots(1, 1, figsize=(6.5, 4.2))
+        bx = None
     width = 0.8 / max(1, len(models))
     for i, name in enumerate(models):
         xs = [k + i * width for k in range(len(settings))]
@@ -36,13 +40,16 @@ def draw_results(results: dict, histories: dict):
     ax.set_ylabel("accuracy (hatched: leak)")
     ax.legend()
     ax.set_title("evaluation")
+    if bx is None:
+        fig.tight_layout()
+        return fig
     for objective, hist in histories.items():
         steps = [h["step"] for h in hist if "outer_loss" in h]
         if steps:
             losses = [h["outer_loss"] for h in hist if "outer_loss" in h]
             bx.plot(steps, losses, label=objective, color=colours[objective])
     bx.set_xlabel("outer step")
-    bx.set_ylabel("outer loss")
+    bx.set_ylabel("outer loss (LG: answer NLL, LC: KL to the teacher)")
     bx.set_yscale("log")
     if histories:
         bx.legend()

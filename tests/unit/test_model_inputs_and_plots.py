@@ -63,6 +63,8 @@ def test_each_model_has_one_colour_in_both_panels():
     assert set(bars) == {"BM", "LG", "LC"} and len(set(bars.values())) == 3
     assert lines == {"LG": bars["LG"], "LC": bars["LC"]}
     assert hatched == set(bars.values())
+    only = draw_results({"BM": metrics}, {})  # an evaluation-only job: no empty curve panel
+    assert len(only.axes) == 1 and only.axes[0].get_title() == "evaluation"
 
 
 def test_meta_step_help_shows_the_continued_command():
