@@ -222,3 +222,11 @@ def test_yaml_shapes_users_write_by_mistake(tmp_path):
         load_config(str(f))
     with pytest.raises(ConfigError, match="model.name_or_path: invalid value ''"):
         load_config(None, ["model.name_or_path="])
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("meta:\n  inner_lr: [0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(f))
+    assert str(err.value).startswith(f"{f}: not valid YAML: ") and "\n" not in str(err.value)
