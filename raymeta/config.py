@@ -450,21 +450,15 @@ def _default_mapping(keys: list[str]) -> dict:
     """A copy of the default of the mapping-typed field at ``keys`` (e.g. ``pretrain.mix``), so
     that an override of one of its entries keeps the others; {} for a section or no field."""
     cls: Any = RunConfig
-    for i, k in enumerate(keys):
-        fields = (
-            {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        )
-        if k not in fields:
-            return {}
-        tp = typing.get_type_hints(cls)[k]
-        if dataclasses.is_dataclass(tp):
-            cls = tp
-            continue
-        f = fields[k]
-        if i == len(keys) - 1 and get_origin(tp) is dict and f.default_factory is not MISSING:
-            return dict(f.default_factory())
+    for k in keys[:-1]:  # the sections down to the field's
+        cls = typing.get_type_hints(cls).get(k) if dataclasses.is_dataclass(cls) else None
+    if not dataclasses.is_dataclass(cls):
         return {}
-    return {}
+    field_of = {f.name: f for f in dataclasses.fields(cls)}.get(keys[-1])
+    if field_of is None or field_of.default_factory is MISSING:
+        return {}
+    default = field_of.default_factory()
+    return dict(default) if isinstance(default, dict) else {}
 
 
 def _set_path(tree: dict, keys: list[str], value: Any, text: str) -> None:

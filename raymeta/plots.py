@@ -51,8 +51,7 @@ def draw_results(results: dict, histories: dict):
     bx.set_xlabel("outer step")
     bx.set_ylabel("outer loss (LG: answer NLL, LC: KL to the teacher)")
     bx.set_yscale("log")
-    if histories:
-        bx.legend()
+    bx.legend()
     bx.set_title("meta-training")
     fig.tight_layout()
     return fig
