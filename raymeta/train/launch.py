@@ -25,11 +25,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raymeta.config import ConfigError, RunConfig, to_dict
 from raymeta.errors import InputError
 from raymeta.train.checkpoint import MODEL_DIR, read_state
 from raymeta.train.engine import check_zero_stage
+
+if TYPE_CHECKING:
+    from raymeta.train.tracking import Tracker
 
 
 @dataclass
@@ -435,12 +439,12 @@ def load_weights_into(model, model_dir: str | Path, cfg: RunConfig) -> None:
     model.load_state_dict({k: v.to(device) for k, v in trained.state_dict().items()})
 
 
-def ray_trainer(output_dir: str | Path, parent=None):
+def ray_trainer(output_dir: str | Path, runs: JobRuns | None = None):
     """A ``meta_trainer`` for run_pipeline that trains each objective on Ray workers.
 
     The base model is written once with save_pretrained; the workers load it
-    (and a frozen copy as the LC teacher). ``parent``: the driver's Tracker;
-    each objective gets an MLflow child run that rank 0 logs per-step metrics to."""
+    (and a frozen copy as the LC teacher). ``runs``: the job's MLflow runs; each objective
+    gets a child run that rank 0 logs per-step metrics to."""
     out = Path(output_dir).expanduser().resolve()
     job = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     base_dir = out / "ray" / f"base_model-{job}"
@@ -450,7 +454,7 @@ def ray_trainer(output_dir: str | Path, parent=None):
 
         if not (base_dir / "config.json").is_file():  # once per job: the base of every objective
             save_model(model, tokenizer, base_dir)
-        with child_run(cfg, objective, out, parent) as (_, info):
+        with child_run(cfg, objective, out, runs) as (_, info):
             result = fit_objective(
                 cfg,
                 objective,
@@ -468,14 +472,56 @@ def ray_trainer(output_dir: str | Path, parent=None):
     return meta_trainer
 
 
+@dataclass
+class JobRuns:
+    """The job's MLflow run and its objectives' child runs. A child run stays open until its
+    model is evaluated (:meth:`log_result`), so it holds that model's eval metrics beside its
+    per-step curves, and child runs of LG and LC compare column for column in the MLflow UI."""
+
+    parent: Tracker
+    """The job's run."""
+    tags: dict[str, str]
+    """Tags every run of the job carries (the command line's overrides, the output directory)."""
+    children: dict[str, Tracker] = field(default_factory=dict)
+    """The open child run of each objective meta-trained and not yet evaluated."""
+
+    def log_result(self, model: str, metrics: dict) -> None:
+        """``model``'s eval metrics: ``<model>.<setting>.<metric>`` on the job's run and
+        ``<setting>.<metric>`` on the model's child run, which then ends."""
+        self.parent.log_metrics(eval_metrics(metrics, prefix=f"{model}."), step=0)
+        child = self.children.pop(model, None)
+        if child is not None:
+            child.log_metrics(eval_metrics(metrics), step=0)
+            child.finish()
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the child runs still open (a job stopped between a model's training and its
+        evaluation), then the job's run, with ``status``."""
+        for child in self.children.values():
+            child.finish(status)
+        self.children.clear()
+        self.parent.finish(status)
+
+
+def eval_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """``{prefix + "<setting>.<metric>": value}`` of one model's numeric eval metrics."""
+    return {
+        f"{prefix}{setting}.{k}": v
+        for setting, m in metrics.items()
+        for k, v in m.items()
+        if isinstance(v, (int, float))
+    }
+
+
 @contextlib.contextmanager
-def child_run(cfg: RunConfig, objective: str, out: Path, parent):
-    """Within the block, ``(tracker, worker info)`` of an MLflow child run of ``parent`` for
-    ``objective`` (a no-op tracker without a parent); it ends FINISHED, KILLED or FAILED with
-    the block."""
+def child_run(cfg: RunConfig, objective: str, out: Path, runs: JobRuns | None):
+    """Within the block, ``(tracker, worker info)`` of an MLflow child run of the job's run
+    for ``objective`` (a no-op tracker without one). A block that raises ends it KILLED or
+    FAILED; one that completes leaves it open in ``runs.children`` for the model's eval
+    metrics (:meth:`JobRuns.log_result` ends it)."""
     from raymeta.train.tracking import Tracker, end_status, source_tags, start_run
 
-    if parent is None or parent.run_id is None:
+    if runs is None or runs.parent.run_id is None:
         yield Tracker(), None
         return
     child = start_run(
@@ -486,7 +532,8 @@ def child_run(cfg: RunConfig, objective: str, out: Path, parent):
         tags={
             **run_tags(cfg, objective),
             **source_tags(sys.argv[0] or "jobs/metatrain.py"),
-            "mlflow.parentRunId": parent.run_id,
+            **runs.tags,
+            "mlflow.parentRunId": runs.parent.run_id,
         },
     )
     info = {
@@ -500,7 +547,7 @@ def child_run(cfg: RunConfig, objective: str, out: Path, parent):
     except BaseException as e:
         child.finish(end_status(e))
         raise
-    child.finish()
+    runs.children[objective] = child
 
 
 def run_tags(cfg: RunConfig, model_kind: str) -> dict[str, str]:
@@ -543,14 +590,14 @@ def unused_by_local(train_cfg) -> list[str]:
     ]
 
 
-def local_trainer_logged(output_dir: Path, parent):
+def local_trainer_logged(output_dir: Path, runs: JobRuns):
     """The in-process meta_trainer; each objective's per-step metrics go to an MLflow child run
-    of ``parent``, as on the Ray launcher."""
+    of the job's run, as on the Ray launcher."""
     from raymeta.outer import lm_sampler, meta_train_local
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
         lm_next = lm_sampler(cfg, tokenizer, train, test)
-        with child_run(cfg, objective, output_dir, parent) as (child, _):
+        with child_run(cfg, objective, output_dir, runs) as (child, _):
 
             def on_log(stats, step):
                 child.log_metrics(
@@ -584,6 +631,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
         if cfg.meta.objectives:  # a cluster the workers cannot fit stops us before any MLflow run
             start_ray(cfg.train)
     kinds = ",".join(["BM", *cfg.meta.objectives])
+    job_tags = {"overrides": " ".join(overrides), "output_dir": str(out)}
     tracker = start_run(
         cfg.tracking,
         default_dir=out,
@@ -592,19 +640,19 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
         tags={
             **run_tags(cfg, kinds),
             **source_tags(sys.argv[0] or "jobs/metatrain.py"),
-            "overrides": " ".join(overrides),
-            "output_dir": str(out),
+            **job_tags,
         },
     )
+    runs = JobRuns(tracker, job_tags)
     evaluated: list[str] = []
 
     def on_result(name: str, metrics: dict) -> None:
         evaluated.append(name)
-        log_metrics_of(tracker, name, metrics)
+        runs.log_result(name, metrics)
 
     try:
         if cfg.train.launcher == "ray":
-            trainer = ray_trainer(out, tracker)
+            trainer = ray_trainer(out, runs)
         else:
             if unused := unused_by_local(cfg.train):
                 print(
@@ -612,29 +660,16 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
                     + ", ".join(unused),
                     flush=True,
                 )
-            trainer = local_trainer_logged(out, tracker)
+            trainer = local_trainer_logged(out, runs)
         results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
         log_artifacts(tracker, out)
     except BaseException as e:
         if evaluated:  # this job's files (an earlier job's were moved to previous/ by then)
             log_artifacts(tracker, out)
-        tracker.finish(end_status(e))
+        runs.end(end_status(e))
         raise
-    tracker.finish()
+    runs.end()
     return results
-
-
-def log_metrics_of(tracker, model: str, metrics: dict) -> None:
-    """One model's eval metrics (``<model>.<setting>.<metric>``), logged once it is evaluated."""
-    tracker.log_metrics(
-        {
-            f"{model}.{setting}.{k}": v
-            for setting, m in metrics.items()
-            for k, v in m.items()
-            if isinstance(v, (int, float))
-        },
-        step=0,
-    )
 
 
 def log_artifacts(tracker, out: Path) -> None:

@@ -103,6 +103,12 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     assert not (tmp_path / "out" / "mlflow_spill").exists()  # all sent: no spill files kept
     assert child.info.run_name == f"{parent.info.run_name}-LG"
     assert {"BM.FT.accuracy", "LG.FT2.leak"} <= set(parent.data.metrics)
+    # the child run holds its model's eval metrics too (LG and LC children compare in the UI)
+    lg = json.loads((tmp_path / "out" / "results.json").read_text())["LG"]
+    assert child.data.metrics["FT2.accuracy"] == lg["FT2"]["accuracy"]
+    assert child.data.metrics["FT_irrelevant.leak"] == lg["FT_irrelevant"]["leak"]
+    assert child.data.tags["overrides"] == parent.data.tags["overrides"]
+    assert child.data.tags["output_dir"] == parent.data.tags["output_dir"]
     history = client.get_metric_history(child.info.run_id, "outer_loss")
     assert [m.step for m in history] == [2, 4]
     assert parent.data.tags["overrides"].endswith("meta.objectives=[LG] tracking.enabled=true")

@@ -237,6 +237,8 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "outer_loss")]
     assert sorted(steps) == list(range(1, 9))
     assert "eval_FT_accuracy" in child.data.metrics
+    assert child.data.metrics["FT.accuracy"] == parent.data.metrics["LG.FT.accuracy"]
+    assert child.data.tags["output_dir"] == str(out.resolve())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "results.md", "records", "config.yaml"} <= artifacts
     records = {a.path for a in client.list_artifacts(parent.info.run_id, "records")}
