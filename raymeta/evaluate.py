@@ -7,7 +7,8 @@ Settings (each test triple i scored with the model's greedy answer and the NLL o
   FT_irrelevant  the update on c_j of another fact j, then q_i: accuracy = r_i,
                  leak = the answer is r_j (the recency shortcut)
   FT2            the update on c_i and c_j together, then q_i: accuracy = r_i, leak = r_j
-The partner j of i is a seeded derangement, the same for every model evaluated.
+The partner j of i is drawn (seeded, the same for every model evaluated) among the triples
+with another context and another response (see ``partners``).
 Accuracy: the greedy answer, normalised (lower case, no punctuation, single
 spaces), equals the normalised response or starts with it followed by a space.
 Per-example records are kept for later reports (e.g. the paper's Table 4).
@@ -54,15 +55,35 @@ def matches(prediction: str, response: str) -> bool:
     return bool(r) and (p == r or p.startswith(r + " "))
 
 
-def partners(n: int, seed: int) -> list[int]:
-    """A seeded derangement of range(n): partner[i] != i. ValueError unless n >= 2."""
+def partners(triples: Sequence[Triple], seed: int) -> list[int]:
+    """The partner j of each triple i in the paired settings: another triple with a different
+    context and a different (normalised) response, so that FT_irrelevant's update never sees
+    c_i (several SQuAD questions share a paragraph) and a leak, answering r_j, is told apart
+    from a correct answer.
+
+    Seeded: in a shuffled order each triple takes the next one that qualifies, so where every
+    context and response is distinct this is a derangement (each triple is one triple's
+    partner). InputError naming a triple that has no such partner."""
+    n = len(triples)
     if n < 2:
-        raise ValueError(f"partners: {n} item(s) cannot be paired with another (need >= 2)")
+        raise InputError(f"eval: {n} test triple(s) cannot be paired with another (need >= 2)")
     order = list(range(n))
     random.Random(seed).shuffle(order)
+    keys = [(t.context.strip(), normalise(t.response)) for t in triples]
     out = [0] * n
-    for k in range(n):
-        out[order[k]] = order[(k + 1) % n]
+    for k, i in enumerate(order):
+        for step in range(1, n):
+            j = order[(k + step) % n]
+            if keys[j][0] != keys[i][0] and keys[j][1] != keys[i][1]:
+                out[i] = j
+                break
+        else:
+            raise InputError(
+                f"eval.settings: {', '.join(PAIRED)} pair each test triple with one of another "
+                f"context and another response, but test triple {i} (query "
+                f"{triples[i].query[:60]!r}) has none among the {n} evaluated: evaluate more "
+                "triples (eval.n_examples) or leave those settings out of eval.settings"
+            )
     return out
 
 
@@ -206,7 +227,7 @@ def evaluate(
     update is first order here since no outer gradient is taken."""
     triples = eval_triples(triples, cfg)
     paired = any(s in PAIRED for s in cfg.settings)
-    partner = partners(len(triples), seed + 12345) if paired else None
+    partner = partners(triples, seed + 12345) if paired else None
     if spec is not None:
         spec = InnerSpec(lr=spec.lr, names=spec.names, steps=spec.steps, second_order=False)
     was_training = model.training

@@ -6,6 +6,7 @@ import torch
 from raymeta.config import TinyModelConfig
 from raymeta.data import generate
 from raymeta.data.batches import context_batch, extend, prompt_batch, prompt_text, scoring_batch
+from raymeta.data.triples import Triple
 from raymeta.evaluate import matches, normalise, partners
 from raymeta.meta.decode import greedy_decode, model_forward
 from raymeta.models import build_tiny_model, load_model, save_model, train_tokenizer
@@ -82,7 +83,7 @@ def test_matching_and_partners():
     assert matches("Evan Armstrong was", "Evan Armstrong")
     assert not matches("Evan Armstrongs", "Evan Armstrong")
     assert not matches("", "Evan")
-    p = partners(50, seed=1)
+    p = partners([Triple(f"c{i}", f"q{i}", f"r{i}") for i in range(50)], seed=1)
     assert sorted(p) == list(range(50)) and all(p[i] != i for i in range(50))
 
 

@@ -12,7 +12,7 @@ from raymeta.data.sets import load_task_set, read_task_set
 from raymeta.data.tasks import check_task_count
 from raymeta.data.triples import Triple, write_triples
 from raymeta.errors import InputError
-from raymeta.evaluate import eval_triples, evaluate, partners
+from raymeta.evaluate import eval_triples, evaluate, normalise, partners
 from raymeta.pipeline import run_pipeline
 from raymeta.pretrain import tiny_cache_key
 
@@ -99,13 +99,30 @@ def test_evaluate_refuses_to_pair_a_fact_with_itself():
 
 
 def test_partners_never_pair_an_item_with_itself():
-    assert partners(2, seed=0) == [1, 0]
+    assert partners(facts(2), seed=0) == [1, 0]
     for n in (3, 7):
-        p = partners(n, seed=5)
+        p = partners(facts(n), seed=5)
         assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
     for n in (0, 1):
-        with pytest.raises(ValueError):
-            partners(n, seed=0)
+        with pytest.raises(InputError, match="cannot be paired"):
+            partners(facts(n), seed=0)
+
+
+def test_partners_have_another_context_and_another_response():
+    """SQuAD-style sets: several questions on one paragraph are never each other's partner,
+    nor are two triples whose answers are the same."""
+    paragraphs = [f"paragraph {k} about topic {k}." for k in range(3)]
+    triples = [Triple(paragraphs[i % 3], f"question {i}?", f"answer {i}") for i in range(12)] + [
+        Triple("another text.", "question x?", "Answer 0")
+    ]  # the same answer as triple 0
+    for seed in range(5):
+        p = partners(triples, seed)
+        for i, j in enumerate(p):
+            assert triples[j].context != triples[i].context
+            assert normalise(triples[j].response) != normalise(triples[i].response)
+    one = [Triple(paragraphs[0], f"question {i}?", f"answer {i}") for i in range(4)]
+    with pytest.raises(InputError, match=r"test triple \d+ .* has none among the 4"):
+        partners(one, seed=0)
 
 
 # D: a single jsonl file holds out 10% (capped at data.n_test)
