@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raymeta.evaluate import SETTINGS
+
 
 def model_colours(results: dict, histories: dict) -> dict[str, str]:
     """One colour-cycle entry per model (BM, LG, LC, ...), the same in both panels."""
@@ -12,8 +14,9 @@ def model_colours(results: dict, histories: dict) -> dict[str, str]:
 
 
 def draw_results(results: dict, histories: dict):
-    """The results figure: left, accuracy of each model (BM, LG, LC) per setting, with the
-    leak of the control settings hatched; right, outer loss against step for each objective
+    """The results figure: left, accuracy of each model (BM, LG, LC) per setting (solid), with
+    the leak of the control settings (answers that are the partner's response) hatched on top
+    of it, so a leak shows whatever its size; right, outer loss against step for each objective
     (left out when nothing was meta-trained). Each model keeps its colour in both panels."""
     import matplotlib
 
@@ -22,7 +25,8 @@ def draw_results(results: dict, histories: dict):
 
     colours = model_colours(results, histories)
     models = list(results)
-    settings = [s for s in next(iter(results.values()))] if results else []
+    present = {s for r in results.values() for s in r}
+    settings = [s for s in SETTINGS if s in present]  # the table's order
     if histories:
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     else:  # an evaluation-only job: no meta-training to draw
@@ -31,13 +35,13 @@ def draw_results(results: dict, histories: dict):
     width = 0.8 / max(1, len(models))
     for i, name in enumerate(models):
         xs = [k + i * width for k in range(len(settings))]
-        acc = [results[name][s]["accuracy"] for s in settings]
-        leak = [results[name][s].get("leak", 0.0) for s in settings]
+        acc = [results[name].get(s, {}).get("accuracy", 0.0) for s in settings]
+        leak = [results[name].get(s, {}).get("leak", 0.0) for s in settings]
         ax.bar(xs, acc, width, label=name, color=colours[name])
-        ax.bar(xs, leak, width, bottom=0, fill=False, hatch="//", edgecolor=colours[name])
+        ax.bar(xs, leak, width, bottom=acc, fill=False, hatch="//", edgecolor=colours[name])
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(settings))], settings)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (hatched: leak)")
+    ax.set_ylabel("accuracy (solid) + leak (hatched)")
     ax.legend()
     ax.set_title("evaluation")
     if bx is None:

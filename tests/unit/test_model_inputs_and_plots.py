@@ -67,6 +67,18 @@ def test_each_model_has_one_colour_in_both_panels():
     assert len(only.axes) == 1 and only.axes[0].get_title() == "evaluation"
 
 
+def test_a_leak_shows_on_top_of_the_accuracy_whatever_its_size():
+    """FT2's leak (0.1) below its accuracy (0.2) was drawn from 0, inside the solid bar."""
+    results = {"BM": {"FT2": {"accuracy": 0.2, "leak": 0.1}, "NC": {"accuracy": 0.5, "nll": 1}}}
+    (ax,) = draw_results(results, {}).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["NC", "FT2"]  # the table's order
+    solid = [p for p in ax.patches if p.get_fill()]
+    hatched = [p for p in ax.patches if not p.get_fill() and p.get_height() > 0]
+    assert [round(p.get_height(), 6) for p in solid] == [0.5, 0.2]
+    (leak,) = hatched
+    assert (round(leak.get_y(), 6), round(leak.get_height(), 6)) == (0.2, 0.1)
+
+
 def test_meta_step_help_shows_the_continued_command():
     proc = subprocess.run(
         [sys.executable, "bench/meta_step.py", "--help"],
