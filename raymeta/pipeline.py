@@ -118,6 +118,52 @@ def note_saved_settings(cfg: RunConfig, path: str) -> list[str]:
     return lines
 
 
+def position_limit(model_config) -> int | None:
+    """The longest sequence a Hugging Face model config declares it accepts (None: no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(cfg: RunConfig, tokenizer, train, test, limit: int | None, model: str) -> None:
+    """InputError, before any training, when a sequence the job would feed the model for its
+    evaluated test triples or (if any objective is meta-trained) its training triples is longer
+    than ``limit`` positions (``model``: the setting that names the model, for the message)."""
+    from raymeta.data.batches import longest_sequences
+
+    if limit is None:
+        return
+    settings = cfg.eval.settings
+    checks = [
+        (
+            "test",
+            eval_triples(test, cfg.eval),
+            cfg.eval.max_new_tokens,
+            int("Prompt" in settings),
+            "eval.max_new_tokens",
+        )
+    ]
+    if cfg.meta.objectives:  # LC's teacher reads the prompt; LG reads contexts and queries
+        joined = cfg.meta.contexts_per_update if cfg.meta.lc_teacher_context == "all" else 1
+        teacher = joined if "LC" in cfg.meta.objectives else 0
+        checks.append(
+            ("training", train, cfg.meta.max_answer_tokens, teacher, "meta.max_answer_tokens")
+        )
+    for kind, triples, answer, joined, answer_field in checks:
+        length, index = longest_sequences(tokenizer, triples, answer, joined)
+        if length > limit:
+            raise InputError(
+                f"{model} accepts sequences of at most {limit} positions, but {kind} triple "
+                f"{index} needs up to {length} (with {answer} decoded answer tokens, "
+                f"{answer_field}"
+                + (", and contexts joined: meta.lc_teacher_context=all" if joined > 1 else "")
+                + "): shorten the contexts (data.max_context_chars), lower the answer budget "
+                "or use a model with more positions"
+            )
+
+
 def load_base_model(cfg: RunConfig, train, test, device):
     """(model, tokenizer, path) of the configured model; builds the tiny one when asked
     (its LoRA targets and inner parameters checked on a random copy before pretraining)."""
@@ -127,12 +173,23 @@ def load_base_model(cfg: RunConfig, train, test, device):
     path = cfg.model.name_or_path
     if path == "tiny":
         tok = train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
+        check_lengths(
+            cfg,
+            tok,
+            train,
+            test,
+            cfg.model.tiny.max_positions,
+            f"model.tiny.max_positions={cfg.model.tiny.max_positions}: the tiny model",
+        )
         with torch.random.fork_rng(devices=[]):  # the check leaves the global RNG as it was
             with_model_choices(cfg, build_tiny_model(cfg.model.tiny, len(tok)))
         accuracy = prompt_accuracy_fn(tok, device)
         path = str(ensure_tiny_model(cfg, train, test, device, accuracy, tokenizer=tok))
     note_saved_settings(cfg, path)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
+    if cfg.model.name_or_path != "tiny":
+        limit = position_limit(model.config)
+        check_lengths(cfg, tok, train, test, limit, f"model.name_or_path: {path}")
     if cfg.model.dtype == "float64":
         keep_float64(model)
     return with_model_choices(cfg, model), tok, path

@@ -159,3 +159,32 @@ def extend(prefixes: Tokens, answers: Sequence[Sequence[int]], pad_token: int) -
         starts.append(len(real))
     out = pad(seqs, pad_token, "right", label_from=starts)
     return out.to(prefixes.input_ids.device)
+
+
+def longest_sequences(
+    tokenizer, triples: Sequence, answer_tokens: int, prompt_contexts: int = 1
+) -> tuple[int, int]:
+    """``(length, index)`` of the longest sequence the job feeds a model for ``triples`` and
+    the triple it comes from. Per triple, the longest of: BOS + the context (an inner step);
+    BOS + the query, then the longer of the response (+ EOS) and ``answer_tokens`` greedily
+    decoded tokens; and when ``prompt_contexts`` > 0 the same with the Prompt prefix (context
+    + query) in front. ``prompt_contexts`` > 1: prompts of that many contexts joined (the LC
+    teacher with ``lc_teacher_context=all``), bounded with the longest contexts. (0, -1) for no
+    triples."""
+    if not triples:
+        return 0, -1
+
+    def counts(texts):
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    start = len(bos(tokenizer))
+    context = counts(t.context for t in triples)
+    answer = [max(n + 1, answer_tokens) for n in counts(" " + t.response.strip() for t in triples)]
+    query = counts(t.query for t in triples)
+    lengths = [max(c, q + a) for c, q, a in zip(context, query, answer)]
+    if prompt_contexts:
+        prefix = counts(prompt_text(t.context, t.query) for t in triples)
+        extra = sum(sorted(context)[len(context) - prompt_contexts + 1 :]) + prompt_contexts - 1
+        lengths = [max(n, p + extra + a) for n, p, a in zip(lengths, prefix, answer)]
+    index = max(range(len(lengths)), key=lengths.__getitem__)
+    return start + lengths[index], index

@@ -200,3 +200,69 @@ def test_model_source_is_absolute_and_follows_a_moved_model(tmp_path, monkeypatc
     assert model_source("out/models/LG", out, moved) == str(moved / "models" / "LG")
     assert model_source("out/models/LG", out, None) == str(out / "models" / "LG")
     assert model_source("meta-llama/Llama-3.2-1B", out, moved) == "meta-llama/Llama-3.2-1B"
+
+
+def test_longest_sequences_is_the_longest_batch_the_job_builds():
+    """The bound of the position check equals the rows the job's batches really have."""
+    from raymeta.data.batches import longest_sequences
+
+    train, _, tok = tiny_tokenizer()
+    triples = train[:12]
+    prompts = scoring_batch(
+        tok,
+        [prompt_text(t.context, t.query) for t in triples],
+        [t.response for t in triples],
+        add_eos=True,
+    )
+    assert longest_sequences(tok, triples, 0)[0] == prompts.input_ids.shape[1]
+    row = int(prompts.attention_mask.sum(1).argmax())
+    assert longest_sequences(tok, triples, 0)[1] == row
+    # a decoding budget longer than any answer: the prefix plus that many tokens
+    prefixes = prompt_batch(tok, [prompt_text(t.context, t.query) for t in triples])
+    assert longest_sequences(tok, triples, 40)[0] == prefixes.input_ids.shape[1] + 40
+    # no prompt: contexts alone, and queries with their answers
+    contexts = context_batch(tok, [[t.context] for t in triples])
+    queries = scoring_batch(tok, [t.query for t in triples], [t.response for t in triples], True)
+    longest = max(contexts.input_ids.shape[-1], queries.input_ids.shape[1])
+    assert longest_sequences(tok, triples, 0, prompt_contexts=0)[0] == longest
+    # three contexts joined (LC's teacher, lc_teacher_context=all): at least the real prompt
+    group = sorted(triples, key=lambda t: -len(t.context))[:3]
+    joined = prompt_batch(tok, [prompt_text(" ".join(t.context for t in group), group[0].query)])
+    assert longest_sequences(tok, triples, 0, prompt_contexts=3)[0] >= joined.input_ids.shape[1]
+
+
+def test_a_model_with_too_few_positions_stops_the_job_before_any_work(tmp_path):
+    """A GPT-2 of 24 positions crashed with an IndexError in the preparation stage."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raymeta.config import load_config
+    from raymeta.errors import InputError
+    from raymeta.pipeline import run_pipeline
+
+    _, _, tok = tiny_tokenizer()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_positions=24, n_embd=16, n_layer=1, n_head=2)
+    )
+    save_model(gpt2, tok, tmp_path / "gpt2")
+    cfg = load_config(
+        None, [f"model.name_or_path={tmp_path / 'gpt2'}", "data.n_train=40", "data.n_test=8"]
+    )
+    with pytest.raises(
+        InputError,
+        match=r"gpt2 accepts sequences of at most 24 positions, but "
+        r"test triple \d+ needs up to \d+",
+    ):
+        run_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+    small = load_config(
+        None,
+        [
+            "model.tiny.max_positions=16",
+            "data.n_train=40",
+            "data.n_test=8",
+            f"model.tiny_cache_dir={tmp_path / 'models'}",
+        ],
+    )
+    with pytest.raises(InputError, match=r"model.tiny.max_positions=16: the tiny model accepts"):
+        run_pipeline(small, tmp_path / "out")
+    assert not (tmp_path / "models").exists()  # stopped before pretraining
