@@ -44,6 +44,10 @@ RECIPE = 2
 validate on training triples held out of pretraining, not on trained ones)."""
 
 
+PROGRESS_EVERY = 250
+"""Pretraining prints a progress line every this many steps between its accuracy checks."""
+
+
 def tiny_cache_key(cfg, train: Sequence[Triple], test: Sequence[Triple]) -> str:
     """A hash of everything that determines the tiny model: the data set kind and the
     content of the train/test triples it is trained on (so an edited file or another
@@ -181,7 +185,7 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
         sampler = TextSampler(dataset, pool, test, tokenizer, cfg.seed)
     print(f"[pretrain] Prompt accuracy measured on {held}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    prog = Progress("pretrain", cfg.steps, every=cfg.eval_every, unit="seqs")
+    prog = Progress("pretrain", cfg.steps, every=cfg.steps + 1, unit="seqs")
     history, loss_ema, step = [], None, 0
     model.train()
     for step in range(1, cfg.steps + 1):
@@ -200,11 +204,11 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
             acc = prompt_accuracy(model, val)
             model.train()
             history.append({"step": step, "loss": loss_ema, "prompt_accuracy": acc})
-            prog.update(
-                step, cfg.batch_size * cfg.eval_every, force=True, loss=loss_ema, prompt_acc=acc
-            )
+            prog.update(step, cfg.batch_size, force=True, loss=loss_ema, prompt_acc=acc)
             if cfg.target_prompt_accuracy and acc >= cfg.target_prompt_accuracy:
                 break
+        else:  # a line between the accuracy checks (every PROGRESS_EVERY steps)
+            prog.update(step, cfg.batch_size, force=step % PROGRESS_EVERY == 0, loss=loss_ema)
     model.eval()
     return {
         "steps": step,

@@ -349,3 +349,26 @@ def test_an_output_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path, monk
     notes = capsys.readouterr().out
     assert "[cache] data.cache_dir=.cache/raymeta/data lies in this job's copy" in notes
     assert "[cache] model.tiny_cache_dir=.cache/raymeta/models lies in" in notes
+
+
+def test_pretraining_progress_counts_the_sequences_it_trained_on(capsys, monkeypatch):
+    """The rate counted eval_every batches at each line: 60 steps with eval_every=1000 printed
+    1000/60 times the real rate."""
+    import re as _re
+
+    from raymeta import pretrain
+    from raymeta.config import PretrainConfig, TinyModelConfig
+    from raymeta.models import build_tiny_model, train_tokenizer
+
+    monkeypatch.setattr(pretrain, "PROGRESS_EVERY", 3)
+    train, test = facts(40), facts(4, "beta")
+    tok = train_tokenizer(pretrain.tokenizer_texts("jsonl", train, test))
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, intermediate_size=32), len(tok))
+    cfg = PretrainConfig(steps=7, eval_every=1000, batch_size=4, target_prompt_accuracy=0)
+    report = pretrain.pretrain_tiny(model, tok, "jsonl", train, test, cfg, "cpu", lambda m, t: 0.0)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[pretrain] step")]
+    assert [int(_re.search(r"step (\d+)/7", ln)[1]) for ln in lines] == [3, 6, 7]
+    rate = float(_re.search(r"([\d.]+) seqs/s", lines[-1])[1])
+    real = 7 * 4 / report["seconds"]  # the last line was printed just before the report's time
+    assert 0.99 * real <= rate <= 1.5 * real, (rate, real)  # (the rate has one decimal)
+    assert "prompt_acc" in lines[-1] and "prompt_acc" not in lines[0]
