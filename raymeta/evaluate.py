@@ -42,6 +42,8 @@ from raymeta.progress import Progress
 SETTINGS = ("NC", "Prompt", "FT", "FT_irrelevant", "FT2")
 PAIRED = ("FT_irrelevant", "FT2")
 """The settings that pair each test fact with another one (its partner)."""
+EVAL_PROGRESS_S = 30.0
+"""An evaluation setting prints a progress line at its end and every this many seconds."""
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -234,8 +236,13 @@ def evaluate(
     model.eval()
     metrics, records = {}, []
     for setting in cfg.settings:
-        prog = Progress(
-            f"{label} {setting}", len(triples), every=10**9, unit="examples", quiet=quiet
+        prog = Progress(  # a line at the end, and every 30 s before it (a long evaluation)
+            f"{label} {setting}",
+            len(triples),
+            every=10**9,
+            unit="examples",
+            quiet=quiet,
+            every_s=EVAL_PROGRESS_S,
         )
         recs = run_setting(
             model, tokenizer, triples, setting, partner, engine, spec, cfg, device, prog

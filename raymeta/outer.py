@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -147,9 +148,14 @@ def step_loss(
 
 
 def train_label(objective: str, engine: Engine, spec: InnerSpec, *parts: str) -> str:
-    """Progress header of meta-training: objective, engine, inner checkpointing, ``parts``."""
-    ckpt = [f"checkpoint_inner={spec.checkpoint_inner}"] if spec.checkpoint_inner else []
-    return f"meta-train {objective} ({', '.join([engine.name, *ckpt, *parts])})"
+    """Progress header of meta-training: objective, engine, order, inner steps (when more than
+    one), inner checkpointing, ``parts``; e.g. ``meta-train LG (fastweights, second order)``."""
+    inner = ["second order" if spec.second_order else "first order"]
+    if spec.steps > 1:
+        inner.append(f"{spec.steps} inner steps")
+    if spec.checkpoint_inner:
+        inner.append(f"checkpoint_inner={spec.checkpoint_inner}")
+    return f"meta-train {objective} ({', '.join([engine.name, *inner, *parts])})"
 
 
 def steps_note(meta, num_tasks: int, steps: int) -> str | None:
@@ -182,7 +188,10 @@ def meta_train_local(
     lm_next=None,
     on_log=None,
 ) -> list[dict]:
-    """Meta-train ``model`` in place in this process; returns the logged history."""
+    """Meta-train ``model`` in place in this process; returns the history, one record per step
+    (passed to ``on_log(record, step)`` too), as the Ray workers keep it: the step's losses and
+    gradient norm, and at every ``meta.log_every``-th step ``tasks_per_s``, the rate since the
+    previous one."""
     meta = cfg.meta
     groups = group_facts(train, meta.contexts_per_update, cfg.seed)
     spec = inner_spec(model, meta, cfg.model.lora)
@@ -194,6 +203,7 @@ def meta_train_local(
         print(note, flush=True)
     prog = Progress(train_label(objective, engine, spec), steps, every=meta.log_every)
     pos, history = Position(), []
+    t_last, tasks_since = time.perf_counter(), 0
     model.train()
     for step in range(1, steps + 1):
         idx = shard_batch(len(groups), meta.meta_batch_size, 0, 1, cfg.seed, pos)
@@ -221,10 +231,14 @@ def meta_train_local(
         prog.update(
             step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")}
         )
-        if step % meta.log_every == 0 or step == steps:
-            stats.update(step=step, tasks_per_s=prog.items / max(prog.elapsed, 1e-9))
-            history.append(stats)
-            if on_log is not None:
-                on_log(stats, step)
+        tasks_since += len(idx)
+        record = {"step": step, **stats}  # every step, as the Ray workers log it
+        if step % meta.log_every == 0 or step == steps:  # the rate since the last such step
+            now = time.perf_counter()
+            record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
+            t_last, tasks_since = now, 0
+        history.append(record)
+        if on_log is not None:
+            on_log(record, step)
     model.eval()
     return history

@@ -7,23 +7,38 @@ import time
 
 
 class Progress:
-    """Prints ``[stage] step i/n  k=v ...  x items/s  ETA m:ss`` every ``every`` steps."""
+    """Prints ``[stage] step i/n  k=v ...  x items/s  ETA m:ss`` every ``every`` steps, at the
+    last step, and (``every_s`` > 0) at the first update ``every_s`` seconds after the last
+    line."""
 
     def __init__(
-        self, stage: str, total: int, every: int = 25, unit: str = "tasks", stream=None, quiet=False
+        self,
+        stage: str,
+        total: int,
+        every: int = 25,
+        unit: str = "tasks",
+        stream=None,
+        quiet=False,
+        every_s: float = 0.0,
     ):
         self.stage, self.total, self.every, self.unit = stage, total, max(1, every), unit
         self.quiet = quiet
+        self.every_s = every_s
         self.stream = stream or sys.stdout
-        self.start = time.perf_counter()
+        self.start = self.last_line = time.perf_counter()
         self.items = 0
 
     def update(self, step: int, items: int = 0, force: bool = False, **values: float) -> None:
         """Record ``items`` done at ``step`` (1-based) and print if it is a reporting step."""
         self.items += items
-        if self.quiet or (not force and step % self.every and step != self.total):
+        now = time.perf_counter()
+        due = force or step % self.every == 0 or step == self.total
+        if self.every_s > 0 and now - self.last_line >= self.every_s:
+            due = True
+        if self.quiet or not due:
             return
-        elapsed = time.perf_counter() - self.start
+        self.last_line = now
+        elapsed = now - self.start
         rate = self.items / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / max(step, 1)
         vals = "  ".join(f"{k}={v:.4g}" for k, v in values.items())

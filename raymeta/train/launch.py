@@ -504,12 +504,13 @@ class JobRuns:
 
 
 def eval_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """``{prefix + "<setting>.<metric>": value}`` of one model's numeric eval metrics."""
+    """``{prefix + "<setting>.<metric>": value}`` of one model's numeric eval metrics (not the
+    triple count ``n``: a param, ``eval.n_examples``, says it)."""
     return {
         f"{prefix}{setting}.{k}": v
         for setting, m in metrics.items()
         for k, v in m.items()
-        if isinstance(v, (int, float))
+        if isinstance(v, (int, float)) and k != "n"
     }
 
 
@@ -528,7 +529,7 @@ def child_run(cfg: RunConfig, objective: str, out: Path, runs: JobRuns | None):
         cfg.tracking,
         default_dir=out,
         run_name=f"{cfg.name}-{objective}",
-        params={"objective": objective},
+        params={**to_dict(cfg), "objective": objective},  # filterable by config, as the job's
         tags={
             **run_tags(cfg, objective),
             **source_tags(sys.argv[0] or "jobs/metatrain.py"),
@@ -578,16 +579,27 @@ RAY_ONLY = (
 """The ``train`` fields that only the Ray launcher uses."""
 
 
+def changed_fields(section, prefix: str, names: Sequence[str]) -> list[str]:
+    """``<prefix>.<field>=<value>`` of each of ``names`` that ``section`` (a config dataclass)
+    sets away from its default."""
+    default = type(section)()
+    return [
+        f"{prefix}.{k}={getattr(section, k)!r}"
+        for k in names
+        if getattr(section, k) != getattr(default, k)
+    ]
+
+
 def unused_by_local(train_cfg) -> list[str]:
     """``train.<field>=<value>`` of each Ray-only field set away from its default."""
-    from raymeta.config import TrainConfig
+    return changed_fields(train_cfg, "train", RAY_ONLY)
 
-    default = TrainConfig()
-    return [
-        f"train.{k}={getattr(train_cfg, k)!r}"
-        for k in RAY_ONLY
-        if getattr(train_cfg, k) != getattr(default, k)
-    ]
+
+def unused_lora(lora_cfg) -> list[str]:
+    """``model.lora.<field>=<value>`` of each LoRA field set while ``enabled`` is false."""
+    if lora_cfg.enabled:
+        return []
+    return changed_fields(lora_cfg, "model.lora", ("rank", "alpha", "target_modules", "mode"))
 
 
 def local_trainer_logged(output_dir: Path, runs: JobRuns):
@@ -661,6 +673,12 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
                     flush=True,
                 )
             trainer = local_trainer_logged(out, runs)
+        if unused := unused_lora(cfg.model.lora):
+            print(
+                "[model] model.lora.enabled=false (no adapter is added); not used: "
+                + ", ".join(unused),
+                flush=True,
+            )
         results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
         log_artifacts(tracker, out)
     except BaseException as e:

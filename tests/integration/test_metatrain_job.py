@@ -109,8 +109,9 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     assert child.data.metrics["FT_irrelevant.leak"] == lg["FT_irrelevant"]["leak"]
     assert child.data.tags["overrides"] == parent.data.tags["overrides"]
     assert child.data.tags["output_dir"] == parent.data.tags["output_dir"]
+    assert child.data.params == {**parent.data.params, "objective": "LG"}
     history = client.get_metric_history(child.info.run_id, "outer_loss")
-    assert [m.step for m in history] == [2, 4]
+    assert [m.step for m in history] == [1, 2, 3, 4]  # every step, as on the Ray launcher
     assert parent.data.tags["overrides"].endswith("meta.objectives=[LG] tracking.enabled=true")
     assert parent.info.user_id == child.info.user_id == getpass.getuser()
     assert parent.data.tags["mlflow.source.name"].endswith("metatrain.py")

@@ -239,6 +239,7 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert "eval_FT_accuracy" in child.data.metrics
     assert child.data.metrics["FT.accuracy"] == parent.data.metrics["LG.FT.accuracy"]
     assert child.data.tags["output_dir"] == str(out.resolve())
+    assert child.data.params["meta.inner_lr"] == "0.3" and child.data.params["objective"] == "LG"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "results.md", "records", "config.yaml"} <= artifacts
     records = {a.path for a in client.list_artifacts(parent.info.run_id, "records")}

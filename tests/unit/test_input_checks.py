@@ -332,6 +332,16 @@ def test_ray_only_settings_of_a_local_run_are_named():
     assert unused_by_local(cfg.train) == ["train.num_workers=2", "train.zero_stage=1"]
     assert unused_by_local(load_config(None, ["train.launcher=local"]).train) == []
 
+    from raymeta.train.launch import unused_lora
+
+    lora = load_config(None, ["model.lora.mode=outer_lora_inner_full", "model.lora.rank=4"])
+    assert unused_lora(lora.model.lora) == [
+        "model.lora.rank=4",
+        "model.lora.mode='outer_lora_inner_full'",
+    ]
+    lora.model.lora.enabled = True
+    assert unused_lora(lora.model.lora) == []
+
 
 def test_an_output_dir_in_rays_copy_of_the_working_dir_is_refused(tmp_path, monkeypatch, capsys):
     """Under `ray job submit`, a relative --output-dir lands in Ray's copy of the working dir

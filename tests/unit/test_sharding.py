@@ -97,7 +97,7 @@ def test_a_step_count_capped_by_epochs_is_said():
     )  # 0 = all epochs, nothing to cap
 
 
-def test_progress_header_names_engine_and_inner_checkpointing():
+def test_progress_header_names_engine_order_inner_steps_and_checkpointing():
     from raymeta.meta.engines import select_engine
     from raymeta.meta.inner import InnerSpec
     from raymeta.outer import train_label
@@ -105,10 +105,18 @@ def test_progress_header_names_engine_and_inner_checkpointing():
 
     model = tiny_llama()
     names = tuple(n for n, _ in model.named_parameters())
-    for ckpt, label in ((False, "fastweights"), ("vjp", "fastweights, checkpoint_inner=vjp")):
+    for ckpt, label in (
+        (False, "fastweights, second order"),
+        ("vjp", "fastweights, second order, checkpoint_inner=vjp"),
+    ):
         spec = InnerSpec(lr=0.1, names=names, checkpoint_inner=ckpt)
         engine = select_engine("fastweights", model, spec)
         assert train_label("LG", engine, spec) == f"meta-train LG ({label})"
     assert train_label("LC", engine, spec, "1 worker", "ZeRO-0") == (
-        "meta-train LC (fastweights, checkpoint_inner=vjp, 1 worker, ZeRO-0)"
+        "meta-train LC (fastweights, second order, checkpoint_inner=vjp, 1 worker, ZeRO-0)"
+    )
+    first = InnerSpec(lr=0.1, names=names, steps=2, second_order=False)
+    assert (
+        train_label("LG", engine, first)
+        == "meta-train LG (fastweights, first order, 2 inner steps)"
     )
