@@ -273,7 +273,7 @@ class TrackingConfig:
     tracking_uri: str = ""
     """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else a local store in the output dir."""
     experiment: str = "raymeta"
-    """MLflow experiment name."""
+    """MLflow experiment the job's runs go to (the top-level ``experiment`` is only a tag)."""
 
 
 @dataclass
@@ -281,7 +281,9 @@ class RunConfig:
     name: str = "run"
     """Run name (MLflow run name, output sub-directories)."""
     experiment: str = "main"
-    """Experiment tag (which paper experiment this run belongs to)."""
+    """A tag, ``experiment``, on the job's MLflow runs: which study (which of the paper's
+    experiments) the run belongs to, to filter runs by inside the MLflow experiment, which
+    is ``tracking.experiment``."""
     seed: int = 0
     """Global seed."""
     device: str = "cpu"
