@@ -82,7 +82,14 @@ def jsonl_files(source: str) -> list[str]:
 
 def check_source(data) -> None:
     """Raise InputError for a jsonl ``data.source`` naming a file that does not exist or holds a
-    malformed line (checked before a run starts, so that no MLflow run is opened for it)."""
+    malformed line, or a local SQuAD / WikiText source that does not exist or holds no file for
+    a split (checked before a run starts, so that no MLflow run is opened for it)."""
+    if data.dataset in ("squad", "wikitext"):
+        from raymeta.data.hf_sets import HF_SPLITS, plan_load
+
+        for split in HF_SPLITS[data.dataset]:
+            plan_load(data.dataset, data.source, split)  # reads no data; a hub name passes
+        return
     if data.dataset != "jsonl":
         return
     for path in jsonl_files(data.source):

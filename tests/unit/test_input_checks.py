@@ -194,6 +194,26 @@ def test_check_inputs_names_a_missing_jsonl_file_before_the_run(tmp_path):
     check_inputs(load_config(None, ["data.dataset=jsonl", f"data.source={good}"]), out)
 
 
+def test_check_inputs_names_a_missing_squad_or_wikitext_source_before_the_run(tmp_path):
+    """A SQuAD source not found was reported once the MLflow run had opened (a FAILED run)."""
+    from raymeta.train.launch import check_inputs
+
+    out = tmp_path / "out"
+    for dataset in ("squad", "wikitext"):
+        cfg = load_config(None, [f"data.dataset={dataset}", f"data.source={tmp_path / 'none'}"])
+        with pytest.raises(InputError, match=rf"none: {dataset} source not found"):
+            check_inputs(cfg, out)
+        empty = tmp_path / f"empty_{dataset}"
+        empty.mkdir()
+        cfg = load_config(None, [f"data.dataset={dataset}", f"data.source={empty}"])
+        with pytest.raises(InputError, match="holds no data files"):
+            check_inputs(cfg, out)
+    assert not out.exists()
+    check_inputs(load_config("configs/tiny_squad.yaml", []), out)  # the shipped local sets
+    check_inputs(load_config("configs/tiny_wikitext.yaml", []), out)
+    check_inputs(load_config(None, ["data.dataset=squad", "data.source=rajpurkar/squad"]), out)
+
+
 # a Ray address nobody answers at stops the job at once (ray.init would retry for minutes)
 
 
