@@ -200,7 +200,8 @@ class MetaConfig:
     lm_weight: float = 0.5
     """λ, the weight of the plain LM regulariser on θ."""
     lm_source: Literal["contexts", "pretrain_mix", "file"] = "pretrain_mix"
-    """Text of the regulariser: training contexts, the tiny model's pretraining mix, or a file."""
+    """Text of the regulariser: training contexts, the tiny model's pretraining mix, or a file
+    (contexts and file lines cut to 256 tokens; every text cut to the model's positions)."""
     lm_file: str = ""
     """Text file (one document per line) when ``lm_source`` is file."""
     lm_batch_size: int = 16

@@ -254,3 +254,12 @@ def keep_float64(model):
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(rmsnorm_full_precision, module)
     return model
+
+
+def position_limit(model_config) -> int | None:
+    """The longest sequence a Hugging Face model config declares it accepts (None: no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from raymeta.data.batches import Tokens, lm_batch
+from raymeta.data.batches import Tokens, lm_batch, truncate
 from raymeta.data.tasks import (
     Position,
     advance,
@@ -31,7 +30,7 @@ from raymeta.errors import InputError
 from raymeta.meta.engines import Engine, select_engine
 from raymeta.meta.inner import InnerSpec
 from raymeta.meta.step import lc_targets, meta_loss
-from raymeta.models import resolve_inner_params
+from raymeta.models import position_limit, resolve_inner_params
 from raymeta.progress import Progress
 
 
@@ -142,8 +141,10 @@ def step_loss(
         lc = lc_targets(
             teacher, batch, meta.max_answer_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-    if lm_texts is not None:
-        lm_texts = lm_texts.to(device)
+    if lm_texts is not None:  # plain LM texts: cut to the model's positions (several joined
+        # facts of the pretraining mix can be longer than a short-context model takes)
+        limit = position_limit(getattr(model, "config", None))
+        lm_texts = truncate(lm_texts, limit).to(device)
     return meta_loss(model, engine, spec, batch, objective, lc, lm_texts, meta.lm_weight)
 
 
@@ -191,7 +192,7 @@ def meta_train_local(
     """Meta-train ``model`` in place in this process; returns the history, one record per step
     (passed to ``on_log(record, step)`` too), as the Ray workers keep it: the step's losses and
     gradient norm, and at every ``meta.log_every``-th step ``tasks_per_s``, the rate since the
-    previous one."""
+    previous one (the figure the progress line prints)."""
     meta = cfg.meta
     groups = group_facts(train, meta.contexts_per_update, cfg.seed)
     spec = inner_spec(model, meta, cfg.model.lora)
@@ -203,7 +204,6 @@ def meta_train_local(
         print(note, flush=True)
     prog = Progress(train_label(objective, engine, spec), steps, every=meta.log_every)
     pos, history = Position(), []
-    t_last, tasks_since = time.perf_counter(), 0
     model.train()
     for step in range(1, steps + 1):
         idx = shard_batch(len(groups), meta.meta_batch_size, 0, 1, cfg.seed, pos)
@@ -228,15 +228,11 @@ def meta_train_local(
         check_finite(stats, step)  # before the update: the model keeps its last finite weights
         opt.step()
         pos = advance(pos, len(groups), meta.meta_batch_size)
-        prog.update(
-            step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")}
-        )
-        tasks_since += len(idx)
         record = {"step": step, **stats}  # every step, as the Ray workers log it
-        if step % meta.log_every == 0 or step == steps:  # the rate since the last such step
-            now = time.perf_counter()
-            record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
-            t_last, tasks_since = now, 0
+        if prog.update(
+            step, len(idx), **{k: stats[k] for k in ("outer_loss", "inner_loss", "grad_norm")}
+        ):  # a printed line: its rate, since the previous one
+            record["tasks_per_s"] = prog.rate
         history.append(record)
         if on_log is not None:
             on_log(record, step)

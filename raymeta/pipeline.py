@@ -118,15 +118,6 @@ def note_saved_settings(cfg: RunConfig, path: str) -> list[str]:
     return lines
 
 
-def position_limit(model_config) -> int | None:
-    """The longest sequence a Hugging Face model config declares it accepts (None: no limit)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_lengths(cfg: RunConfig, tokenizer, train, test, limit: int | None, model: str) -> None:
     """InputError, before any training, when a sequence the job would feed the model for its
     evaluated test triples or (if any objective is meta-trained) its training triples is longer
@@ -188,6 +179,8 @@ def load_base_model(cfg: RunConfig, train, test, device):
     note_saved_settings(cfg, path)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
     if cfg.model.name_or_path != "tiny":
+        from raymeta.models import position_limit
+
         limit = position_limit(model.config)
         check_lengths(cfg, tok, train, test, limit, f"model.name_or_path: {path}")
     if cfg.model.dtype == "float64":

@@ -35,7 +35,15 @@ import torch
 
 from raymeta.config import MIX_KINDS as KINDS
 from raymeta.data import generate
-from raymeta.data.batches import Tokens, lm_batch, pad, pad_id, prefix_ids, prompt_text
+from raymeta.data.batches import (
+    Tokens,
+    lm_batch,
+    pad,
+    pad_id,
+    prefix_ids,
+    prompt_text,
+    truncate,
+)
 from raymeta.data.triples import Triple, content_hash
 from raymeta.progress import Progress
 
@@ -187,11 +195,14 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     prog = Progress("pretrain", cfg.steps, every=cfg.steps + 1, unit="seqs")
     history, loss_ema, step = [], None, 0
+    from raymeta.models import position_limit
+
+    limit = position_limit(model.config)  # texts of several joined facts can be longer
     model.train()
     for step in range(1, cfg.steps + 1):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step - 1, cfg.steps, cfg.lr)
-        batch = sampler.batch(cfg.batch_size, cfg.mix).to(device)
+        batch = truncate(sampler.batch(cfg.batch_size, cfg.mix), limit).to(device)
         out = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
         )

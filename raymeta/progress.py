@@ -7,7 +7,8 @@ import time
 
 
 class Progress:
-    """Prints ``[stage] step i/n  k=v ...  x items/s  ETA m:ss`` every ``every`` steps, at the
+    """Prints ``[stage] step i/n  k=v ...  x items/s  ETA m:ss`` (items/s since the previous
+    line: the figure the job logs as ``tasks_per_s``) every ``every`` steps, at the
     last step, and (``every_s`` > 0) at the first update ``every_s`` seconds after the last
     line."""
 
@@ -27,27 +28,35 @@ class Progress:
         self.stream = stream or sys.stdout
         self.start = self.last_line = time.perf_counter()
         self.items = 0
+        self.rate = 0.0
+        """Items per second between the last two reporting steps (the one printed)."""
+        self._window = 0
 
-    def update(self, step: int, items: int = 0, force: bool = False, **values: float) -> None:
-        """Record ``items`` done at ``step`` (1-based) and print if it is a reporting step."""
+    def update(self, step: int, items: int = 0, force: bool = False, **values: float) -> bool:
+        """Record ``items`` done at ``step`` (1-based); at a reporting step set :attr:`rate` (the
+        rate since the previous reporting step), print the line (unless quiet) and return True."""
         self.items += items
+        self._window += items
         now = time.perf_counter()
         due = force or step % self.every == 0 or step == self.total
         if self.every_s > 0 and now - self.last_line >= self.every_s:
             due = True
-        if self.quiet or not due:
-            return
-        self.last_line = now
+        if not due:
+            return False
+        self.rate = self._window / (now - self.last_line) if now > self.last_line else 0.0
+        self.last_line, self._window = now, 0
+        if self.quiet:
+            return True
         elapsed = now - self.start
-        rate = self.items / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / max(step, 1)
         vals = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
         print(
-            f"[{self.stage}] step {step}/{self.total}  {vals}  {rate:.1f} {self.unit}/s  "
+            f"[{self.stage}] step {step}/{self.total}  {vals}  {self.rate:.1f} {self.unit}/s  "
             f"elapsed {fmt_time(elapsed)}  ETA {fmt_time(eta)}",
             file=self.stream,
             flush=True,
         )
+        return True
 
     @property
     def elapsed(self) -> float:

@@ -134,6 +134,15 @@ def context_batch(tokenizer, groups: Sequence[Sequence[str]]) -> Tokens:
     return out.view_lead(len(groups), n)
 
 
+def truncate(tokens: Tokens, length: int | None) -> Tokens:
+    """The first ``length`` positions of every row of ``tokens`` ``[*lead, T]`` (as it is when
+    ``length`` is None or not shorter)."""
+    if length is None or tokens.input_ids.shape[-1] <= length:
+        return tokens
+    labels = tokens.labels[..., :length] if tokens.labels is not None else None
+    return Tokens(tokens.input_ids[..., :length], tokens.attention_mask[..., :length], labels)
+
+
 def lm_batch(tokenizer, texts: Sequence[str], max_len: int = 0, add_eos: bool = True) -> Tokens:
     """Plain LM texts (regulariser, pretraining), right-padded, every token scored. ``[N, T]``."""
     seqs = []

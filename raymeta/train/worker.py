@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -126,7 +125,6 @@ def train_loop(config: dict) -> None:
     )
     fault = config.get("fault")
     ds.module.train()
-    t_last, tasks_since = time.perf_counter(), 0
     while state.step < steps:
         step = state.step + 1
         _maybe_fail(fault, step, rank)
@@ -160,8 +158,7 @@ def train_loop(config: dict) -> None:
             advance(state.position, len(groups), meta.meta_batch_size),
         )
         state.steps_log.append([step, state.attempt])
-        tasks_since += meta.meta_batch_size
-        prog.update(
+        printed = prog.update(
             step,
             meta.meta_batch_size,
             outer_loss=stats["outer_loss"],
@@ -169,16 +166,14 @@ def train_loop(config: dict) -> None:
             grad_norm=stats["grad_norm"],
         )
         record = {"step": step, **{k: stats[k] for k in METRIC_KEYS if k in stats}}
+        if printed:  # the progress line's rate (since its previous line), as on the local launcher
+            record["tasks_per_s"] = prog.rate
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
             record.update(_evaluate(ds.module, tok, test, cfg, engine, spec, device, rank, step))
         report_now = step % cfg.train.report_every == 0 or step == steps
         ckpt_now = step == steps or (
             cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
         )
-        if report_now or ckpt_now:
-            now = time.perf_counter()
-            record["tasks_per_s"] = tasks_since / max(now - t_last, 1e-9)
-            t_last, tasks_since = now, 0
         history.append(record)
         if tracker is not None and step > logged:
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)

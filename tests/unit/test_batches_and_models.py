@@ -266,3 +266,40 @@ def test_a_model_with_too_few_positions_stops_the_job_before_any_work(tmp_path):
     with pytest.raises(InputError, match=r"model.tiny.max_positions=16: the tiny model accepts"):
         run_pipeline(small, tmp_path / "out")
     assert not (tmp_path / "models").exists()  # stopped before pretraining
+
+
+def test_lm_regulariser_texts_are_cut_to_the_model_positions():
+    """A GPT-2 of 32 positions crashed (IndexError) on the pretraining mix's joined facts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raymeta.config import MetaConfig
+    from raymeta.data.batches import lm_batch, truncate
+    from raymeta.meta.engines import select_engine
+    from raymeta.outer import inner_spec, step_loss
+
+    train, _, tok = tiny_tokenizer()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    meta = MetaConfig(inner_lr=0.1, lm_weight=0.5)
+    spec = inner_spec(model, meta, None)
+    engine = select_engine("reference", model, spec)
+    long = lm_batch(tok, [" ".join(t.context for t in train[k : k + 3]) for k in range(4)])
+    assert long.input_ids.shape[1] > 32
+    cut = truncate(long, 32)
+    assert cut.input_ids.shape[1] == 32 and torch.equal(cut.labels, long.labels[:, :32])
+    assert truncate(long, None) is long and truncate(long, 10**4) is long
+    groups = [[t] for t in train[:4]]
+    torch.manual_seed(0)
+    _, stats = step_loss(model, engine, spec, tok, groups, "LG", meta, None, long)
+    torch.manual_seed(0)
+    _, same = step_loss(model, engine, spec, tok, groups, "LG", meta, None, cut)
+    assert stats["lm_loss"] == pytest.approx(same["lm_loss"], rel=1e-6)

@@ -33,3 +33,22 @@ def test_progress_with_every_s_prints_a_line_once_that_long_has_passed():
     quiet = Progress("x", 3, every=1, stream=out, quiet=True)
     quiet.update(3, 1)
     assert len(lines_of(out)) == 2
+
+
+def test_progress_rate_is_the_rate_since_the_previous_line(monkeypatch):
+    """The printed rate (logged as tasks_per_s) covers the window since the previous line."""
+    import types
+
+    from raymeta import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    out = io.StringIO()
+    prog = Progress("stage", 4, every=2, stream=out)
+    for step, (seconds, items) in enumerate([(1, 10), (1, 10), (4, 10), (1, 30)], start=1):
+        now[0] += seconds
+        printed = prog.update(step, items)
+        assert printed == (step % 2 == 0)
+        if printed:
+            assert prog.rate == {2: 20 / 2, 4: 40 / 5}[step]
+    assert [line.split()[3] for line in lines_of(out)] == ["10.0", "8.0"]
