@@ -40,9 +40,14 @@ def draw_results(results: dict, histories: dict):
         ax.bar(xs, acc, width, label=name, color=colours[name])
         ax.bar(xs, leak, width, bottom=acc, fill=False, hatch="//", edgecolor=colours[name])
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(settings))], settings)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)  # a bar at 1 keeps its top edge
     ax.set_ylabel("accuracy (solid) + leak (hatched)")
-    ax.legend()
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    if any("leak" in results[name].get(s, {}) for name in models for s in settings):
+        handles.append(Patch(fill=False, hatch="//", label="leak: the partner's answer"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(handles))
     ax.set_title("evaluation")
     if bx is None:
         fig.tight_layout()
