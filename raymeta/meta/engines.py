@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from raymeta.errors import InputError
 from raymeta.meta import reference
 
 log = logging.getLogger("raymeta.meta")
@@ -41,7 +42,10 @@ def select_engine(name: str, model, spec) -> Engine:
 
         return Engine("fastweights", fastweights.adapt, fastweights.logits)
     if name == "fastweights":
-        raise ValueError(f"meta.engine=fastweights cannot run exactly here: {reason}")
+        raise InputError(
+            f"meta.engine=fastweights cannot run exactly here: {reason} "
+            "(meta.engine=auto falls back to the reference engine)"
+        )
     log.warning("meta.engine=auto: using the reference engine because %s", reason)
     if spec.checkpoint_inner:
         log.warning(

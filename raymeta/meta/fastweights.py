@@ -30,6 +30,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch._subclasses.fake_tensor
 import torch.nn.functional as F
 import torch.utils._pytree
 from torch import nn
@@ -228,10 +229,117 @@ def find_uses(model, names) -> list[Use]:
 def ineligibility(model, spec: InnerSpec) -> str | None:
     """None when the engine is exact for ``model`` and ``spec.names``, else why not."""
     try:
-        find_uses(model, spec.names)
+        uses = find_uses(model, spec.names)
     except Ineligible as e:
         return str(e)
-    return None
+    return stray_use(model, uses)
+
+
+METADATA_CALLS = frozenset(
+    {"__get__", "dim", "size", "numel", "stride", "data_ptr", "is_floating_point",
+     "is_contiguous", "element_size", "is_complex", "__format__", "__repr__", "__hash__"}
+)  # fmt: skip
+"""Tensor calls that read a parameter's metadata, not its values (``.dtype`` is ``__get__``)."""
+
+_STRAY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``stray_use`` per model, per tuple of inner parameter names (one probe forward each)."""
+
+
+class ParameterReads(torch.overrides.TorchFunctionMode):
+    """Records the first torch call reading each watched parameter's values outside the modules
+    that own it (``stack``: the modules whose forward is running, innermost last)."""
+
+    def __init__(self, watched: dict[int, tuple[str, frozenset[int]]]):
+        super().__init__()
+        self.watched = watched  # id(parameter) -> (name, ids of the modules holding it)
+        self.stack: list[int] = []
+        self.strays: dict[str, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) not in METADATA_CALLS:
+            for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+                hit = self.watched.get(id(a)) if isinstance(a, torch.Tensor) else None
+                if hit is not None and (not self.stack or self.stack[-1] not in hit[1]):
+                    where = getattr(func, "__qualname__", None) or repr(func)
+                    self.strays.setdefault(hit[0], where)
+        return func(*args, **kwargs)
+
+
+def stray_use(model, uses: list[Use]) -> str | None:
+    """Why the hooks on ``uses`` would miss part of an inner parameter's effect, or None.
+
+    The engine adds each inner parameter's update where the modules holding it are called; a
+    forward that reads one of their weights elsewhere (``F.linear(x, self.proj.weight)`` in a
+    parent module, a head built on ``embed.weight``) would leave that read unadapted. One
+    forward of two tokens under ``ParameterReads`` finds such reads (cached per model)."""
+    table = model.get_input_embeddings()
+    if table.weight.is_meta or torch._subclasses.fake_tensor.is_fake(table.weight):
+        return None  # shapes only (bench/op_census.py): nothing to probe
+    names = tuple(sorted(n for u in uses for n in (u.weight, u.bias) if n))
+    cache = _STRAY.setdefault(model, {})
+    if names in cache:
+        return cache[names]
+    named = dict(model.named_parameters())
+    holders: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(id(m))
+    watched = {id(named[n]): (n, frozenset(holders[id(named[n])])) for n in names}
+    reads = ParameterReads(watched)
+
+    def enter(m, args):
+        reads.stack.append(id(m))
+
+    norms = {id(u.module): u for u in uses if u.kind == "norm"}
+    algebra = Hooks(uses, {}, 1, 1, 2)  # for its ``normalised`` (busy while it calls a norm)
+    misfits: list[str] = []
+
+    def leave(m, args, out):  # returns None: the module's output stays
+        use = norms.get(id(m))
+        if use is not None and not algebra.busy and not misfits:
+            misfits.extend(norm_misfit(algebra, use, args[0], out))
+        reads.stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave, always_call=True))
+    ids = torch.arange(2, device=table.weight.device)[None] % table.num_embeddings
+    try:
+        with torch.no_grad(), reads:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    reason = misfits[0] if misfits else None
+    if reads.strays:
+        name, where = next(iter(reads.strays.items()))
+        reason = (
+            f"inner parameter {name} is read outside the module that holds it (by a call to {where} in "
+            "the model's forward), where the engine's update would not reach it"
+        )
+    cache[names] = reason
+    return reason
+
+
+def norm_misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
+    """[why] when norm ``use``'s output ``out`` on ``x`` is not ``weight * n(x) + bias`` with the
+    engine's normalisation n (a class named like an RMSNorm that scales by ``1 + weight``), else []."""
+    m = use.module
+    nx = algebra.normalised(use, x.reshape(1, -1, *x.shape[2:]))
+    expected = m.weight * nx.reshape(x.shape)
+    if getattr(m, "bias", None) is not None:
+        expected = expected + m.bias
+    err = float((out.float() - expected.float()).norm() / out.float().norm().clamp_min(1e-30))
+    tol = 0.1 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if err <= tol:
+        return []
+    return [
+        f"norm {use.path} ({type(m).__name__}) does not compute weight * normalise(x) + bias "
+        f"(relative difference {err:.2g} on a probe input), which the engine's update assumes"
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -352,8 +460,9 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
         if w is not None:
             total = per_task(w, nx) * nx
         b = vector_delta(b_terms)
-        if b is not None:
-            total = per_task(b, nx) if total is None else total + per_task(b, nx)
+        if b is not None:  # x, not nx: nx is None when the scale is not an inner parameter
+            bias = per_task(b, x)
+            total = bias.expand(x.shape) if total is None else total + bias
         return total
     if use.kind == "embedding":
         parts = [lookup_delta(t, x) for t in w_terms]
@@ -364,8 +473,8 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
     else:
         parts = [linear_delta(t, x, out_dim) for t in w_terms]
     b = vector_delta(b_terms)
-    if b is not None:
-        parts.append(b[:, None, :])
+    if b is not None:  # expanded: a bias may be the layer's only inner parameter
+        parts.append(b[:, None, :].expand(x.shape[0], x.shape[1], b.shape[-1]))
     if not parts:
         return None
     return functools.reduce(torch.add, parts)

@@ -16,8 +16,10 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from raymeta.errors import InputError
 from raymeta.meta import attention, fastweights, fused, reference, rotary
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
@@ -68,16 +70,16 @@ def gpt2():
     return perturb(perturb(model, "ln"), "bias")
 
 
-def lora(seed=0):
+def lora(seed=0, bias="none", attention_bias=False):
     from peft import LoraConfig, get_peft_model
 
-    base = tiny_llama(vocab=VOCAB, tie=True, seed=seed)
+    base = tiny_llama(vocab=VOCAB, tie=True, seed=seed, attention_bias=attention_bias)
     cfg = LoraConfig(
         r=2,
         lora_alpha=4,
         target_modules=["q_proj", "v_proj", "down_proj"],
         lora_dropout=0.0,
-        bias="none",
+        bias=bias,
         task_type="CAUSAL_LM",
     )
     return perturb(get_peft_model(base, cfg), "lora_B", 0.3)
@@ -172,6 +174,41 @@ def test_matches_reference(kind):
                 spec = InnerSpec(lr=0.5, names=names, steps=steps, second_order=second)
                 worst = max(worst, compare(model, spec, ctx, q))
     print(f"{kind}: max relative gradient error {worst:.2e}")
+
+
+def llama_biased():
+    """A Llama with q/k/v/o biases (``attention_bias``), perturbed so they matter."""
+    return perturb(tiny_llama(vocab=VOCAB, tie=True, attention_bias=True), "bias")
+
+
+SUBSETS = {
+    # (model, meta.inner_params patterns): a norm's bias without its scale, a layer's bias
+    # without its weight, one matrix, the tied table alone, the untied head alone
+    "gpt2 biases": (gpt2, ["bias"]),
+    "gpt2 LayerNorm biases": (gpt2, ["ln_1.bias", "ln_f.bias"]),
+    "gpt2 LayerNorm scales": (gpt2, ["ln_2.weight"]),
+    "gpt2 one Conv1D bias": (gpt2, ["h.0.mlp.c_fc.bias"]),
+    "gpt2 head": (gpt2, ["lm_head"]),
+    "gpt2 position table": (gpt2, ["wpe"]),
+    "llama q bias": (llama_biased, ["layers.0.self_attn.q_proj.bias"]),
+    "llama tied table": (llama_tied, ["embed_tokens"]),
+    "llama norms": (llama_tied, ["norm"]),
+    # peft's bias="all": the adapter and every bias train, the base weights stay frozen
+    "lora with biases": (lambda: lora(bias="all", attention_bias=True), ["lora_", "bias"]),
+}
+
+
+@pytest.mark.parametrize("subset", list(SUBSETS))
+def test_inner_parameter_subsets_match_reference(subset):
+    """``meta.inner_params`` picks any subset: the engine adapts exactly those parameters."""
+    build, patterns = SUBSETS[subset]
+    model = build()
+    names = tuple(resolve_inner_params(model, patterns))
+    for steps, n in ((1, 1), (2, 3)):
+        ctx, q = batch(n, seed=steps * 10 + n)
+        spec = InnerSpec(lr=0.5, names=names, steps=steps)
+        assert fastweights.ineligibility(model, spec) is None
+        compare(model, spec, ctx, q)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -293,11 +330,80 @@ def test_unknown_module_kind_falls_back(caplog):
     with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
         assert select_engine("auto", model, spec).name == "reference"
     assert "OddLinear" in caplog.text
-    with pytest.raises(ValueError, match="OddLinear"):
+    with pytest.raises(InputError, match="OddLinear"):
         select_engine("fastweights", model, spec)
     # restricted to parameters of known modules it is eligible again
     ok = InnerSpec(lr=0.5, names=("model.layers.1.mlp.down_proj.weight", "model.norm.weight"))
     assert select_engine("auto", model, ok).name == "fastweights"
+
+
+class TiedHead(nn.Module):
+    """An LM head reading the embedding table itself: ``h @ table^T``, no module call."""
+
+    def __init__(self, table: nn.Embedding):
+        super().__init__()
+        self.table = table
+
+    def forward(self, h):
+        return F.linear(h, self.table.weight)
+
+
+class LlamaRMSNorm(nn.Module):
+    """Named like Llama's, scaling by ``1 + weight`` (Gemma's arithmetic)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(d, dtype=torch.float64))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def read_down_proj_weight(model):
+    """Layer 0's MLP applies ``down_proj.weight`` through F.linear, never calling down_proj."""
+    mlp = model.model.layers[0].mlp
+
+    def forward(x):
+        return F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+
+    mlp.forward = forward
+    return model, "model.layers.0.mlp.down_proj.weight"
+
+
+def head_on_the_table(model):
+    model.lm_head = TiedHead(model.model.embed_tokens)
+    return model, "model.embed_tokens.weight"
+
+
+def odd_norm(model):
+    model.model.norm = LlamaRMSNorm(model.config.hidden_size)
+    return model, "model.norm"
+
+
+@pytest.mark.parametrize("twist", [read_down_proj_weight, head_on_the_table, odd_norm])
+def test_weights_the_hooks_cannot_see_make_it_refuse(twist, caplog):
+    """A known module whose weight is read elsewhere, or a norm that only looks known: the
+    engine would be silently wrong there, so it refuses and ``auto`` runs the reference."""
+    model, culprit = twist(tiny_llama(vocab=VOCAB, tie=True))
+    spec = InnerSpec(lr=0.5, names=all_names(model))
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and culprit in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    assert culprit in caplog.text
+    with pytest.raises(InputError, match="cannot run exactly"):
+        select_engine("fastweights", model, spec)
+    # the control: run anyway, the engine would be wrong (or fail: the head's read leaves the
+    # inner step's graph spent before the outer backward)
+    ctx, q = batch(2)
+    lr, _, gr = run(reference, model, spec, ctx, q)
+    try:
+        lf, _, gf = run(fastweights, model, spec, ctx, q)
+    except RuntimeError as e:
+        assert "backward through the graph a second time" in str(e)
+    else:
+        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
 
 
 def plain_logits(model, q):

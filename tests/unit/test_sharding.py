@@ -120,3 +120,6 @@ def test_progress_header_names_engine_order_inner_steps_and_checkpointing():
         train_label("LG", engine, first)
         == "meta-train LG (fastweights, first order, 2 inner steps)"
     )
+    # the reference engine (auto's fallback) ignores checkpoint_inner: the header does not claim it
+    reference = select_engine("reference", model, spec)
+    assert train_label("LG", reference, spec) == "meta-train LG (reference, second order)"
