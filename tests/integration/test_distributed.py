@@ -148,8 +148,16 @@ def lora_cfg():
     return LoraConfig(enabled=True, rank=2, alpha=4.0, target_modules=["q_proj", "down_proj"])
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fastweights_in_deepspeed_matches_reference(ray_local, tasks_and_model, tmp_path, lora):
+@pytest.mark.parametrize(
+    "lora, mode",
+    [(False, None), (True, "adapter"), (True, "outer_lora_inner_full")],
+    ids=["full", "lora", "lora_outer_full_inner_vjp"],
+)
+def test_fastweights_in_deepspeed_matches_reference(
+    ray_local, tasks_and_model, tmp_path, lora, mode
+):
+    """2 workers, ZeRO-2, fastweights against 1 worker, reference: the same 3 steps. The last
+    case also recomputes the inner pass (meta.checkpoint_inner=vjp, fastweights only)."""
     from raymeta.train.launch import fit_objective
 
     train, test, base = tasks_and_model
@@ -161,6 +169,9 @@ def test_fastweights_in_deepspeed_matches_reference(ray_local, tasks_and_model, 
         cfg.meta.engine, cfg.meta.steps = engine, 3
         if lora:
             cfg.model.lora = lora_cfg()
+            cfg.model.lora.mode = mode
+        if mode == "outer_lora_inner_full" and engine == "fastweights":
+            cfg.meta.checkpoint_inner = "vjp"
         runs[engine] = fit_objective(cfg, "LG", base, train, test, tmp_path / engine)
     ref, fast = runs["reference"], runs["fastweights"]
     for a, b in zip(ref.history, fast.history, strict=True):

@@ -4,7 +4,7 @@ Outer loss and every parameter gradient must agree within 1e-8 relative, for
 k = 1, 2 inner steps, n = 1, 3 contexts per update, padded contexts and queries,
 second and first order, on: a Llama with tied embeddings (and a padding_idx hit
 by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learned
-positions, untied head), and peft LoRA (adapter-only inner; LoRA outer with a
+positions, untied head), and peft LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a
 full-rank inner step on the frozen base weights). The fused SwiGLU and RMS normaliser the
 engine's passes use (``fused``) are checked against torch's unfused ops on their own too.
 """
@@ -70,13 +70,13 @@ def gpt2():
     return perturb(perturb(model, "ln"), "bias")
 
 
-def lora(seed=0, bias="none", attention_bias=False):
+def lora(seed=0, bias="none", attention_bias=False, rank=2):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama(vocab=VOCAB, tie=True, seed=seed, attention_bias=attention_bias)
     cfg = LoraConfig(
-        r=2,
-        lora_alpha=4,
+        r=rank,
+        lora_alpha=2 * rank,
         target_modules=["q_proj", "v_proj", "down_proj"],
         lora_dropout=0.0,
         bias=bias,
@@ -113,6 +113,10 @@ MODELS = {
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
+        lambda m: tuple(resolve_inner_params(m, ["all"], "outer_lora_inner_full")),
+    ),
+    "lora_rank1_outer_full_inner": (  # the paper's rank-1 LoRA outer, full-rank inner
+        lambda: lora(rank=1),
         lambda m: tuple(resolve_inner_params(m, ["all"], "outer_lora_inner_full")),
     ),
 }
