@@ -276,17 +276,17 @@ def stray_use(model, uses: list[Use]) -> str | None:
     table = model.get_input_embeddings()
     if table.weight.is_meta or torch._subclasses.fake_tensor.is_fake(table.weight):
         return None  # shapes only (bench/op_census.py): nothing to probe
-    names = tuple(sorted(n for u in uses for n in (u.weight, u.bias) if n))
+    watched: dict[int, tuple[str, frozenset[int]]] = {}  # find_uses made a Use per holder
+    for u in uses:
+        for attr in ("weight", "bias"):
+            if name := getattr(u, attr):
+                p = getattr(u.module, attr)
+                _, held = watched.get(id(p), (name, frozenset()))
+                watched[id(p)] = (name, held | {id(u.module)})
+    names = tuple(sorted(name for name, _ in watched.values()))
     cache = _STRAY.setdefault(model, {})
     if names in cache:
         return cache[names]
-    named = dict(model.named_parameters())
-    holders: dict[int, set[int]] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                holders.setdefault(id(p), set()).add(id(m))
-    watched = {id(named[n]): (n, frozenset(holders[id(named[n])])) for n in names}
     reads = ParameterReads(watched)
 
     def enter(m, args):
@@ -328,8 +328,7 @@ def norm_misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) ->
     """[why] when norm ``use``'s output ``out`` on ``x`` is not ``weight * n(x) + bias`` with the
     engine's normalisation n (a class named like an RMSNorm that scales by ``1 + weight``), else []."""
     m = use.module
-    nx = algebra.normalised(use, x.reshape(1, -1, *x.shape[2:]))
-    expected = m.weight * nx.reshape(x.shape)
+    expected = m.weight * algebra.normalised(use, x)
     if getattr(m, "bias", None) is not None:
         expected = expected + m.bias
     err = float((out.float() - expected.float()).norm() / out.float().norm().clamp_min(1e-30))
