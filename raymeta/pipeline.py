@@ -47,7 +47,8 @@ def prompt_accuracy_fn(tokenizer, device):
 def with_model_choices(cfg: RunConfig, model):
     """``model`` with the configured LoRA adapter (a model loaded with its adapter keeps that
     one); InputError when a LoRA target or a ``meta.inner_params`` pattern matches nothing in
-    it, or when the model holds an adapter but ``model.lora.enabled`` is false."""
+    it, when the model holds an adapter but ``model.lora.enabled`` is false, or when
+    ``meta.engine=fastweights`` cannot run it exactly (before any preparation or training)."""
     from raymeta.models import apply_lora, is_peft
 
     if is_peft(model) and not cfg.model.lora.enabled:
@@ -60,7 +61,9 @@ def with_model_choices(cfg: RunConfig, model):
         )
     if cfg.model.lora.enabled and not is_peft(model):
         model = apply_lora(model, cfg.model.lora)
-    inner_spec(model, cfg.meta, cfg.model.lora)
+    spec = inner_spec(model, cfg.meta, cfg.model.lora)
+    if cfg.meta.engine == "fastweights":
+        select_engine(cfg.meta.engine, model, spec)
     return model
 
 
@@ -242,11 +245,26 @@ def check_sizes(cfg: RunConfig, train, test) -> None:
 def write_results(out: Path, results: dict) -> str:
     """``results.json`` and ``results.md`` (the table, returned) of the models evaluated so far."""
     table = format_table(results)
-    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", table)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text + "\n")
-        tmp.replace(out / name)
+    write_whole(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_whole(out / "results.md", table + "\n")
     return table
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_figure_and_summary(out: Path, results: dict, histories: dict, summary: dict) -> None:
+    """``results.png`` (the models evaluated so far, their meta-training curves) and
+    ``summary.json``, each replaced whole."""
+    from raymeta.plots import plot_results
+
+    plot_results(results, histories, out / ".results.tmp.png")
+    (out / ".results.tmp.png").replace(out / "results.png")
+    write_whole(out / "summary.json", json.dumps(summary, indent=1))
 
 
 def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_result=None) -> dict:
@@ -275,6 +293,18 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
     results, histories, saved = {}, {}, {}
 
+    def write_summary(complete: bool) -> dict:
+        summary = {
+            "seconds": time.perf_counter() - t0,
+            "complete": complete,
+            "model": source,
+            "prepare": prep,
+            "models": saved,
+            "history": histories,
+        }
+        write_figure_and_summary(out, results, histories, summary)
+        return summary
+
     def run_eval(name, m):
         spec = inner_spec(m, cfg.meta, cfg.model.lora, lr=eval_lr)
         engine = select_engine(cfg.meta.engine, m, spec)
@@ -284,6 +314,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         results[name] = metrics
         write_records(out, name, records)
         write_results(out, results)
+        write_summary(complete=False)  # a job stopped later keeps its figure and summary
         if on_result is not None:
             on_result(name, metrics)
         print(
@@ -303,17 +334,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
             saved[objective] = save_trained(m, tok, out, objective, source, cfg)
         run_eval(objective, m)
     print("\n" + format_table(results) + "\n", flush=True)
-    from raymeta.plots import plot_results
-
-    plot_results(results, histories, out / "results.png")
-    summary = {
-        "seconds": time.perf_counter() - t0,
-        "model": source,
-        "prepare": prep,
-        "models": saved,
-        "history": histories,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = write_summary(complete=True)
     print(f"[done] {summary['seconds']:.0f} s; results in {out / 'results.json'}", flush=True)
     return results
 

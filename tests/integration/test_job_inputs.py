@@ -192,6 +192,40 @@ def test_failing_rerun_leaves_earlier_results_in_place(tmp_path, case):
         assert (out / name).read_text() == text
 
 
+def save_gemma(path: Path) -> Path:
+    """A random two-layer Gemma and a word tokenizer saved as a Hugging Face model: its scaled
+    embedding and (1 + w) norms are module kinds the fast-weights engine does not know."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from raymeta.models import train_tokenizer
+
+    tok = train_tokenizer(["a few words to have a vocabulary"])
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 16}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
+    config = GemmaConfig(vocab_size=len(tok), **shape, **heads, pad_token_id=tok.pad_token_id)
+    GemmaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
+    """meta.engine=fastweights on a model it cannot run exactly: one error line, exit 2, before
+    preparation, and an earlier run's results stay where they were."""
+    out = tmp_path / "out"
+    earlier = write_earlier_results(out)
+    model = save_gemma(tmp_path / "gemma")
+    proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.engine=fastweights")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: meta.engine=fastweights cannot run exactly here: "), last
+    assert "GemmaTextScaledWordEmbedding" in last and "meta.engine=auto" in last, last
+    assert "[prepare" not in proc.stdout and "[eval" not in proc.stdout, proc.stdout[-2000:]
+    assert not (out / "previous").exists()
+    for name, text in earlier.items():
+        assert (out / name).read_text() == text
+
+
 def test_a_malformed_data_file_opens_no_mlflow_run(tmp_path):
     out = tmp_path / "out"
     overrides, _ = bad_inputs(tmp_path)["not_utf8"]
@@ -275,7 +309,8 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
 @pytest.mark.parametrize("launcher", ["local", "ray"])
 def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tmp_path, launcher):
     """A nan loss stops the job (exit 4) at its step; the base model's evaluation, done before,
-    stays in results.json, records/ and the MLflow run (logged as it finished)."""
+    stays in results.json, records/, results.png, summary.json (``complete`` false) and the
+    MLflow run (logged as it finished)."""
     out = tmp_path / "out"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -298,10 +333,15 @@ def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tm
     assert proc.stdout.count("Attempting to start training worker group") <= 1
     assert list(json.loads((out / "results.json").read_text())) == ["BM"]
     assert (out / "records" / "BM.jsonl").is_file()
+    summary = json.loads((out / "summary.json").read_text())  # as it stood after BM
+    assert summary["complete"] is False and summary["history"] == {}, summary
+    assert (out / "results.png").stat().st_size > 10_000
+    assert not list(out.glob(".*.tmp*"))
     parent = next(r for r in mlflow_runs(out) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED"
     assert "BM.Prompt.accuracy" in parent.data.metrics
-    assert "results.json" in {a.path for a in _artifacts(out, parent.info.run_id)}
+    logged = {a.path for a in _artifacts(out, parent.info.run_id)}
+    assert {"results.json", "results.png", "summary.json"} <= logged, logged
 
 
 def _artifacts(out: Path, run_id: str) -> list:

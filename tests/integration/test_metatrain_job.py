@@ -66,6 +66,8 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     # job, figure for figure
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["models"] == {"LG": "models/LG", "LC": "models/LC"}
+    assert summary["complete"] is True and set(summary["history"]) == {"LG", "LC"}
+    assert not list((tmp_path / "out").glob(".*.tmp*"))  # every file written whole
     saved = tmp_path / "out" / "models" / "LG"
     assert json.loads((saved / "raymeta.json").read_text())["objective"] == "LG"
     only = run_job(
