@@ -60,13 +60,13 @@ def random_rows(n, lo, hi, vocab, gen):
     ]
 
 
-def random_contexts(b, n, vocab, gen, lo=4, hi=9) -> Tokens:
-    """Right-padded contexts ``[b, n, T]`` of varied lengths, labels on real tokens."""
+def random_contexts(b, n, vocab, gen, lo=4, hi=9, side="right") -> Tokens:
+    """Padded contexts ``[b, n, T]`` of varied lengths, labels on real tokens."""
     rows = random_rows(b * n, lo, hi, vocab, gen)
-    return pad(rows, 0, "right", label_from=[0] * len(rows)).view_lead(b, n)
+    return pad(rows, 0, side, label_from=[0] * len(rows)).view_lead(b, n)
 
 
-def random_queries(b, m, vocab, gen, lo=3, hi=7, resp=2) -> Tokens:
-    """Right-padded query+response rows ``[b, m, T]``; labels on the last ``resp`` tokens."""
+def random_queries(b, m, vocab, gen, lo=3, hi=7, resp=2, side="right") -> Tokens:
+    """Padded query+response rows ``[b, m, T]``; labels on the last ``resp`` tokens."""
     rows = random_rows(b * m, lo, hi, vocab, gen)
-    return pad(rows, 0, "right", label_from=[len(r) - resp for r in rows]).view_lead(b, m)
+    return pad(rows, 0, side, label_from=[len(r) - resp for r in rows]).view_lead(b, m)

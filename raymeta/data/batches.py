@@ -83,6 +83,8 @@ def pad(
 ) -> Tokens:
     """Pad id lists to one length. ``label_from[i]``: first scored position of row i.
 
+    A row's first token is never scored (no token of the row predicts it; in a left-padded row
+    a pad would), so left and right padding give the same losses.
     Returns input_ids/attention_mask/labels ``[N, T]``; labels exist iff label_from is given."""
     t = max([len(s) for s in seqs] + [length or 1])
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
@@ -93,7 +95,7 @@ def pad(
         ids[i, off : off + len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, off : off + len(s)] = 1
         if labels is not None:
-            start = label_from[i]
+            start = max(label_from[i], 1)
             labels[i, off + start : off + len(s)] = torch.tensor(s[start:], dtype=torch.long)
     return Tokens(ids, mask, labels)
 

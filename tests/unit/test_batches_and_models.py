@@ -54,7 +54,9 @@ def test_context_groups_and_extend():
         tok, [[train[0].context, train[1].context], [train[2].context, train[3].context]]
     )
     assert ctx.input_ids.shape[:2] == (2, 2)
-    assert ((ctx.labels != -100) == ctx.attention_mask.bool()).all()
+    scored = ctx.attention_mask.bool()
+    scored[..., 0] = False  # a row's first token: nothing of the row predicts it
+    assert ((ctx.labels != -100) == scored).all()
     p = prompt_batch(tok, [train[0].query, train[1].context])
     ext = extend(p, [[5, 6], [7]], tok.pad_token_id)
     assert ext.labels[0][ext.labels[0] != -100].tolist() == [5, 6]

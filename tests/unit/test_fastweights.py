@@ -180,6 +180,30 @@ def test_matches_reference(kind):
     print(f"{kind}: max relative gradient error {worst:.2e}")
 
 
+@pytest.mark.parametrize("kind", ["llama_tied", "gpt2", "lora_adapter"])
+def test_left_padding_equals_right_padding(kind):
+    """The same rows padded on the left: the same inner losses, outer loss and gradients in
+    both engines (positions count real tokens; a row's first token is never scored)."""
+    build, names_of = MODELS[kind]
+    model = build()
+    spec = InnerSpec(lr=0.5, names=names_of(model), steps=2)
+
+    def padded(side):
+        gen = torch.Generator().manual_seed(4)
+        ctx = random_contexts(2, 3, VOCAB, gen, side=side)
+        return ctx, random_queries(2, 2, VOCAB, gen, side=side)
+
+    right, left = padded("right"), padded("left")
+    assert not torch.equal(right[0].attention_mask, left[0].attention_mask)
+    for engine in (reference, fastweights):
+        loss_r, inner_r, grads_r = run(engine, model, spec, *right)
+        loss_l, inner_l, grads_l = run(engine, model, spec, *left)
+        assert loss_l == pytest.approx(loss_r, rel=1e-10)
+        torch.testing.assert_close(inner_l, inner_r, rtol=1e-10, atol=0)
+        assert max_rel_error(grads_r, grads_l) < 1e-8
+    compare(model, spec, *left)
+
+
 def llama_biased():
     """A Llama with q/k/v/o biases (``attention_bias``), perturbed so they matter."""
     return perturb(tiny_llama(vocab=VOCAB, tie=True, attention_bias=True), "bias")
