@@ -228,8 +228,24 @@ def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = Non
     else:
         names = [n for n in pool if any(p in n for p in patterns)]
     if not names:
-        raise InputError(f"meta.inner_params: {patterns!r} matches no parameter of the model")
+        tied = tied_names(model, patterns)
+        raise InputError(
+            f"meta.inner_params: {patterns!r} matches no parameter of the model"
+            + (f" ({tied}: name it so)" if tied else "")
+        )
     return names
+
+
+def tied_names(model, patterns: list[str]) -> str:
+    """'a is tied to b, ...' for the shared parameters whose other name matches a pattern
+    (named_parameters lists a tied parameter once, under its first name)."""
+    seen = {id(p): n for n, p in model.named_parameters()}
+    pairs = [
+        f"{n} is tied to {seen[id(p)]}"
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if seen.get(id(p), n) != n and any(q in n for q in patterns)
+    ]
+    return ", ".join(pairs)
 
 
 def count_parameters(model) -> int:

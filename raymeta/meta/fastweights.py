@@ -232,7 +232,10 @@ def ineligibility(model, spec: InnerSpec) -> str | None:
         uses = find_uses(model, spec.names)
     except Ineligible as e:
         return str(e)
-    return stray_use(model, uses)
+    try:
+        return stray_use(model, uses)
+    except Exception as e:  # a model the probe does not know how to call: no claim of exactness
+        return f"its eligibility probe (a two-token forward) failed: {type(e).__name__}: {e}"
 
 
 METADATA_CALLS = frozenset(
@@ -306,7 +309,8 @@ def stray_use(model, uses: list[Use]) -> str | None:
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(enter))
         handles.append(m.register_forward_hook(leave, always_call=True))
-    ids = torch.arange(2, device=table.weight.device)[None] % table.num_embeddings
+    # (shape, not num_embeddings: peft's LoRA wrapper of an embedding has no such attribute)
+    ids = torch.arange(2, device=table.weight.device)[None] % table.weight.shape[0]
     try:
         with torch.no_grad(), reads:
             model(input_ids=ids, attention_mask=torch.ones_like(ids))

@@ -305,3 +305,21 @@ def test_lm_regulariser_texts_are_cut_to_the_model_positions():
     torch.manual_seed(0)
     _, same = step_loss(model, engine, spec, tok, groups, "LG", meta, None, cut)
     assert stats["lm_loss"] == pytest.approx(same["lm_loss"], rel=1e-6)
+
+
+def test_inner_params_naming_a_tied_weight_says_under_which_name():
+    from raymeta.errors import InputError
+    from raymeta.models import resolve_inner_params
+
+    tied = build_tiny_model(TinyModelConfig(hidden_size=16, tie_embeddings=True), 40)
+    with pytest.raises(InputError) as e:
+        resolve_inner_params(tied, ["lm_head"])
+    assert str(e.value) == (
+        "meta.inner_params: ['lm_head'] matches no parameter of the model "
+        "(lm_head.weight is tied to model.embed_tokens.weight: name it so)"
+    )
+    assert resolve_inner_params(tied, ["embed_tokens"]) == ["model.embed_tokens.weight"]
+    untied = build_tiny_model(TinyModelConfig(hidden_size=16), 40)
+    assert resolve_inner_params(untied, ["lm_head"]) == ["lm_head.weight"]
+    with pytest.raises(InputError, match=r"matches no parameter of the model$"):
+        resolve_inner_params(untied, ["nosuch"])

@@ -70,14 +70,16 @@ def gpt2():
     return perturb(perturb(model, "ln"), "bias")
 
 
-def lora(seed=0, bias="none", attention_bias=False, rank=2):
+def lora(
+    seed=0, bias="none", attention_bias=False, rank=2, targets=("q_proj", "v_proj", "down_proj")
+):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama(vocab=VOCAB, tie=True, seed=seed, attention_bias=attention_bias)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_modules=list(targets),
         lora_dropout=0.0,
         bias=bias,
         task_type="CAUSAL_LM",
@@ -117,6 +119,10 @@ MODELS = {
     ),
     "lora_rank1_outer_full_inner": (  # the paper's rank-1 LoRA outer, full-rank inner
         lambda: lora(rank=1),
+        lambda m: tuple(resolve_inner_params(m, ["all"], "outer_lora_inner_full")),
+    ),
+    "lora_on_the_tied_table_outer_full_inner": (  # peft wraps the embedding itself
+        lambda: lora(targets=("embed_tokens", "q_proj")),
         lambda m: tuple(resolve_inner_params(m, ["all"], "outer_lora_inner_full")),
     ),
 }
@@ -363,6 +369,26 @@ def test_unknown_module_kind_falls_back(caplog):
     # restricted to parameters of known modules it is eligible again
     ok = InnerSpec(lr=0.5, names=("model.layers.1.mlp.down_proj.weight", "model.norm.weight"))
     assert select_engine("auto", model, ok).name == "fastweights"
+
+
+def test_a_probe_that_fails_is_a_refusal(caplog):
+    """A model the two-token probe cannot run (here: one that needs three tokens) is refused
+    with the probe's error, and ``auto`` runs the reference engine on it."""
+    model = tiny_llama(vocab=VOCAB)
+
+    def at_least_three(module, args, kwargs):
+        if kwargs["input_ids"].shape[-1] < 3:
+            raise ValueError("this model needs at least 3 tokens")
+
+    model.register_forward_pre_hook(at_least_three, with_kwargs=True)
+    spec = InnerSpec(lr=0.5, names=all_names(model))
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and "probe" in reason and "at least 3 tokens" in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    assert "at least 3 tokens" in caplog.text
+    ctx, q = batch(2)
+    run(reference, model, spec, ctx, q)  # which runs
 
 
 class TiedHead(nn.Module):
