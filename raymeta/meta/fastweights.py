@@ -46,7 +46,7 @@ from raymeta.meta.fastweights_terms import (
     lookup_delta,
     vector_delta,
 )
-from raymeta.meta.inner import InnerSpec, call, double_backward_attention
+from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """RMSNorm classes computing ``weight * normalise(x)`` (Gemma's ``1 + weight`` is not one)."""
@@ -1054,9 +1054,8 @@ def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
 
 def logits(model, state: FastState, queries: Tokens) -> torch.Tensor:
     """Adapted logits ``[B, m, T, V]`` of queries ``[B, m, T]`` (row b uses task b's θ')."""
+    check_tasks(queries, state.tasks)
     b, m, t = queries.input_ids.shape
-    if b != state.tasks:
-        raise ValueError(f"queries hold {b} tasks, the adapted state {state.tasks}")
     with Hooks(state.uses, state.terms, b, b * m, t), engine_ops(model):
         out = call(model, queries.flat())
     return out.view(b, m, t, -1)

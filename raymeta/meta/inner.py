@@ -24,6 +24,14 @@ class InnerSpec:
     "vjp" (the inner backward per decoder block), "forward" (the inner forward's blocks)."""
 
 
+def check_tasks(queries: Tokens, tasks: int) -> None:
+    """ValueError unless queries ``[B, m, T]`` hold as many tasks B as the adapted state."""
+    if queries.input_ids.shape[0] != tasks:
+        raise ValueError(
+            f"queries hold {queries.input_ids.shape[0]} tasks, the adapted state {tasks}"
+        )
+
+
 def context_loss(logits: torch.Tensor, contexts: Tokens) -> torch.Tensor:
     """Per-task inner loss ``[B]``: mean next-token NLL over all tokens of the task's contexts.
 

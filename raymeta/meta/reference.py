@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from raymeta.data.batches import Tokens
-from raymeta.meta.inner import InnerSpec, call, context_loss
+from raymeta.meta.inner import InnerSpec, call, check_tasks, context_loss
 
 
 @dataclass
@@ -56,6 +56,7 @@ def adapt(model, contexts: Tokens, spec: InnerSpec) -> ReferenceState:
 
 def logits(model, state: ReferenceState, queries: Tokens) -> torch.Tensor:
     """Adapted logits ``[B, m, T, V]`` of queries ``[B, m, T]`` (row b uses task b's θ')."""
+    check_tasks(queries, len(state.params))
     out = []
     for b, params in enumerate(state.params):
         q = Tokens(queries.input_ids[b], queries.attention_mask[b])

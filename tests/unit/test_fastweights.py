@@ -371,6 +371,17 @@ def test_unknown_module_kind_falls_back(caplog):
     assert select_engine("auto", model, ok).name == "fastweights"
 
 
+@pytest.mark.parametrize("engine", [reference, fastweights])
+def test_queries_for_another_number_of_tasks_are_refused(engine):
+    model = tiny_llama(vocab=VOCAB)
+    spec = InnerSpec(lr=0.5, names=all_names(model))
+    gen = torch.Generator().manual_seed(0)
+    state = engine.adapt(model, random_contexts(2, 1, VOCAB, gen), spec)
+    for tasks in (1, 3):
+        with pytest.raises(ValueError, match=f"queries hold {tasks} tasks, the adapted state 2"):
+            engine.logits(model, state, random_queries(tasks, 2, VOCAB, gen))
+
+
 def test_a_probe_that_fails_is_a_refusal(caplog):
     """A model the two-token probe cannot run (here: one that needs three tokens) is refused
     with the probe's error, and ``auto`` runs the reference engine on it."""
