@@ -121,6 +121,39 @@ def note_saved_settings(cfg: RunConfig, path: str) -> list[str]:
     return lines
 
 
+def check_tokenizer(tokenizer, train, test, model: str) -> list[str]:
+    """InputError when the tokenizer encodes a triple's context, query or response to no
+    tokens (its loss would silently count as 0); the warnings printed (and returned) when it
+    does not give back some of the responses it encodes (e.g. a vocabulary without their
+    words). ``model``: the setting that names the model, for the messages."""
+    for kind, triples in (("training", train), ("test", test)):
+        for field_name in ("context", "query", "response"):
+            texts = [" " + getattr(t, field_name).strip() for t in triples]
+            rows = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            if (i := next((i for i, r in enumerate(rows) if not r), None)) is not None:
+                raise InputError(
+                    f"{model}: its tokenizer ({type(tokenizer).__name__}) encodes the "
+                    f"{field_name} of {kind} triple {i} "
+                    f"({texts[i].strip()!r}) to no tokens; is it the tokenizer this model "
+                    "was saved with?"
+                )
+    responses = [t.response.strip() for t in (*train, *test)][:20]
+    ids = tokenizer([" " + r for r in responses], add_special_tokens=False)["input_ids"]
+    back = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    squash = lambda text: "".join(text.split())  # noqa: E731  (decoders differ in spaces)
+    lost = [(r, b.strip()) for r, b in zip(responses, back) if squash(r) != squash(b)]
+    warnings = []
+    if lost:
+        warnings.append(
+            f"[model] warning: {model}: its tokenizer does not give back {len(lost)} of "
+            f"{len(responses)} responses (e.g. {lost[0][0]!r} decodes as {lost[0][1]!r}); "
+            "answers are then scored on what it can represent"
+        )
+    for line in warnings:
+        print(line, flush=True)
+    return warnings
+
+
 def check_lengths(cfg: RunConfig, tokenizer, train, test, limit: int | None, model: str) -> None:
     """InputError, before any training, when a sequence the job would feed the model for its
     evaluated test triples or (if any objective is meta-trained) its training triples is longer
@@ -181,6 +214,7 @@ def load_base_model(cfg: RunConfig, train, test, device):
         path = str(ensure_tiny_model(cfg, train, test, device, accuracy, tokenizer=tok))
     note_saved_settings(cfg, path)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
+    check_tokenizer(tok, train, test, f"model.name_or_path: {path}")
     if cfg.model.name_or_path != "tiny":
         from raymeta.models import position_limit
 

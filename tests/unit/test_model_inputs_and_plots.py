@@ -89,3 +89,40 @@ def test_meta_step_help_shows_the_continued_command():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--dtype bfloat16 \\\n        --meta-batch 16,64" in proc.stdout
+
+
+def char_bpe(texts):
+    """A BPE tokenizer with no unknown token, trained on ``texts``: characters it never saw
+    encode to nothing (as a wrong tokenizer does to a data set)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+def test_a_tokenizer_that_loses_a_response_is_refused_and_one_that_garbles_is_named(capsys):
+    from raymeta.data.triples import Triple
+    from raymeta.models import train_tokenizer
+    from raymeta.pipeline import check_tokenizer
+
+    train = [Triple("Ada is a baker.", "Who is a baker?", "Ada"), Triple("Bo sings.", "Who?", "Bo")]
+    test = [Triple("Cy is a cook.", "Who is a cook?", "Xu")]
+    whole = train_tokenizer([f"{t.context} {t.query} {t.response}" for t in train + test])
+    assert check_tokenizer(whole, train, test, "tiny") == []
+    lossy = char_bpe(["Ada is a baker. Who is a baker? Bo sings. Cy cook"])
+    with pytest.raises(InputError) as e:  # "Xu": no character of it was seen in training
+        check_tokenizer(lossy, train, test, "model.name_or_path: m")
+    assert str(e.value) == (
+        f"model.name_or_path: m: its tokenizer ({type(lossy).__name__}) encodes the response of "
+        "test triple 0 ('Xu') to no tokens; is it the tokenizer this model was saved with?"
+    )
+    partial = train_tokenizer(["Ada is a baker . Who ? Bo sings Cy cook"])  # no "Xu": <unk>
+    (line,) = check_tokenizer(partial, train, test, "model.name_or_path: m")
+    assert line == (
+        "[model] warning: model.name_or_path: m: its tokenizer does not give back 1 of 3 "
+        "responses (e.g. 'Xu' decodes as ''); answers are then scored on what it can represent"
+    )
+    assert line in capsys.readouterr().out
