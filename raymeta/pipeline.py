@@ -48,7 +48,8 @@ def with_model_choices(cfg: RunConfig, model):
     """``model`` with the configured LoRA adapter (a model loaded with its adapter keeps that
     one); InputError when a LoRA target or a ``meta.inner_params`` pattern matches nothing in
     it, when the model holds an adapter but ``model.lora.enabled`` is false, or when
-    ``meta.engine=fastweights`` cannot run it exactly (before any preparation or training)."""
+    ``meta.engine=fastweights`` cannot run it exactly (before any preparation or training;
+    ``auto`` says then that it falls back)."""
     from raymeta.models import apply_lora, is_peft
 
     if is_peft(model) and not cfg.model.lora.enabled:
@@ -61,9 +62,7 @@ def with_model_choices(cfg: RunConfig, model):
         )
     if cfg.model.lora.enabled and not is_peft(model):
         model = apply_lora(model, cfg.model.lora)
-    spec = inner_spec(model, cfg.meta, cfg.model.lora)
-    if cfg.meta.engine == "fastweights":
-        select_engine(cfg.meta.engine, model, spec)
+    select_engine(cfg.meta.engine, model, inner_spec(model, cfg.meta, cfg.model.lora))
     return model
 
 
@@ -244,6 +243,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_scores(metrics: dict) -> str:
+    """One model's accuracy per setting on one line, with the leak of the controls."""
+    return "  ".join(
+        f"{s}={m['accuracy']:.3f}" + (f" (leak {m['leak']:.3f})" if "leak" in m else "")
+        for s, m in metrics.items()
+    )
+
+
 def write_records(out: Path, name: str, records: list[dict]) -> None:
     (out / "records").mkdir(parents=True, exist_ok=True)
     with open(out / "records" / f"{name}.jsonl", "w") as f:
@@ -325,7 +332,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
-    results, histories, saved = {}, {}, {}
+    results, histories, saved, engines = {}, {}, {}, {}
 
     def write_summary(complete: bool) -> dict:
         summary = {
@@ -334,6 +341,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
             "model": source,
             "prepare": prep,
             "models": saved,
+            "engines": engines,
             "history": histories,
         }
         write_figure_and_summary(out, results, histories, summary)
@@ -351,10 +359,8 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         write_summary(complete=False)  # a job stopped later keeps its figure and summary
         if on_result is not None:
             on_result(name, metrics)
-        print(
-            f"[eval {name}] " + "  ".join(f"{s}={v['accuracy']:.3f}" for s, v in metrics.items()),
-            flush=True,
-        )
+        engines[name] = engine.name
+        print(f"[eval {name}] ({engine.name} engine) {format_scores(metrics)}", flush=True)
 
     base = model
     run_eval("BM", base)

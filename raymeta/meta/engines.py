@@ -46,10 +46,20 @@ def select_engine(name: str, model, spec) -> Engine:
             f"meta.engine=fastweights cannot run exactly here: {reason} "
             "(meta.engine=auto falls back to the reference engine)"
         )
-    log.warning("meta.engine=auto: using the reference engine because %s", reason)
+    warn_once(f"[engine] meta.engine=auto: using the reference engine because {reason}")
     if spec.checkpoint_inner:
-        log.warning(
-            "meta.checkpoint_inner=%s is ignored: the reference engine has no inner checkpointing",
-            spec.checkpoint_inner,
+        warn_once(
+            f"[engine] meta.checkpoint_inner={spec.checkpoint_inner} is ignored: the reference "
+            "engine has no inner checkpointing"
         )
     return Engine("reference", reference.adapt, reference.logits)
+
+
+WARNED: set[str] = set()
+"""The fallback warnings given in this process (a job selects its engine at each stage)."""
+
+
+def warn_once(message: str) -> None:
+    if message not in WARNED:
+        WARNED.add(message)
+        log.warning(message)

@@ -210,7 +210,7 @@ def save_gemma(path: Path) -> Path:
 
 def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     """meta.engine=fastweights on a model it cannot run exactly: one error line, exit 2, before
-    preparation, and an earlier run's results stay where they were."""
+    preparation, and an earlier run's results stay where they were; auto falls back."""
     out = tmp_path / "out"
     earlier = write_earlier_results(out)
     model = save_gemma(tmp_path / "gemma")
@@ -224,6 +224,14 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     assert not (out / "previous").exists()
     for name, text in earlier.items():
         assert (out / name).read_text() == text
+    # meta.engine=auto (the default) runs the reference engine, says why once, right away
+    proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    why = "[engine] meta.engine=auto: using the reference engine because "
+    assert proc.stderr.count(why) == 1 and "GemmaTextScaledWordEmbedding" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engines"] == {"BM": "reference", "LG": "reference", "LC": "reference"}
+    assert "[eval LG] (reference engine)" in proc.stdout
 
 
 def test_a_malformed_data_file_opens_no_mlflow_run(tmp_path):

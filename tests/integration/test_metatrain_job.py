@@ -67,6 +67,8 @@ def test_metatrain_job_writes_results_in_the_documented_shape(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["models"] == {"LG": "models/LG", "LC": "models/LC"}
     assert summary["complete"] is True and set(summary["history"]) == {"LG", "LC"}
+    assert summary["engines"] == {"BM": "fastweights", "LG": "fastweights", "LC": "fastweights"}
+    assert "[eval LC] (fastweights engine) NC=" in proc.stdout and "(leak " in proc.stdout
     assert not list((tmp_path / "out").glob(".*.tmp*"))  # every file written whole
     saved = tmp_path / "out" / "models" / "LG"
     assert json.loads((saved / "raymeta.json").read_text())["objective"] == "LG"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import InputError
-from raymeta.meta import attention, fastweights, fused, reference, rotary
+from raymeta.meta import attention, engines, fastweights, fused, reference, rotary
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
@@ -30,6 +30,12 @@ from tests.helpers import random_contexts, random_queries, tiny_llama
 
 VOCAB = 48
 TOL = 1e-8
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """Each test sees the engine's fallback warnings as a new job would (once per reason)."""
+    engines.WARNED.clear()
 
 
 def perturb(model, pattern: str, scale: float = 0.1):
@@ -363,6 +369,9 @@ def test_unknown_module_kind_falls_back(caplog):
     )
     with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
         assert select_engine("auto", model, spec).name == "reference"
+        assert select_engine("auto", model, spec).name == "reference"  # said once
+    (record,) = caplog.records
+    assert record.getMessage().startswith("[engine] meta.engine=auto: using the reference engine")
     assert "OddLinear" in caplog.text
     with pytest.raises(InputError, match="OddLinear"):
         select_engine("fastweights", model, spec)
