@@ -624,6 +624,15 @@ def local_trainer_logged(output_dir: Path, runs: JobRuns):
     return meta_trainer
 
 
+def name_deepspeed_accelerator() -> None:
+    """``DS_ACCELERATOR=cpu`` where torch sees no GPU and none is named: DeepSpeed's own
+    choice there, without the warning it prints mid-job (at the first import, a model save)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """The metatrain job: MLflow run, pipeline (Ray or in-process), results to MLflow.
 
@@ -636,6 +645,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     from raymeta.pipeline import run_pipeline
     from raymeta.train.tracking import end_status, source_tags, start_run
 
+    name_deepspeed_accelerator()
     out = Path(output_dir).expanduser().resolve()
     check_inputs(cfg, out)
     if cfg.train.launcher == "ray":
