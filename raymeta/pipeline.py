@@ -128,8 +128,11 @@ def check_tokenizer(tokenizer, train, test, model: str) -> list[str]:
     for kind, triples in (("training", train), ("test", test)):
         for field_name in ("context", "query", "response"):
             texts = [" " + getattr(t, field_name).strip() for t in triples]
-            rows = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-            if (i := next((i for i, r in enumerate(rows) if not r), None)) is not None:
+            unique = list(dict.fromkeys(texts))  # (SQuAD's contexts repeat per question)
+            rows = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+            empty = {text for text, row in zip(unique, rows) if not row}
+            if empty:
+                i = next(i for i, text in enumerate(texts) if text in empty)
                 raise InputError(
                     f"{model}: its tokenizer ({type(tokenizer).__name__}) encodes the "
                     f"{field_name} of {kind} triple {i} "
