@@ -144,16 +144,15 @@ def check_tokenizer(tokenizer, train, test, model: str) -> list[str]:
     back = tokenizer.batch_decode(ids, skip_special_tokens=True)
     squash = lambda text: "".join(text.split())  # noqa: E731  (decoders differ in spaces)
     lost = [(r, b.strip()) for r, b in zip(responses, back) if squash(r) != squash(b)]
-    warnings = []
-    if lost:
-        warnings.append(
-            f"[model] warning: {model}: its tokenizer does not give back {len(lost)} of "
-            f"{len(responses)} responses (e.g. {lost[0][0]!r} decodes as {lost[0][1]!r}); "
-            "answers are then scored on what it can represent"
-        )
-    for line in warnings:
-        print(line, flush=True)
-    return warnings
+    if not lost:
+        return []
+    line = (
+        f"[model] warning: {model}: its tokenizer does not give back {len(lost)} of "
+        f"{len(responses)} responses (e.g. {lost[0][0]!r} decodes as {lost[0][1]!r}); "
+        "answers are then scored on what it can represent"
+    )
+    print(line, flush=True)
+    return [line]
 
 
 def check_lengths(cfg: RunConfig, tokenizer, train, test, limit: int | None, model: str) -> None:
@@ -350,23 +349,24 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         write_figure_and_summary(out, results, histories, summary)
         return summary
 
-    def run_eval(name, m):
+    def run_eval(name, m) -> dict:
+        """Evaluate ``m``; its files are written at once (a job stopped later keeps them)."""
         spec = inner_spec(m, cfg.meta, cfg.model.lora, lr=eval_lr)
         engine = select_engine(cfg.meta.engine, m, spec)
         metrics, records = evaluate(
             m, tok, test, cfg.eval, engine, spec, device, label=f"eval {name}", seed=cfg.seed
         )
-        results[name] = metrics
+        results[name], engines[name] = metrics, engine.name
         write_records(out, name, records)
         write_results(out, results)
-        write_summary(complete=False)  # a job stopped later keeps its figure and summary
+        summary = write_summary(complete=len(results) == 1 + len(cfg.meta.objectives))
         if on_result is not None:
             on_result(name, metrics)
-        engines[name] = engine.name
         print(f"[eval {name}] ({engine.name} engine) {format_scores(metrics)}", flush=True)
+        return summary
 
     base = model
-    run_eval("BM", base)
+    summary = run_eval("BM", base)
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     trainer = meta_trainer or local_trainer
     for objective in cfg.meta.objectives:
@@ -375,9 +375,8 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
         histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
         if cfg.save_models:
             saved[objective] = save_trained(m, tok, out, objective, source, cfg)
-        run_eval(objective, m)
+        summary = run_eval(objective, m)
     print("\n" + format_table(results) + "\n", flush=True)
-    summary = write_summary(complete=True)
     print(f"[done] {summary['seconds']:.0f} s; results in {out / 'results.json'}", flush=True)
     return results
 

@@ -343,6 +343,7 @@ def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tm
     assert (out / "records" / "BM.jsonl").is_file()
     summary = json.loads((out / "summary.json").read_text())  # as it stood after BM
     assert summary["complete"] is False and summary["history"] == {}, summary
+    assert summary["engines"] == {"BM": "fastweights"}
     assert (out / "results.png").stat().st_size > 10_000
     assert not list(out.glob(".*.tmp*"))
     parent = next(r for r in mlflow_runs(out) if "mlflow.parentRunId" not in r.data.tags)
