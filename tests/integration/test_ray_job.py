@@ -55,6 +55,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_answers(url: str) -> bool:
+    """Whether a web server answers at ``url`` (any status: 401 under token auth, 404)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
 def cluster_env(temp: Path) -> dict:
     """The environment of the test's cluster and its clients: token authentication with a
     token of its own (in ``temp``; a fresh machine has no ``~/.ray/auth_token``)."""
@@ -109,6 +120,7 @@ def cluster():
     temp = Path(f"/tmp/rj{os.getpid()}")
     temp.mkdir(exist_ok=True)
     dash = free_port()
+    agent_ports = {name: free_port() for name in AGENT_PORTS}
     env = cluster_env(temp)
     cmd = [
         str(BIN / "ray"),
@@ -130,7 +142,7 @@ def cluster():
         "--ray-client-server-port",
         str(free_port()),
         # ports of its own, so that it can run beside another cluster on this machine
-        *[f"--{name}-port={free_port()}" for name in AGENT_PORTS],
+        *[f"--{name}-port={port}" for name, port in agent_ports.items()],
         "--object-store-memory",
         str(256 * 1024**2),
         "--temp-dir",
@@ -146,19 +158,20 @@ def cluster():
         stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash}"
+    agent = f"http://127.0.0.1:{agent_ports['dashboard-agent-listen']}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(address + "/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # it answers (401 under token auth)
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("ray start failed:\n" + (temp / "ray_start.log").read_text())
-            time.sleep(1)
+        # the dashboard first, then the head node's dashboard agent, which takes job
+        # submissions: on a busy 2-core machine it can come up more than 10 s after the
+        # dashboard, and a submission before then fails with "No available agent"
+        t0 = time.monotonic()
+        deadline = t0 + 90
+        for url in (address + "/api/version", agent + "/"):
+            while not http_answers(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log = (temp / "ray_start.log").read_text()
+                    raise RuntimeError(f"ray start: nothing answers at {url}:\n{log}")
+                time.sleep(0.5)
+            print(f"cluster: {url} answers after {time.monotonic() - t0:.1f} s")
         env["RAYMETA_TEST_GCS"] = f"127.0.0.1:{gcs_port}"  # for drivers run here
         yield address, env
     finally:
