@@ -221,13 +221,33 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
         else:  # a line between the accuracy checks (every PROGRESS_EVERY steps)
             prog.update(step, cfg.batch_size, force=step % PROGRESS_EVERY == 0, loss=loss_ema)
     model.eval()
-    return {
+    report = {
         "steps": step,
         "loss": loss_ema,
         "history": history,
         "seconds": prog.elapsed,
         "validation": held,
+        "target_prompt_accuracy": cfg.target_prompt_accuracy,
     }
+    warn_if_short_of_target(report)
+    return report
+
+
+def warn_if_short_of_target(report: dict, path: Path | None = None) -> None:
+    """Print a warning when pretraining ended at its step cap below its Prompt-accuracy
+    target: such a model has not learnt to read its prompt, and FT figures measured on it are
+    the recency shortcut's, not a result (docs/tiny_demo.md)."""
+    target, history = report.get("target_prompt_accuracy"), report.get("history")
+    if not target or not history or history[-1]["prompt_accuracy"] >= target:
+        return
+    where = f" (the cached model {path})" if path else ""
+    print(
+        f"[pretrain] warning: Prompt accuracy {history[-1]['prompt_accuracy']:.3g} after "
+        f"{report['steps']} steps{where} is below pretrain.target_prompt_accuracy={target}: "
+        "the tiny model does not read its prompt yet, and FT figures measured on it are "
+        "not a result; raise pretrain.steps (another value gives another cached model)",
+        flush=True,
+    )
 
 
 def ensure_tiny_model(cfg, train, test, device, prompt_accuracy, tokenizer=None) -> Path:
@@ -240,6 +260,9 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy, tokenizer=None)
     path = Path(cfg.model.tiny_cache_dir) / f"tiny-{tiny_cache_key(cfg, train, test)}"
     if (path / "raymeta.json").is_file():
         print(f"[pretrain] reusing the cached tiny model {path}", flush=True)
+        report = json.loads((path / "raymeta.json").read_text()).get("pretrain", {})
+        target = cfg.pretrain.target_prompt_accuracy  # not in reports written before it was
+        warn_if_short_of_target({"target_prompt_accuracy": target, **report}, path)
         return path
     tok = tokenizer or train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
     model = build_tiny_model(cfg.model.tiny, len(tok), seed=cfg.pretrain.seed).to(device)
