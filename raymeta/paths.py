@@ -1,4 +1,5 @@
-"""Telling a local path from a Hugging Face hub name."""
+"""Telling a local path from a Hugging Face hub name, and a path in Ray's copy of a job's
+working dir from one that outlives the job."""
 
 from __future__ import annotations
 
@@ -17,4 +18,13 @@ def looks_local(name: str) -> bool:
         or name.count("/") > 1
         or name.endswith(DATA_SUFFIXES)
         or Path(name).expanduser().exists()
+    )
+
+
+def in_ray_working_dir(path: Path) -> bool:
+    """Whether ``path`` lies in the copy of a working dir Ray made for a submitted job
+    (``.../runtime_resources/working_dir_files/_ray_pkg_*/``), which Ray deletes later."""
+    parts = path.resolve().parts
+    return any(
+        a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:])
     )

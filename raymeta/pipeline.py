@@ -384,14 +384,25 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
 def model_source(path: str, out: Path, moved_to: Path | None) -> str:
     """Where the job's base model ``path`` lives once the job runs: a local one as an absolute
     path, at its new place if :func:`keep_previous` just moved it (a model of this output dir's
-    ``models/`` trained on again); a hub name as given."""
-    from raymeta.paths import looks_local
+    ``models/`` trained on again), copied to ``out/models/base`` if it lies in Ray's copy of a
+    submitted job's working dir (the tiny model's default cache under ``ray job submit``); a
+    hub name as given."""
+    from raymeta.paths import in_ray_working_dir, looks_local
 
     if not looks_local(path):
         return path
     where = Path(path).expanduser().resolve()
     if moved_to is not None and where.is_relative_to(out.resolve() / "models"):
         return str(moved_to.resolve() / where.relative_to(out.resolve()))
+    if in_ray_working_dir(where):  # Ray deletes it after the job: keep a copy with the results
+        dest = out.resolve() / "models" / "base"
+        shutil.copytree(where, dest, dirs_exist_ok=True)
+        print(
+            f"[model] {where} lies in this job's copy of the working dir, which Ray deletes "
+            f"after the job: copied to {dest}, the base model the results name",
+            flush=True,
+        )
+        return str(dest)
     return str(where)
 
 

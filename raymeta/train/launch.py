@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from raymeta.config import ConfigError, RunConfig, to_dict
 from raymeta.errors import InputError
+from raymeta.paths import in_ray_working_dir
 from raymeta.train.checkpoint import MODEL_DIR, read_state
 from raymeta.train.engine import check_zero_stage
 
@@ -55,15 +56,6 @@ def check_launchable(cfg: RunConfig) -> None:
     check_zero_stage(cfg.train)
     if cfg.train.precision == "bf16" and cfg.model.dtype != "float32":
         raise ConfigError("train.precision=bf16 expects model.dtype=float32 master weights")
-
-
-def in_ray_working_dir(path: Path) -> bool:
-    """Whether ``path`` lies in the copy of a working dir Ray made for a submitted job
-    (``.../runtime_resources/working_dir_files/_ray_pkg_*/``), which Ray deletes later."""
-    parts = path.resolve().parts
-    return any(
-        a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:])
-    )
 
 
 def check_output_dir(out: Path) -> None:
@@ -232,11 +224,20 @@ def cluster_init(address: str) -> None:
         ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        if mode == "token" and auth_token_found():
+            advice = (
+                "the token this job found (~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or "
+                "$RAY_AUTH_TOKEN) is not the cluster's: copy the head node's ~/.ray/auth_token"
+            )
+        else:
+            advice = (
+                f"token {'found' if auth_token_found() else 'not found'}: a cluster with "
+                "token authentication needs its token here (~/.ray/auth_token, "
+                "$RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN)"
+            )
         raise InputError(
             f"the Ray cluster at {address} did not accept this job's connection ({e}); "
-            f"RAY_AUTH_MODE={mode}, token {'found' if auth_token_found() else 'not found'}: a "
-            "cluster with token authentication needs its token here (~/.ray/auth_token, "
-            "$RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN; docs/cluster.md)"
+            f"RAY_AUTH_MODE={mode}, {advice}; docs/cluster.md"
         ) from None
 
 
