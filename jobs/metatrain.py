@@ -1,8 +1,9 @@
 """Meta-train LG and LC models and evaluate them against the base model.
 
     python jobs/metatrain.py --config configs/tiny_char.yaml --output-dir runs/demo [key=value ...]
-    ray job submit --working-dir . -- python jobs/metatrain.py --config configs/tiny_char_ray.yaml \\
-        --output-dir /abs/runs/demo
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/metatrain.py --config configs/tiny_char_ray.yaml --output-dir /abs/runs/demo
+    (token authentication, excludes and the rest: docs/cluster.md)
 
 Meta-training runs on Ray Train workers with DeepSpeed (``train.launcher=ray``,
 the default): against ``train.ray_address`` / ``$RAY_ADDRESS`` (set by ``ray job

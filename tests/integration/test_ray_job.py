@@ -290,7 +290,8 @@ except InputError as e:
 
 def test_a_driver_here_sends_the_token_it_finds(cluster, tmp_path):
     """The cluster has token authentication; a driver run on this machine without
-    RAY_AUTH_MODE sends the token it finds, and one without a token is told why it failed."""
+    RAY_AUTH_MODE sends the token it finds; one without a token, or with another one, is told
+    why it failed."""
     _, env = cluster
     code = DRIVER % env["RAYMETA_TEST_GCS"]
     plain = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
@@ -304,3 +305,11 @@ def test_a_driver_here_sends_the_token_it_finds(cluster, tmp_path):
     )
     assert "InputError: the Ray cluster at 127.0.0.1:" in refused.stdout, refused.stderr[-3000:]
     assert "token not found" in refused.stdout
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    other = {**env, "RAY_AUTH_TOKEN_PATH": str(wrong)}  # RAY_AUTH_MODE=token, another token
+    refused = subprocess.run(
+        [sys.executable, "-c", code], env=other, cwd=ROOT, capture_output=True, text=True
+    )
+    assert "InputError: the Ray cluster at 127.0.0.1:" in refused.stdout, refused.stderr[-3000:]
+    assert "the token this job found" in refused.stdout and "is not the cluster's" in refused.stdout

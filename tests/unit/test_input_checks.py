@@ -404,3 +404,63 @@ def test_pretraining_progress_counts_the_sequences_it_trained_on(capsys, monkeyp
     # one clock reading per step: 4 sequences a second, in every window
     assert [float(_re.search(r"([\d.]+) seqs/s", ln)[1]) for ln in lines] == [4.0, 4.0, 4.0]
     assert "prompt_acc" in lines[-1] and "prompt_acc" not in lines[0]
+
+
+@pytest.mark.parametrize("target", [0.97, 0.0])
+def test_pretraining_that_ends_below_its_target_says_so(tmp_path, capsys, target):
+    """A tiny model whose pretraining hit pretrain.steps below the Prompt-accuracy target
+    (tiny_reversal.yaml's did, at 0.3) gets a warning, when built and each time it is reused
+    from the cache; target 0 (never stop early) has none."""
+    from raymeta.models import train_tokenizer
+    from raymeta.pipeline import prompt_accuracy_fn
+    from raymeta.pretrain import ensure_tiny_model, tokenizer_texts
+
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=jsonl",
+            f"data.source={tmp_path / 'train.jsonl'}",
+            f"model.tiny_cache_dir={tmp_path}",
+            "model.tiny={hidden_size: 16, intermediate_size: 32}",
+            "pretrain.steps=4",
+            "pretrain.eval_every=2",
+            "pretrain.batch_size=4",
+            f"pretrain.target_prompt_accuracy={target}",
+        ],
+    )
+    train, test = facts(40), facts(4, "beta")
+    tok = train_tokenizer(tokenizer_texts("jsonl", train, test))
+    built = ensure_tiny_model(cfg, train, test, "cpu", prompt_accuracy_fn(tok, "cpu"), tok)
+    first = capsys.readouterr().out
+    again = ensure_tiny_model(cfg, train, test, "cpu", prompt_accuracy_fn(tok, "cpu"), tok)
+    second = capsys.readouterr().out
+    assert again == built and "reusing the cached tiny model" in second
+    if target:
+        assert "[pretrain] warning: Prompt accuracy 0 after 4 steps is below " in first
+        assert "pretrain.target_prompt_accuracy=0.97" in first and "raise pretrain.steps" in first
+        assert (
+            f"[pretrain] warning: Prompt accuracy 0 after 4 steps (the cached model {built})"
+            in second
+        )
+    else:
+        assert "warning" not in first + second
+
+
+def test_a_base_model_in_rays_copy_of_the_working_dir_is_kept_with_the_results(tmp_path, capsys):
+    """Under `ray job submit` the tiny model's default cache lies in Ray's copy of the working
+    dir, which Ray deletes later: the results name a copy in the output dir instead."""
+    from raymeta.pipeline import model_source
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b"
+    model = copy / ".cache" / "raymeta" / "models" / "tiny-0123"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    source = model_source(str(model), out, None)
+    assert source == str(out / "models" / "base")
+    assert (out / "models" / "base" / "config.json").read_text() == "{}"
+    assert f"[model] {model} lies in this job's copy" in capsys.readouterr().out
+    elsewhere = tmp_path / "models" / "tiny-0123"  # outside the copy: named where it is
+    elsewhere.mkdir(parents=True)
+    assert model_source(str(elsewhere), tmp_path / "out2", None) == str(elsewhere)
+    assert not (tmp_path / "out2").exists()
