@@ -227,17 +227,17 @@ def pretrain_tiny(model, tokenizer, dataset, train, test, cfg, device, prompt_ac
         "history": history,
         "seconds": prog.elapsed,
         "validation": held,
-        "target_prompt_accuracy": cfg.target_prompt_accuracy,
     }
-    warn_if_short_of_target(report)
+    warn_if_short_of_target(report, cfg.target_prompt_accuracy)
     return report
 
 
-def warn_if_short_of_target(report: dict, path: Path | None = None) -> None:
-    """Print a warning when pretraining ended at its step cap below its Prompt-accuracy
-    target: such a model has not learnt to read its prompt, and FT figures measured on it are
-    the recency shortcut's, not a result (docs/tiny_demo.md)."""
-    target, history = report.get("target_prompt_accuracy"), report.get("history")
+def warn_if_short_of_target(report: dict, target: float, path: Path | None = None) -> None:
+    """Print a warning when pretraining (``report``, as :func:`pretrain_tiny` returns it) ended
+    at its step cap below ``target`` Prompt accuracy: such a model has not learnt to read its
+    prompt, and FT figures measured on it are the recency shortcut's, not a result
+    (docs/tiny_demo.md)."""
+    history = report.get("history")
     if not target or not history or history[-1]["prompt_accuracy"] >= target:
         return
     where = f" (the cached model {path})" if path else ""
@@ -261,8 +261,7 @@ def ensure_tiny_model(cfg, train, test, device, prompt_accuracy, tokenizer=None)
     if (path / "raymeta.json").is_file():
         print(f"[pretrain] reusing the cached tiny model {path}", flush=True)
         report = json.loads((path / "raymeta.json").read_text()).get("pretrain", {})
-        target = cfg.pretrain.target_prompt_accuracy  # not in reports written before it was
-        warn_if_short_of_target({"target_prompt_accuracy": target, **report}, path)
+        warn_if_short_of_target(report, cfg.pretrain.target_prompt_accuracy, path)
         return path
     tok = tokenizer or train_tokenizer(tokenizer_texts(cfg.data.dataset, train, test))
     model = build_tiny_model(cfg.model.tiny, len(tok), seed=cfg.pretrain.seed).to(device)

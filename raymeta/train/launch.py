@@ -224,17 +224,16 @@ def cluster_init(address: str) -> None:
         ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-        if mode == "token" and auth_token_found():
+        where = "~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN"
+        if not auth_token_found():
+            advice = f"token not found: a cluster with token authentication needs it ({where})"
+        elif mode == "token":
             advice = (
-                "the token this job found (~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or "
-                "$RAY_AUTH_TOKEN) is not the cluster's: copy the head node's ~/.ray/auth_token"
+                f"the token this job found ({where}) is not the cluster's: copy the head "
+                "node's ~/.ray/auth_token"
             )
         else:
-            advice = (
-                f"token {'found' if auth_token_found() else 'not found'}: a cluster with "
-                "token authentication needs its token here (~/.ray/auth_token, "
-                "$RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN)"
-            )
+            advice = "token found but not sent: set RAY_AUTH_MODE=token"
         raise InputError(
             f"the Ray cluster at {address} did not accept this job's connection ({e}); "
             f"RAY_AUTH_MODE={mode}, {advice}; docs/cluster.md"
