@@ -449,13 +449,25 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), Override(raw, value)
 
 
+def _section_of(keys: list[str]) -> Any:
+    """The config class the field ``keys`` is named in (None: no such section)."""
+    cls: Any = RunConfig
+    for k in keys[:-1]:
+        cls = typing.get_type_hints(cls).get(k) if dataclasses.is_dataclass(cls) else None
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _is_section(keys: list[str]) -> bool:
+    """Whether ``keys`` names a section (``meta``, ``model.tiny``), not a field."""
+    cls = _section_of(keys)
+    return cls is not None and dataclasses.is_dataclass(typing.get_type_hints(cls).get(keys[-1]))
+
+
 def _default_mapping(keys: list[str]) -> dict:
     """A copy of the default of the mapping-typed field at ``keys`` (e.g. ``pretrain.mix``), so
     that an override of one of its entries keeps the others; {} for a section or no field."""
-    cls: Any = RunConfig
-    for k in keys[:-1]:  # the sections down to the field's
-        cls = typing.get_type_hints(cls).get(k) if dataclasses.is_dataclass(cls) else None
-    if not dataclasses.is_dataclass(cls):
+    cls = _section_of(keys)
+    if cls is None:
         return {}
     field_of = {f.name: f for f in dataclasses.fields(cls)}.get(keys[-1])
     if field_of is None or field_of.default_factory is MISSING:
@@ -465,13 +477,21 @@ def _default_mapping(keys: list[str]) -> dict:
 
 
 def _set_path(tree: dict, keys: list[str], value: Any, text: str) -> None:
+    """Set ``keys`` in ``tree`` to ``value``. A mapping given for a section sets the fields it
+    names one by one (``pretrain={lr: 1e-3}`` keeps the file's ``pretrain.steps``); a mapping
+    for a mapping-typed field (``pretrain.mix``) is its whole value."""
+    given = value.value if isinstance(value, Override) else value
+    if isinstance(given, dict) and _is_section(keys):
+        for k, v in given.items():
+            _set_path(tree, [*keys, str(k)], v, text)
+        return
     node = tree
     for i, k in enumerate(keys[:-1]):
         if k not in node:
             node[k] = _default_mapping(keys[: i + 1])
         child = node[k]
         if isinstance(child, Override) and isinstance(child.value, dict):
-            child = node[k] = dict(child.value)  # a section set whole by an earlier override
+            child = node[k] = dict(child.value)  # a mapping field set whole earlier
         if not isinstance(child, dict):
             shown = child.value if isinstance(child, Override) else child
             where = ".".join(keys[: i + 1])

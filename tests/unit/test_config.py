@@ -186,6 +186,26 @@ def test_a_section_set_whole_then_one_field():
     assert cfg.pretrain.mix == {"context": 1.0, "copy": 3.0}
 
 
+def test_a_section_given_as_a_mapping_keeps_the_fields_it_leaves_out(tmp_path):
+    """``pretrain={lr: 1e-3}`` sets pretrain.lr and keeps the file's pretrain.steps (it used to
+    reset every field it left out to its default); nested sections merge the same way, and an
+    error in one of the mapping's fields names that field and the override."""
+    p = tmp_path / "c.yaml"
+    p.write_text("pretrain:\n  steps: 123\n  lr: 0.5\nmodel:\n  tiny:\n    num_layers: 3\n")
+    cfg = load_config(p, ["pretrain={lr: 1e-3}", "model={tiny: {hidden_size: 32}}"])
+    assert (cfg.pretrain.steps, cfg.pretrain.lr) == (123, 1e-3)
+    assert (cfg.model.tiny.num_layers, cfg.model.tiny.hidden_size) == (3, 32)
+    default = load_config(None).model.tiny
+    assert cfg.model.tiny.num_heads == default.num_heads
+    later = load_config(p, ["pretrain={lr: 1e-3}", "pretrain.steps=7", "pretrain={batch_size: 2}"])
+    assert (later.pretrain.steps, later.pretrain.lr, later.pretrain.batch_size) == (7, 1e-3, 2)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["pretrain={steps: abc}"])
+    assert str(e.value).startswith("override 'pretrain={steps: abc}': pretrain.steps:")
+    with pytest.raises(ConfigError, match="pretrain.bogus: unknown field"):
+        load_config(p, ["pretrain={bogus: 1}"])
+
+
 def test_the_job_takes_options_after_overrides():
     """``jobs/metatrain.py meta.steps=1 --output-dir X meta.steps=2`` keeps every override."""
     import importlib.util
