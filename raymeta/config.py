@@ -204,6 +204,10 @@ class MetaConfig:
     (contexts and file lines cut to 256 tokens; every text cut to the model's positions)."""
     lm_file: str = ""
     """Text file (one document per line) when ``lm_source`` is file."""
+    lm_mix: dict[str, float] = field(default_factory=dict)
+    """Sampling weights of the regulariser's text kinds when ``lm_source`` is pretrain_mix (keys
+    as in ``pretrain.mix``; {} = ``pretrain.mix``). ``{context: 1, fresh: 6, copy: 3}`` leaves out
+    the kinds that carry training facts' answers (prompt, nc, prompt2)."""
     lm_batch_size: int = 16
     """Sequences per regulariser batch."""
     lc_teacher_context: Literal["own", "all"] = "own"
@@ -590,15 +594,21 @@ def _check_lists(cfg: RunConfig) -> None:
         repeated = sorted({x for x in items if items.count(x) > 1})
         if repeated:
             _fail(path, items, f"no repeated entries; repeated: {', '.join(repeated)}")
-    mix = cfg.pretrain.mix
+    _check_mix("pretrain.mix", cfg.pretrain.mix)
+    if cfg.meta.lm_mix:
+        _check_mix("meta.lm_mix", cfg.meta.lm_mix)
+
+
+def _check_mix(path: str, mix: dict[str, float]) -> None:
+    """A mix of text kinds: known kinds, finite weights >= 0, at least one > 0."""
     unknown = sorted(set(mix) - set(MIX_KINDS))
     if unknown:
-        _fail(f"pretrain.mix.{unknown[0]}", mix[unknown[0]], f"a key of {list(MIX_KINDS)}")
+        _fail(f"{path}.{unknown[0]}", mix[unknown[0]], f"a key of {list(MIX_KINDS)}")
     for kind, weight in mix.items():
         if not (weight >= 0 and math.isfinite(weight)):
-            _fail(f"pretrain.mix.{kind}", weight, "a finite weight >= 0")
+            _fail(f"{path}.{kind}", weight, "a finite weight >= 0")
     if not any(w > 0 for w in mix.values()):
-        _fail("pretrain.mix", mix, "at least one weight > 0")
+        _fail(path, mix, "at least one weight > 0")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -629,13 +639,15 @@ def validate(cfg: RunConfig) -> RunConfig:
             "data.source",
         )
     generated = cfg.data.dataset in ("character_descriptions", "reversal_curse")
-    if not generated and not any(w > 0 for k, w in cfg.pretrain.mix.items() if k != "fresh"):
-        _fail(
-            "pretrain.mix",
-            cfg.pretrain.mix,
-            f"a weight > 0 for a kind other than 'fresh': fresh facts exist only for the "
-            f"generated sets, not {cfg.data.dataset!r}",
-        )
+    mixes = {"pretrain.mix": cfg.pretrain.mix, "meta.lm_mix": cfg.meta.lm_mix}
+    for path, mix in mixes.items():
+        if mix and not generated and not any(w > 0 for k, w in mix.items() if k != "fresh"):
+            _fail(
+                path,
+                mix,
+                f"a weight > 0 for a kind other than 'fresh': fresh facts exist only for the "
+                f"generated sets, not {cfg.data.dataset!r}",
+            )
     if cfg.model.dtype == "float16":
         _fail(
             "model.dtype",
@@ -696,7 +708,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k != "mix":
+        if (
+            isinstance(v, dict)
+            and v
+            and all(isinstance(x, str) for x in v)
+            and k not in ("mix", "lm_mix")
+        ):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

@@ -67,7 +67,7 @@ def lm_sampler(
 
         def texts(rng: random.Random) -> Tokens:
             sampler.rng = rng
-            return sampler.batch(meta.lm_batch_size, cfg.pretrain.mix)
+            return sampler.batch(meta.lm_batch_size, meta.lm_mix or cfg.pretrain.mix)
     else:
         if meta.lm_source == "file":
             pool = read_lm_file(meta.lm_file)

@@ -192,6 +192,48 @@ def check_lengths(cfg: RunConfig, tokenizer, train, test, limit: int | None, mod
             )
 
 
+def check_answer_budgets(cfg: RunConfig, tokenizer, train, test) -> list[str]:
+    """The warnings printed (and returned) when responses take more tokens than the greedy
+    budget that decodes them: an evaluated test response over ``eval.max_new_tokens`` can never
+    be scored correct in any setting; a training response over ``meta.max_answer_tokens`` is cut
+    in LC's teacher answers (only when LC is meta-trained)."""
+    checks = [
+        (
+            "test",
+            eval_triples(test, cfg.eval),
+            cfg.eval.max_new_tokens,
+            "eval.max_new_tokens",
+            "no setting can score them correct",
+        )
+    ]
+    if "LC" in cfg.meta.objectives:
+        checks.append(
+            (
+                "training",
+                train,
+                cfg.meta.max_answer_tokens,
+                "meta.max_answer_tokens",
+                "LC's teacher answers are cut there",
+            )
+        )
+    lines = []
+    for kind, triples, budget, name, effect in checks:
+        texts = [" " + t.response.strip() for t in triples]
+        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        over = [i for i, n in enumerate(counts) if n > budget]
+        if not over:
+            continue
+        worst = max(over, key=counts.__getitem__)
+        lines.append(
+            f"[data] warning: {len(over)} of {len(triples)} {kind} responses take more than "
+            f"{name}={budget} tokens (the longest, {kind} triple {worst}, "
+            f"{texts[worst].strip()!r}, takes {counts[worst]}): {effect}; "
+            f"{name}={counts[worst]} would fit them all"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def load_base_model(cfg: RunConfig, train, test, device):
     """(model, tokenizer, path) of the configured model; builds the tiny one when asked
     (its LoRA targets and inner parameters checked on a random copy before pretraining)."""
@@ -216,6 +258,7 @@ def load_base_model(cfg: RunConfig, train, test, device):
     note_saved_settings(cfg, path)
     model, tok = load_model(path, cfg.model.dtype, cfg.model.attn_implementation, device)
     check_tokenizer(tok, train, test, f"model.name_or_path: {path}")
+    check_answer_budgets(cfg, tok, train, test)
     if cfg.model.name_or_path != "tiny":
         from raymeta.models import position_limit
 

@@ -464,3 +464,32 @@ def test_a_base_model_in_rays_copy_of_the_working_dir_is_kept_with_the_results(t
     elsewhere.mkdir(parents=True)
     assert model_source(str(elsewhere), tmp_path / "out2", None) == str(elsewhere)
     assert not (tmp_path / "out2").exists()
+
+
+def test_responses_longer_than_the_answer_budget_are_named(capsys):
+    """A test response over eval.max_new_tokens can never be scored correct, and a training
+    response over meta.max_answer_tokens is cut in LC's teacher answers: each is one warning
+    line naming the field, the count and the longest response; responses that fit say nothing."""
+    from raymeta.models import train_tokenizer
+    from raymeta.pipeline import check_answer_budgets
+
+    long_answer = "one two three four five six"
+    test = facts(3, "beta") + [Triple("The river is long.", "The river is", long_answer)]
+    train = facts(5) + [Triple("A b c d e.", "A b c d", long_answer)]
+    tok = train_tokenizer([t.context + " " + t.response for t in (*train, *test)])
+    n = len(tok(" " + long_answer, add_special_tokens=False)["input_ids"])
+    assert n > 4
+    cfg = load_config(None, ["eval.max_new_tokens=4", "meta.max_answer_tokens=4"])
+    lines = check_answer_budgets(cfg, tok, train, test)
+    assert lines == capsys.readouterr().out.splitlines() and len(lines) == 2
+    assert lines[0].startswith("[data] warning: 1 of 4 test responses take more than ")
+    assert f"eval.max_new_tokens=4 tokens (the longest, test triple 3, {long_answer!r}" in lines[0]
+    assert f"takes {n}): no setting can score them correct; eval.max_new_tokens={n}" in lines[0]
+    assert "1 of 6 training responses" in lines[1] and "meta.max_answer_tokens=4" in lines[1]
+    assert "LC's teacher answers are cut there" in lines[1]
+    lg_only = load_config(None, ["eval.max_new_tokens=4", "meta.objectives=[LG]"])
+    assert len(check_answer_budgets(lg_only, tok, train, test)) == 1  # no LC teacher
+    capsys.readouterr()
+    fits = load_config(None, [f"eval.max_new_tokens={n}", f"meta.max_answer_tokens={n}"])
+    assert check_answer_budgets(fits, tok, train, test) == []
+    assert capsys.readouterr().out == ""
