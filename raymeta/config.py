@@ -201,7 +201,9 @@ class MetaConfig:
     """λ, the weight of the plain LM regulariser on θ."""
     lm_source: Literal["contexts", "pretrain_mix", "file"] = "pretrain_mix"
     """Text of the regulariser: training contexts, the tiny model's pretraining mix, or a file
-    (contexts and file lines cut to 256 tokens; every text cut to the model's positions)."""
+    (contexts and file lines cut to 256 tokens; every text cut to the model's positions). The
+    paper's is "ordinary text"; the pretraining mix's prompt / nc / prompt2 kinds hold training
+    facts' answers (``lm_mix`` can leave them out)."""
     lm_file: str = ""
     """Text file (one document per line) when ``lm_source`` is file."""
     lm_mix: dict[str, float] = field(default_factory=dict)

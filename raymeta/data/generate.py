@@ -4,8 +4,10 @@ Fictitious names (invented first and last names, every full name used by one
 fact only) are paired with unique descriptions "the first person to <verb>
 <object> <place>". Two directions:
 
-* character descriptions: context = description, then the name; query = a
-  paraphrase of the description; response = the name;
+* character descriptions: context = description, then the name; query = the
+  description word for word in another frame ("History books record the first person
+  to <description> as"; the paper's example also rewords the description); response =
+  the name;
 * reversal curse: context = the name, then the description; query = the
   description; response = the name.
 

@@ -28,7 +28,7 @@ class MetaBatch:
     contexts ``[B, n, Tc]`` (labels on every real token); queries ``[B, m, T]``
     (query + gold response + EOS, labels on response + EOS); student_prompts
     ``[B*m, Tq]`` (query alone) and teacher_prompts ``[B*m, Tt]`` (context(s) +
-    query), both left-padded, for LC."""
+    query), both right-padded, for LC."""
 
     contexts: Tokens
     queries: Tokens

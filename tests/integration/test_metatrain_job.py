@@ -130,3 +130,77 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "meta.inner_lr" in proc.stderr and "-3" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def save_squad_llama(path: Path) -> Path:
+    """A random two-layer Llama with tied embeddings (as Llama 3.2 1B) and a word tokenizer of
+    the offline SQuAD fixture, saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raymeta.config import DataConfig
+    from raymeta.data.sets import load_task_set
+    from raymeta.models import train_tokenizer
+    from raymeta.pretrain import tokenizer_texts
+
+    data = DataConfig(
+        dataset="squad", source=str(ROOT / "examples/data/squad_tiny"), n_train=0, n_test=0
+    )
+    tok = train_tokenizer(tokenizer_texts("squad", *load_task_set(data)))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.integration
+def test_the_paper_recipe_config_runs_on_a_small_stand_in(tmp_path):
+    """configs/paper_squad.yaml (Llama 3.2 1B on SQuAD on GPUs) with only what this machine
+    lacks overridden (the model, the data, the GPU, the run's length): it runs to the end and
+    keeps the paper's values (inner lr 1e-3, one context per update, one epoch, a label-free
+    regulariser, answer budgets for SQuAD)."""
+    model = save_squad_llama(tmp_path / "llama")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "jobs/metatrain.py",
+        "--config",
+        "configs/paper_squad.yaml",
+        "--output-dir",
+        str(out),
+        f"model.name_or_path={model}",
+        "data.source=examples/data/squad_tiny",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "device=cpu",
+        "train.use_gpu=false",
+        "train.precision=fp32",
+        "train.launcher=local",
+        "tracking.enabled=false",
+        "threads=1",
+        "prepare.steps=1",
+        "meta.steps=2",
+        "meta.meta_batch_size=2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"BM", "LG", "LC"}
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["meta"]["inner_lr"] == 1e-3 and cfg["eval"]["inner_lr"] == 0
+    assert cfg["meta"]["contexts_per_update"] == 1 and cfg["meta"]["epochs"] == 1
+    assert cfg["meta"]["lm_source"] == "contexts"
+    assert cfg["eval"]["max_new_tokens"] == cfg["meta"]["max_answer_tokens"] == 24
+    assert "(fastweights, second order" in proc.stdout, proc.stdout[-2000:]
