@@ -250,7 +250,8 @@ class TrainConfig:
     """DeepSpeed ZeRO stage for the outer optimizer (0, 1 or 2; the Ray launcher refuses 3,
     which shards the parameters the inner step needs whole)."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Outer-step precision (bf16: DeepSpeed's bf16 mode; the saved model is then bfloat16)."""
+    """Outer-step precision (bf16: DeepSpeed's bf16 mode over float32 master weights; the
+    checkpoints' model is then bfloat16, ``DIR/models/<objective>`` keeps ``model.dtype``)."""
     report_every: int = 10
     """ray.train.report every N steps."""
     eval_every: int = 0
@@ -618,7 +619,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_ranges(cfg)
     _check_lists(cfg)
     if cfg.train.zero_stage not in (0, 1, 2, 3):
-        _fail("train.zero_stage", cfg.train.zero_stage, "0, 1, 2 or 3")
+        _fail(
+            "train.zero_stage", cfg.train.zero_stage, "0, 1 or 2; 3 is refused by the Ray launcher"
+        )
     tiny = cfg.model.tiny
     if tiny.hidden_size % tiny.num_heads:
         _fail(
@@ -683,10 +686,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.num_workers={workers} (each worker takes an equal share)",
             "meta.lm_batch_size",
         )
-    if cfg.meta.meta_batch_size % cfg.train.num_workers:
+    if cfg.meta.meta_batch_size % workers:
         raise ConfigError(
             f"meta.meta_batch_size: {cfg.meta.meta_batch_size} is not divisible by "
-            f"train.num_workers={cfg.train.num_workers}",
+            f"train.num_workers={workers}",
             "meta.meta_batch_size",
         )
     return cfg

@@ -98,6 +98,18 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def point_adapter_at_base(path: str | Path) -> None:
+    """Set the ``base_model_name_or_path`` of the adapter in ``path/adapter`` (if any) to
+    ``path`` itself, absolute: where the model saved there has moved to (e.g. a checkpoint that
+    Ray copied out of the temporary folder it was written in)."""
+    adapter_config = Path(path) / ADAPTER_DIR / "adapter_config.json"
+    if not adapter_config.is_file():
+        return
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = str(Path(path).resolve())
+    adapter_config.write_text(json.dumps(settings, indent=2))
+
+
 def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> Path:
     """``save_pretrained`` model and tokenizer into ``path`` (plus ``raymeta.json`` info).
 
@@ -110,10 +122,7 @@ def save_model(model, tokenizer, path: str | Path, info: dict | None = None) -> 
     if is_peft(model):
         model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model))
         model.save_pretrained(path / ADAPTER_DIR)
-        adapter_config = path / ADAPTER_DIR / "adapter_config.json"
-        settings = json.loads(adapter_config.read_text())
-        settings["base_model_name_or_path"] = str(path.resolve())
-        adapter_config.write_text(json.dumps(settings, indent=2))
+        point_adapter_at_base(path)
     else:
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -229,9 +238,17 @@ def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = Non
         names = [n for n in pool if any(p in n for p in patterns)]
     if not names:
         tied = tied_names(model, patterns)
+        outside = [n for n, _ in named if n not in pool and any(p in n for p in patterns)]
+        where = "the model"
+        if lora_mode == "outer_lora_inner_full":
+            where = "the base weights (model.lora.mode=outer_lora_inner_full: the inner step"
+            where += " updates those, the outer step the adapter)"
+        elif lora_mode is not None:
+            where = f"the adapter (model.lora.mode={lora_mode}: the inner step updates it alone)"
         raise InputError(
-            f"meta.inner_params: {patterns!r} matches no parameter of the model"
+            f"meta.inner_params: {patterns!r} matches no parameter of {where}"
             + (f" ({tied}: name it so)" if tied else "")
+            + (f"; it matches {outside[0]}, outside them" if outside else "")
         )
     return names
 

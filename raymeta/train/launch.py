@@ -401,7 +401,10 @@ def fit_objective(
         raise MetaTrainingDiverged((Path(result.checkpoint.path) / DIVERGED).read_text())
     if result.checkpoint is None:
         raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
+    from raymeta.models import point_adapter_at_base
+
     ckpt = Path(result.checkpoint.path)
+    point_adapter_at_base(ckpt / MODEL_DIR)  # it was written in a worker's temporary folder
     state = read_state(ckpt)
     history = json.loads((ckpt / "history.json").read_text())
     return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)

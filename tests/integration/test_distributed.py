@@ -190,6 +190,19 @@ def test_fastweights_in_deepspeed_matches_reference(
         driver, _ = load_model(str(base), "float32", "eager", "cpu")
         load_weights_into(driver, fast.model_dir, cfg)
         assert max_diff(fast_w, driver.state_dict()) == 0
+        # the final checkpoint's adapter names its own base (it was written in a worker's
+        # temporary folder), so peft's own loader opens it too
+        import json
+
+        from peft import AutoPeftModelForCausalLM
+
+        adapter = fast.model_dir / "adapter"
+        named = json.loads((adapter / "adapter_config.json").read_text())
+        assert named["base_model_name_or_path"] == str(fast.model_dir.resolve())
+        assert (
+            max_diff(fast_w, AutoPeftModelForCausalLM.from_pretrained(str(adapter)).state_dict())
+            == 0
+        )
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tasks_and_model, tmp_path):

@@ -323,3 +323,32 @@ def test_inner_params_naming_a_tied_weight_says_under_which_name():
     assert resolve_inner_params(untied, ["lm_head"]) == ["lm_head.weight"]
     with pytest.raises(InputError, match=r"matches no parameter of the model$"):
         resolve_inner_params(untied, ["nosuch"])
+
+
+def test_inner_params_outside_the_lora_modes_pool_name_the_mode():
+    """With LoRA the inner step's pool is the adapter (adapter mode) or the base weights
+    (outer_lora_inner_full): a pattern that matches only outside it names the mode and the
+    parameter it matched, not "no parameter of the model"."""
+    from raymeta.config import LoraConfig
+    from raymeta.errors import InputError
+    from raymeta.models import apply_lora, resolve_inner_params
+
+    plain = build_tiny_model(TinyModelConfig(hidden_size=16), 40)
+    model = apply_lora(plain, LoraConfig(enabled=True, rank=2, target_modules=["q_proj"]))
+    with pytest.raises(InputError) as e:
+        resolve_inner_params(model, ["lora_"], "outer_lora_inner_full")
+    assert "matches no parameter of the base weights (model.lora.mode=outer_lora_inner_full" in (
+        str(e.value)
+    )
+    assert "; it matches base_model.model.model.layers.0.self_attn.q_proj.lora_A" in str(e.value)
+    with pytest.raises(InputError) as e:
+        resolve_inner_params(model, ["embed_tokens"], "adapter")
+    assert "matches no parameter of the adapter (model.lora.mode=adapter: the inner step" in (
+        str(e.value)
+    )
+    assert str(e.value).endswith(
+        "; it matches base_model.model.model.embed_tokens.weight, outside them"
+    )
+    with pytest.raises(InputError, match=r"matches no parameter of the adapter .*\)$"):
+        resolve_inner_params(model, ["nosuch"], "adapter")
+    assert resolve_inner_params(model, ["lora_A"], "adapter")

@@ -77,6 +77,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ("data.n_test=0", ["data.n_test", "generated set"]),
         ("data.n_train=6000", ["data.n_train + data.n_test", "6000 + 500", "distinct names"]),
         ("train.num_workers=2 meta.lm_batch_size=3", ["meta.lm_batch_size", "3", "num_workers=2"]),
+        ("train.num_workers=2 meta.meta_batch_size=3", ["meta.meta_batch_size", "num_workers=2"]),
         ("meta.steps=abc", ["override 'meta.steps=abc'", "meta.steps", "'abc'"]),
         ("meta=3 meta.steps=1", ["override 'meta.steps=1'", "meta is 3", "not a section"]),
         ("model.dtype=float16", ["model.dtype", "'float16'", "loss scaling", "bfloat16"]),
@@ -204,6 +205,14 @@ def test_a_section_given_as_a_mapping_keeps_the_fields_it_leaves_out(tmp_path):
     assert str(e.value).startswith("override 'pretrain={steps: abc}': pretrain.steps:")
     with pytest.raises(ConfigError, match="pretrain.bogus: unknown field"):
         load_config(p, ["pretrain={bogus: 1}"])
+
+
+def test_worker_counts_bind_only_the_ray_launcher():
+    """train.num_workers is unused by the local launcher, so it does not constrain the batch
+    sizes there."""
+    local = ["train.launcher=local", "train.num_workers=2"]
+    cfg = load_config(None, [*local, "meta.meta_batch_size=3", "meta.lm_batch_size=3"])
+    assert (cfg.meta.meta_batch_size, cfg.meta.lm_batch_size) == (3, 3)
 
 
 def test_the_job_takes_options_after_overrides():
