@@ -202,14 +202,17 @@ class MetaConfig:
     lm_source: Literal["contexts", "pretrain_mix", "file"] = "pretrain_mix"
     """Text of the regulariser: training contexts, the tiny model's pretraining mix, or a file
     (contexts and file lines cut to 256 tokens; every text cut to the model's positions). The
-    paper's is "ordinary text"; the pretraining mix's prompt / nc / prompt2 kinds hold training
-    facts' answers (``lm_mix`` can leave them out)."""
+    paper's is "ordinary text"; ``lm_mix`` picks the mix's kinds."""
     lm_file: str = ""
     """Text file (one document per line) when ``lm_source`` is file."""
-    lm_mix: dict[str, float] = field(default_factory=dict)
+    lm_mix: dict[str, float] = field(
+        default_factory=lambda: {"context": 1.0, "fresh": 6.0, "copy": 3.0}
+    )
     """Sampling weights of the regulariser's text kinds when ``lm_source`` is pretrain_mix (keys
-    as in ``pretrain.mix``; {} = ``pretrain.mix``). ``{context: 1, fresh: 6, copy: 3}`` leaves out
-    the kinds that carry training facts' answers (prompt, nc, prompt2)."""
+    as in ``pretrain.mix``; {} = ``pretrain.mix``). The default leaves out the kinds that hold
+    training facts' answers (prompt, nc, prompt2), so LC's loss holds no gold label (the paper:
+    LC needs none); fresh facts exist only for the generated sets, elsewhere it is context and
+    copy."""
     lm_batch_size: int = 16
     """Sequences per regulariser batch."""
     lc_teacher_context: Literal["own", "all"] = "own"

@@ -25,8 +25,9 @@ def squash(text: str) -> str:
 
 
 def test_lm_mix_picks_the_regularisers_text_kinds():
-    """``meta.lm_mix={context: 1}`` draws training contexts only; the default (the pretraining
-    mix) also draws prompt / nc texts that end in a training fact's answer."""
+    """``meta.lm_mix={context: 1}`` draws training contexts only; the default holds no training
+    fact's answer after its query (LC's loss stays label-free); ``{}`` (the whole pretraining
+    mix) draws prompt / nc texts that end in one."""
     train = [
         Triple(f"Lake {i} is called alpha{i}.", f"Lake {i} is called", f"alpha{i}")
         for i in range(30)
@@ -35,12 +36,21 @@ def test_lm_mix_picks_the_regularisers_text_kinds():
     tok = train_tokenizer([t.context for t in (*train, *test)])
     contexts = {squash(t.context) for t in train}
     answered = {squash(f"{t.query} {t.response}") for t in train}
-    only = load_config(None, ["meta.lm_mix={context: 1}", "meta.lm_batch_size=16"])
-    texts = [x for step in range(4) for x in rows(tok, lm_sampler(only, tok, train, test)(step))]
-    assert len(texts) == 64 and set(texts) <= contexts
-    default = load_config(None, ["meta.lm_batch_size=16"])
-    texts = [x for s in range(4) for x in rows(tok, lm_sampler(default, tok, train, test)(s))]
-    assert any(x.endswith(a) for x in texts for a in answered if x not in contexts)
+
+    def texts(*overrides: str) -> list[str]:
+        cfg = load_config(None, ["meta.lm_batch_size=16", *overrides])
+        sample = lm_sampler(cfg, tok, train, test)
+        return [x for step in range(4) for x in rows(tok, sample(step))]
+
+    def with_answers(drawn: list[str]) -> list[str]:
+        return [x for x in drawn if x not in contexts and any(x.endswith(a) for a in answered)]
+
+    only = texts("meta.lm_mix={context: 1}")
+    assert len(only) == 64 and set(only) <= contexts
+    default = texts()
+    assert len(default) == 64 and not with_answers(default)
+    assert contexts & set(default) and set(default) - contexts  # contexts, fresh facts, copies
+    assert with_answers(texts("meta.lm_mix={}"))
 
 
 @pytest.mark.parametrize(
