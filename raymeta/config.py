@@ -38,6 +38,9 @@ SOURCE_FORMS = {
 }
 """What ``data.source`` holds for the data sets that need one."""
 
+GENERATED = ("character_descriptions", "reversal_curse")
+"""The data sets raymeta generates (the others are read from files or the hub)."""
+
 MIX_KINDS = ("context", "prompt", "nc", "prompt2", "fresh", "copy")
 """The text kinds of the tiny model's pretraining mix (``pretrain.mix`` keys; see pretrain.py)."""
 
@@ -600,13 +603,14 @@ def _check_lists(cfg: RunConfig) -> None:
         repeated = sorted({x for x in items if items.count(x) > 1})
         if repeated:
             _fail(path, items, f"no repeated entries; repeated: {', '.join(repeated)}")
-    _check_mix("pretrain.mix", cfg.pretrain.mix)
-    if cfg.meta.lm_mix:
-        _check_mix("meta.lm_mix", cfg.meta.lm_mix)
+    _check_mix("pretrain.mix", cfg.pretrain.mix, cfg.data.dataset)
+    if cfg.meta.lm_mix:  # ({} = pretrain.mix)
+        _check_mix("meta.lm_mix", cfg.meta.lm_mix, cfg.data.dataset)
 
 
-def _check_mix(path: str, mix: dict[str, float]) -> None:
-    """A mix of text kinds: known kinds, finite weights >= 0, at least one > 0."""
+def _check_mix(path: str, mix: dict[str, float], dataset: str) -> None:
+    """A mix of text kinds: known kinds, finite weights >= 0, at least one > 0, and one other
+    than fresh facts (which exist only for the generated sets) for any other ``dataset``."""
     unknown = sorted(set(mix) - set(MIX_KINDS))
     if unknown:
         _fail(f"{path}.{unknown[0]}", mix[unknown[0]], f"a key of {list(MIX_KINDS)}")
@@ -615,6 +619,13 @@ def _check_mix(path: str, mix: dict[str, float]) -> None:
             _fail(f"{path}.{kind}", weight, "a finite weight >= 0")
     if not any(w > 0 for w in mix.values()):
         _fail(path, mix, "at least one weight > 0")
+    if dataset not in GENERATED and not any(w > 0 for k, w in mix.items() if k != "fresh"):
+        _fail(
+            path,
+            mix,
+            f"a weight > 0 for a kind other than 'fresh': fresh facts exist only for the "
+            f"generated sets, not {dataset!r}",
+        )
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -646,16 +657,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"({SOURCE_FORMS[cfg.data.dataset]})",
             "data.source",
         )
-    generated = cfg.data.dataset in ("character_descriptions", "reversal_curse")
-    mixes = {"pretrain.mix": cfg.pretrain.mix, "meta.lm_mix": cfg.meta.lm_mix}
-    for path, mix in mixes.items():
-        if mix and not generated and not any(w > 0 for k, w in mix.items() if k != "fresh"):
-            _fail(
-                path,
-                mix,
-                f"a weight > 0 for a kind other than 'fresh': fresh facts exist only for the "
-                f"generated sets, not {cfg.data.dataset!r}",
-            )
     if cfg.model.dtype == "float16":
         _fail(
             "model.dtype",
@@ -669,6 +670,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _fail("model.name_or_path", cfg.model.name_or_path, "tiny, a hub name or a model directory")
     if not cfg.tracking.experiment.strip():
         _fail("tracking.experiment", cfg.tracking.experiment, "a non-empty MLflow experiment name")
+    generated = cfg.data.dataset in GENERATED
     if generated and cfg.data.n_train < 1:
         _fail("data.n_train", cfg.data.n_train, ">= 1 for a generated set (how many to generate)")
     if generated and cfg.data.n_test < 1:
@@ -716,12 +718,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if (
-            isinstance(v, dict)
-            and v
-            and all(isinstance(x, str) for x in v)
-            and k not in ("mix", "lm_mix")
-        ):
+        if isinstance(v, dict) and _is_section(key.split(".")):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

@@ -239,12 +239,13 @@ def resolve_inner_params(model, patterns: list[str], lora_mode: str | None = Non
     if not names:
         tied = tied_names(model, patterns)
         outside = [n for n, _ in named if n not in pool and any(p in n for p in patterns)]
-        where = "the model"
-        if lora_mode == "outer_lora_inner_full":
-            where = "the base weights (model.lora.mode=outer_lora_inner_full: the inner step"
-            where += " updates those, the outer step the adapter)"
-        elif lora_mode is not None:
-            where = f"the adapter (model.lora.mode={lora_mode}: the inner step updates it alone)"
+        where = {
+            None: "the model",
+            "outer_lora_inner_full": "the base weights (model.lora.mode=outer_lora_inner_full: "
+            "the inner step updates those, the outer step the adapter)",
+        }.get(
+            lora_mode, f"the adapter (model.lora.mode={lora_mode}: the inner step updates it alone)"
+        )
         raise InputError(
             f"meta.inner_params: {patterns!r} matches no parameter of {where}"
             + (f" ({tied}: name it so)" if tied else "")

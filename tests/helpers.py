@@ -19,6 +19,7 @@ def tiny_llama(
     attn="sdpa",
     kv_heads=None,
     kind="llama",
+    positions=64,
     **overrides,
 ):
     """A random Llama in ``dtype``. SDPA (run under its math kernel by the meta step)
@@ -37,7 +38,7 @@ def tiny_llama(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
         head_dim=hidden // heads,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         tie_word_embeddings=tie,
         attn_implementation=attn,
         **overrides,

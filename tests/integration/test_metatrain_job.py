@@ -135,31 +135,23 @@ def test_bad_override_fails_before_any_work(tmp_path):
 def save_squad_llama(path: Path) -> Path:
     """A random two-layer Llama with tied embeddings (as Llama 3.2 1B) and a word tokenizer of
     the offline SQuAD fixture, saved with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
 
     from raymeta.config import DataConfig
     from raymeta.data.sets import load_task_set
     from raymeta.models import train_tokenizer
     from raymeta.pretrain import tokenizer_texts
+    from tests.helpers import tiny_llama
 
     data = DataConfig(
         dataset="squad", source=str(ROOT / "examples/data/squad_tiny"), n_train=0, n_test=0
     )
     tok = train_tokenizer(tokenizer_texts("squad", *load_task_set(data)))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    model = tiny_llama(
+        len(tok), hidden=32, kv_heads=1, tie=True, dtype=torch.float32, positions=1024, **ids
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
