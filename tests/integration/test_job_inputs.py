@@ -166,6 +166,21 @@ def test_output_dir_that_is_a_file_is_named(tmp_path):
     )
 
 
+def test_a_tracking_server_that_does_not_answer_stops_the_job_before_ray(tmp_path):
+    """Exit 3, one ``tracking error:`` line naming the server, and no Ray instance started
+    (nor anything written to the output dir) for a store that could never be used."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    cmd = job_command(tmp_path / "out", tmp_path, "train.launcher=ray", "tracking.enabled=true")
+    cmd.append(f"tracking.tracking_uri={uri}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tracking error: MLflow tracking store {uri} is not reachable"), last
+    assert "Ray instance" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def write_earlier_results(out: Path) -> dict[str, str]:
     """A finished run's files in ``out`` (as keep_previous knows them); name → text."""
     files = {
