@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The fast-weights engine's GPU targets in one run (one H100; Llama-3.2-1B shape with random
-# weights, bf16, context 192, query 32):
+# The fast-weights engine's GPU targets in one run (one H100, or an H200: the same dense bf16
+# peak, more memory bandwidth; Llama-3.2-1B shape with random weights, bf16, context 192,
+# query 32):
 #   1. reference vs fastweights at meta-batch 16 (target: fastweights >= 30x the reference's
 #      tasks/s, and >= 40% of bf16 peak),
 #   2. fastweights at meta-batch 64 in one pass with the inner backward checkpointed per

@@ -33,7 +33,7 @@ from raymeta.meta.engines import Engine, select_engine  # noqa: E402
 from raymeta.meta.inner import InnerSpec  # noqa: E402
 from raymeta.meta.step import MetaBatch, meta_loss  # noqa: E402
 
-PEAK_TFLOPS = {"bfloat16": 990.0, "float16": 990.0}  # H100 SXM dense
+PEAK_TFLOPS = {"bfloat16": 990.0, "float16": 990.0}  # H100 / H200 SXM dense (one datasheet value)
 SHAPES = {
     "tiny": dict(
         vocab_size=512,
