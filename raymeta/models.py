@@ -9,6 +9,7 @@ SDPA which the meta step runs under its math backend).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -277,15 +278,54 @@ def rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.weight * h.to(hidden_states.dtype)
 
 
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""RMSNorm classes computing ``weight * (x · rsqrt(mean(x²) + eps))`` as Llama's does (Gemma's
+``1 + weight`` is not one); see :func:`is_llama_rms_norm` for the others."""
+
+
+def _code(f) -> tuple | None:
+    c = getattr(f, "__code__", None)
+    return None if c is None else (c.co_code, c.co_names, c.co_consts, c.co_varnames)
+
+
+@functools.cache
+def _llama_rms_class(t: type) -> bool:
+    if t.__name__ in RMS_NORMS:
+        return True
+    if not t.__name__.endswith("RMSNorm"):
+        return False
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return False
+    ref = _code(LlamaRMSNorm.forward)
+    return ref is not None and _code(t.forward) == ref
+
+
+def is_llama_rms_norm(module) -> bool:
+    """Whether ``module`` computes Llama's RMSNorm, ``weight * (x · rsqrt(mean(x²) + eps))`` in
+    float32: a class of :data:`RMS_NORMS`, or one whose forward is ``LlamaRMSNorm.forward``'s
+    code (transformers copies it into many models under their own names; a class that only
+    shares the name, such as Gemma's ``1 + weight``, is not one), with a ``weight`` tensor and
+    a ``variance_epsilon``."""
+    return (
+        _llama_rms_class(type(module))
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
+
+
 def keep_float64(model):
-    """Make RMSNorm layers compute in float64 when the model is float64.
+    """Make Llama-style RMSNorm layers (:func:`is_llama_rms_norm`) compute in float64 when
+    the model is float64.
 
     HF's RMSNorm rounds through float32, which caps float64 checks (finite
-    differences, engine equivalence) at float32 accuracy. Returns ``model``."""
+    differences, engine equivalence) at float32 accuracy. Other norms keep their own
+    arithmetic. Returns ``model``."""
     import types
 
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        if is_llama_rms_norm(module):
             module.forward = types.MethodType(rmsnorm_full_precision, module)
     return model
 

@@ -47,10 +47,7 @@ from raymeta.meta.fastweights_terms import (
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
-
-RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-"""RMSNorm classes computing ``weight * normalise(x)`` (Gemma's ``1 + weight`` is not one)."""
-
+from raymeta.models import is_llama_rms_norm
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -168,7 +165,7 @@ def module_kind(module: nn.Module) -> str | None:
         return "embedding" if plain else None
     if t is nn.LayerNorm:
         return "norm" if len(module.normalized_shape) == 1 else None
-    if t.__name__ in RMS_NORMS and isinstance(getattr(module, "weight", None), torch.Tensor):
+    if is_llama_rms_norm(module):
         return "norm"
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
@@ -233,9 +230,17 @@ def ineligibility(model, spec: InnerSpec) -> str | None:
     except Ineligible as e:
         return str(e)
     try:
-        return stray_use(model, uses)
+        found = probe(model, uses)
     except Exception as e:  # a model the probe does not know how to call: no claim of exactness
-        return f"its eligibility probe (a two-token forward) failed: {type(e).__name__}: {e}"
+        return f"its eligibility probe (a forward of 2 x 3 tokens) failed: {type(e).__name__}: {e}"
+    if found.reason:
+        return found.reason
+    if found.block_output and checkpoint_mode(spec.checkpoint_inner) == "vjp":
+        return (
+            f"its decoder blocks return a {found.block_output}, not a tensor, which "
+            "checkpoint_inner='vjp' needs (checkpoint_inner='forward' checkpoints such blocks)"
+        )
+    return None
 
 
 METADATA_CALLS = frozenset(
@@ -244,8 +249,23 @@ METADATA_CALLS = frozenset(
 )  # fmt: skip
 """Tensor calls that read a parameter's metadata, not its values (``.dtype`` is ``__get__``)."""
 
-_STRAY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""``stray_use`` per model, per tuple of inner parameter names (one probe forward each)."""
+PROBE_ROWS, PROBE_LENGTH = 2, 3
+"""The probe forward's token ids ``[rows, length]`` (two numbers a layout check tells apart)."""
+
+
+@dataclass
+class Findings:
+    """What the eligibility probe's forward saw."""
+
+    reason: str | None = None
+    """Why the hooks would miss part of an inner parameter's effect or could not group a
+    module's inputs by task (None: neither)."""
+    block_output: str | None = None
+    """The type of a decoder block's output when it is not a tensor (tuple-returning blocks)."""
+
+
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``probe`` per model, per tuple of inner parameter names (one probe forward each)."""
 
 
 class ParameterReads(torch.overrides.TorchFunctionMode):
@@ -269,16 +289,20 @@ class ParameterReads(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def stray_use(model, uses: list[Use]) -> str | None:
-    """Why the hooks on ``uses`` would miss part of an inner parameter's effect, or None.
+def probe(model, uses: list[Use]) -> Findings:
+    """One forward of ``PROBE_ROWS`` × ``PROBE_LENGTH`` tokens watching what the engine assumes
+    (cached per model and inner parameters):
 
-    The engine adds each inner parameter's update where the modules holding it are called; a
-    forward that reads one of their weights elsewhere (``F.linear(x, self.proj.weight)`` in a
-    parent module, a head built on ``embed.weight``) would leave that read unadapted. One
-    forward of two tokens under ``ParameterReads`` finds such reads (cached per model)."""
+    * the engine adds each inner parameter's update where the modules holding it are called;
+      a forward that reads one of their weights elsewhere (``F.linear(x, self.proj.weight)``
+      in a parent module, a head built on ``embed.weight``) would leave that read unadapted
+      (``ParameterReads`` finds such reads);
+    * each such module's input must be laid out by row and token (``layout_problem``);
+    * a norm's output must be ``weight * normalise(x) + bias`` (``norm_misfit``);
+    * the decoder blocks' output type (``checkpoint_inner="vjp"`` needs tensors)."""
     table = model.get_input_embeddings()
     if table.weight.is_meta or torch._subclasses.fake_tensor.is_fake(table.weight):
-        return None  # shapes only (bench/op_census.py): nothing to probe
+        return Findings()  # shapes only (bench/op_census.py): nothing to probe
     watched: dict[int, tuple[str, frozenset[int]]] = {}  # find_uses made a Use per holder
     for u in uses:
         for attr in ("weight", "bias"):
@@ -287,22 +311,32 @@ def stray_use(model, uses: list[Use]) -> str | None:
                 _, held = watched.get(id(p), (name, frozenset()))
                 watched[id(p)] = (name, held | {id(u.module)})
     names = tuple(sorted(name for name, _ in watched.values()))
-    cache = _STRAY.setdefault(model, {})
+    cache = _PROBES.setdefault(model, {})
     if names in cache:
         return cache[names]
     reads = ParameterReads(watched)
+    used = {id(u.module): u for u in uses}
+    blocks = {id(b) for b in decoder_blocks(model)}
+    algebra = Hooks(uses, {}, 1, 1, 2)  # for its ``normalised`` (busy while it calls a norm)
+    problems: list[str] = []
+    outputs: list[str] = []
 
     def enter(m, args):
         reads.stack.append(id(m))
-
-    norms = {id(u.module): u for u in uses if u.kind == "norm"}
-    algebra = Hooks(uses, {}, 1, 1, 2)  # for its ``normalised`` (busy while it calls a norm)
-    misfits: list[str] = []
+        use = used.get(id(m))
+        if use is not None and not algebra.busy and not problems:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                problems.append(f"module {use.path} is called without its input as a tensor")
+            elif problem := layout_problem(use, tuple(x.shape), PROBE_ROWS, PROBE_LENGTH):
+                problems.append(problem)
 
     def leave(m, args, out):  # returns None: the module's output stays
-        use = norms.get(id(m))
-        if use is not None and not algebra.busy and not misfits:
-            misfits.extend(norm_misfit(algebra, use, args[0], out))
+        use = used.get(id(m))
+        if use is not None and use.kind == "norm" and not algebra.busy and not problems:
+            problems.extend(norm_misfit(algebra, use, args[0], out))
+        if id(m) in blocks and not isinstance(out, torch.Tensor) and not outputs:
+            outputs.append(type(out).__name__)
         reads.stack.pop()
 
     handles = []
@@ -310,22 +344,47 @@ def stray_use(model, uses: list[Use]) -> str | None:
         handles.append(m.register_forward_pre_hook(enter))
         handles.append(m.register_forward_hook(leave, always_call=True))
     # (shape, not num_embeddings: peft's LoRA wrapper of an embedding has no such attribute)
-    ids = torch.arange(2, device=table.weight.device)[None] % table.weight.shape[0]
+    n = PROBE_ROWS * PROBE_LENGTH
+    ids = torch.arange(n, device=table.weight.device).view(PROBE_ROWS, PROBE_LENGTH)
+    ids = ids % table.weight.shape[0]
     try:
         with torch.no_grad(), reads:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            call(model, Tokens(ids, torch.ones_like(ids)))  # as the engine's passes call it
     finally:
         for h in handles:
             h.remove()
-    reason = misfits[0] if misfits else None
+    reason = problems[0] if problems else None
     if reads.strays:
         name, where = next(iter(reads.strays.items()))
         reason = (
             f"inner parameter {name} is read outside the module that holds it (by a call to {where} in "
             "the model's forward), where the engine's update would not reach it"
         )
-    cache[names] = reason
-    return reason
+    found = cache[names] = Findings(reason, outputs[0] if outputs else None)
+    return found
+
+
+def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None:
+    """Why module ``use``'s input of ``shape``, in a forward of ``rows`` × ``length`` tokens,
+    cannot be grouped by task (None: it can). Token ids ``[rows, length]`` for an embedding,
+    ``[rows, length, features]`` for a linear layer; a norm, which acts on the last dimension
+    alone, may also see per-head inputs ``[rows, length, H, d]`` (Qwen3's q/k norms) or
+    ``[rows, H, length, d]`` (Phi's, StableLM's). Tokens flattened to ``[rows · length, ...]``
+    or in another order are not grouped: nothing in the shape says which row is which task's."""
+    if use.kind == "embedding":
+        fits = len(shape) == 2 and shape == (rows, length)
+    elif use.kind == "norm":
+        fits = shape[:2] == (rows, length) and len(shape) >= 3
+        fits |= len(shape) == 4 and shape[0] == rows and shape[2] == length
+    else:
+        fits = len(shape) == 3 and shape[:2] == (rows, length)
+    if fits:
+        return None
+    return (
+        f"module {use.path} ({type(use.module).__name__}) gets inputs of shape {shape} in a "
+        f"forward of {rows} x {length} tokens, not [{rows}, {length}, ...]: the engine cannot "
+        "group them by task"
+    )
 
 
 def norm_misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
@@ -401,18 +460,10 @@ class Hooks:
         )
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
-        """``[rows, length, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
-        want = (self.rows, self.length)
-        if use.kind == "embedding":
-            fits = x.dim() == 2
-        else:  # a norm may also see per-head inputs [rows, length, H, d] (Qwen3's q/k norms)
-            fits = x.dim() == 3 or (use.kind == "norm" and x.dim() > 3)
-        if tuple(x.shape[:2]) != want or not fits:
-            raise RuntimeError(
-                f"fast-weights: module {use.path} got an input of shape {tuple(x.shape)}, "
-                f"expected [{want[0]}, {want[1]}, ...]; this model calls it in a way the engine "
-                "cannot group by task"
-            )
+        """``[rows, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
+        problem = layout_problem(use, tuple(x.shape), self.rows, self.length)
+        if problem:
+            raise RuntimeError(f"fast-weights: {problem}")
         return x.reshape(self.tasks, -1, *x.shape[2:])
 
     def hook(self, use: Use, module, inputs, output):

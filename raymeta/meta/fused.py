@@ -275,7 +275,7 @@ def rms_normalise(x: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor
 
 
 def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype an RMSNorm module (``fastweights.RMS_NORMS``) normalises ``dtype`` inputs in:
+    """The dtype an RMSNorm module (``models.is_llama_rms_norm``) normalises ``dtype`` inputs in:
     float32 for Hugging Face's forward, float32 or wider under ``models.keep_float64``; None for
     any other instance-patched forward (whose arithmetic is unknown). Sees through
     ``skipped_norms``."""

@@ -4,8 +4,10 @@ Outer loss and every parameter gradient must agree within 1e-8 relative, for
 k = 1, 2 inner steps, n = 1, 3 contexts per update, padded contexts and queries,
 second and first order, on: a Llama with tied embeddings (and a padding_idx hit
 by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learned
-positions, untied head), and peft LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a
-full-rank inner step on the frozen base weights). The fused SwiGLU and RMS normaliser the
+positions, untied head), Mistral with a sliding window, Qwen3 and Phi (per-head q/k norms in
+either layout), Phi-3 (Llama's RMSNorm code under another name, fused projections), and peft
+LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a full-rank inner step on the frozen
+base weights). The fused SwiGLU and RMS normaliser the
 engine's passes use (``fused``) are checked against torch's unfused ops on their own too.
 """
 
@@ -113,11 +115,28 @@ def qwen3():
     return tiny_llama(kind="qwen3", vocab=VOCAB, heads=4, kv_heads=2, tie=True)
 
 
+def phi_head_norms():
+    """Phi with q/k LayerNorms: per-head norms called on [rows, H, T, d] inputs; partial
+    rotary, biases, a parallel attention/MLP block."""
+    model = tiny_llama(
+        kind="phi", vocab=VOCAB, heads=4, partial_rotary_factor=0.5, qk_layernorm=True
+    )
+    return perturb(model, "bias")
+
+
+def phi3():
+    """Phi-3: its RMSNorm is Llama's code under another class name; fused qkv and gate/up
+    projections."""
+    return tiny_llama(kind="phi3", vocab=VOCAB, heads=4, kv_heads=2, pad_token_id=0)
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
     "mistral_window": (mistral_window, all_names),
     "qwen3": (qwen3, all_names),
+    "phi_head_norms": (phi_head_norms, all_names),
+    "phi3": (phi3, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -380,6 +399,43 @@ def test_unknown_module_kind_falls_back(caplog):
     assert select_engine("auto", model, ok).name == "fastweights"
 
 
+def test_linear_layers_called_on_flattened_tokens_are_refused(caplog):
+    """OPT's MLP runs on tokens flattened to [rows * T, d]: nothing in that shape says which
+    row is which task's, so the probe refuses (before, the engine was chosen and crashed in
+    its first pass); ``auto`` runs the reference engine."""
+    model = tiny_llama(kind="opt", vocab=VOCAB, ffn_dim=32, word_embed_proj_dim=16, dropout=0.0)
+    names = tuple(n for n in all_names(model) if ".fc1." in n or ".fc2." in n)
+    spec = InnerSpec(lr=0.5, names=names)
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and "model.decoder.layers.0.fc1" in reason, reason
+    assert "inputs of shape (6, 16) in a forward of 2 x 3 tokens" in reason, reason
+    assert "cannot group them by task" in reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    assert "cannot group them by task" in caplog.text
+    ctx, q = batch(2)
+    run(reference, model, spec, ctx, q)  # which runs
+
+
+def test_blocks_returning_tuples_refuse_only_the_vjp_checkpointing():
+    """Bloom's blocks return tuples: checkpoint_inner="vjp" (True) needs a tensor and is refused
+    with the alternative named; "forward" and no checkpointing run, exactly."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2)
+    model = perturb(perturb(BloomForCausalLM(cfg).to(torch.float64), "layernorm"), "bias")
+    names = all_names(model)
+    reason = fastweights.ineligibility(model, InnerSpec(0.5, names, checkpoint_inner=True))
+    assert reason is not None and "decoder blocks return a tuple" in reason, reason
+    assert "checkpoint_inner='forward'" in reason
+    ctx, q = batch(3)
+    for mode in (False, "forward"):
+        spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=mode)
+        assert fastweights.ineligibility(model, spec) is None
+        compare(model, spec, ctx, q)
+
+
 @pytest.mark.parametrize("engine", [reference, fastweights])
 def test_queries_for_another_number_of_tasks_are_refused(engine):
     model = tiny_llama(vocab=VOCAB)
@@ -392,21 +448,21 @@ def test_queries_for_another_number_of_tasks_are_refused(engine):
 
 
 def test_a_probe_that_fails_is_a_refusal(caplog):
-    """A model the two-token probe cannot run (here: one that needs three tokens) is refused
+    """A model the probe (3 tokens) cannot run (here: one that needs four tokens) is refused
     with the probe's error, and ``auto`` runs the reference engine on it."""
     model = tiny_llama(vocab=VOCAB)
 
-    def at_least_three(module, args, kwargs):
-        if kwargs["input_ids"].shape[-1] < 3:
-            raise ValueError("this model needs at least 3 tokens")
+    def at_least_four(module, args, kwargs):
+        if kwargs["input_ids"].shape[-1] < 4:
+            raise ValueError("this model needs at least 4 tokens")
 
-    model.register_forward_pre_hook(at_least_three, with_kwargs=True)
+    model.register_forward_pre_hook(at_least_four, with_kwargs=True)
     spec = InnerSpec(lr=0.5, names=all_names(model))
     reason = fastweights.ineligibility(model, spec)
-    assert reason is not None and "probe" in reason and "at least 3 tokens" in reason, reason
+    assert reason is not None and "probe" in reason and "at least 4 tokens" in reason, reason
     with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
         assert select_engine("auto", model, spec).name == "reference"
-    assert "at least 3 tokens" in caplog.text
+    assert "at least 4 tokens" in caplog.text
     ctx, q = batch(2)
     run(reference, model, spec, ctx, q)  # which runs
 
@@ -665,6 +721,34 @@ def test_rms_normalise_follows_the_module_dtype():
                 assert norm(x) is x
             assert norm.__dict__.get("forward") is forward
             assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
+
+
+def test_rms_norms_are_known_by_their_code_not_their_name():
+    """A class whose forward is LlamaRMSNorm's code under another name (Phi-3's, SmolLM3's) is
+    an RMSNorm the engine computes, and ``keep_float64`` makes it float64; Gemma's, which scales
+    by ``1 + weight``, is neither (keep_float64 used to replace its forward with Llama's)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+    from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
+
+    from raymeta.models import is_llama_rms_norm, keep_float64
+
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    for cls, known in ((Phi3RMSNorm, True), (SmolLM3RMSNorm, True), (GemmaRMSNorm, False)):
+        norm = cls(16).to(torch.float64)
+        with torch.no_grad():
+            norm.weight.add_(0.1 * torch.randn(16, dtype=torch.float64))
+            before = norm(x)
+            holder = nn.Sequential(norm)
+            keep_float64(holder)
+            after = norm(x)
+        assert is_llama_rms_norm(norm) is known
+        assert fastweights.module_kind(norm) == ("norm" if known else None)
+        assert ("forward" in norm.__dict__) is known
+        if known:  # float64 now: the same up to float32 rounding, not bit for bit
+            assert torch.allclose(before, after, rtol=1e-6) and not torch.equal(before, after)
+        else:
+            assert torch.equal(before, after)
 
 
 def test_fused_mlps_patch_and_restore():
