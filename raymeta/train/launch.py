@@ -646,7 +646,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     SystemExit by the job), else FAILED; each model's eval metrics are logged as soon as it is
     evaluated, and a run that ends early still gets the result files written by then."""
     from raymeta.pipeline import run_pipeline
-    from raymeta.train.tracking import check_store, end_status, source_tags, start_run
+    from raymeta.train.tracking import check_server, end_status, source_tags, start_run
 
     name_deepspeed_accelerator()
     out = Path(output_dir).expanduser().resolve()
@@ -654,7 +654,7 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
         if cfg.meta.objectives:
-            check_store(cfg.tracking, out)  # a store that cannot be used stops us before Ray
+            check_server(cfg.tracking, out)  # a server that does not answer: before Ray
             start_ray(cfg.train)  # and a cluster the workers cannot fit before any MLflow run
     kinds = ",".join(["BM", *cfg.meta.objectives])
     job_tags = {"overrides": " ".join(overrides), "output_dir": str(out)}

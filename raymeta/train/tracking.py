@@ -527,32 +527,12 @@ def _is_permanent(error: BaseException) -> bool:
 # --------------------------------------------------------------------------- entry points
 
 
-def open_store(cfg: TrackingConfig, default_dir: Path, request_timeout_s: float = 5.0):
-    """``(MlflowClient, uri)`` of the job's tracking store (see :func:`resolve_tracking_uri`),
-    or :class:`TrackingError` naming the URI and the fixes: a server that does not answer, a
-    store MLflow refuses (a bare directory: its deprecated file store). Opens no run, so the
-    job can call it before it starts anything else."""
-    disable_telemetry()
-    from mlflow import MlflowClient
-
-    uri = resolve_tracking_uri(cfg.tracking_uri, default_dir)
-    if not is_http(uri):
-        default_dir.mkdir(parents=True, exist_ok=True)
-    check_reachable(uri, timeout_s=request_timeout_s)
-    try:  # MLflow refuses some stores here
-        return MlflowClient(tracking_uri=uri), uri
-    except Exception as e:
-        raise TrackingError(_store_message(uri, f"cannot be used: {e}")) from e
-
-
-def check_store(cfg: TrackingConfig, default_dir: str | Path) -> None:
-    """Raise :class:`TrackingError` now if the store the user named (``tracking.tracking_uri``,
-    ``$MLFLOW_TRACKING_URI``) cannot be used (see :func:`open_store`), so the job stops before
-    it starts Ray. The job's own store in ``default_dir`` is left to :func:`start_run`: a job
-    that stops before its run then writes nothing there."""
-    named = cfg.tracking_uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if cfg.enabled and named:
-        open_store(cfg, Path(default_dir).expanduser().resolve())
+def check_server(cfg: TrackingConfig, default_dir: str | Path) -> None:
+    """Raise :class:`TrackingError` now if tracking goes to a server (``tracking.tracking_uri``,
+    ``$MLFLOW_TRACKING_URI``) that does not answer, so the job stops before it starts Ray.
+    Writes nothing: a local store is made (and checked) by :func:`start_run`."""
+    if cfg.enabled:
+        check_reachable(resolve_tracking_uri(cfg.tracking_uri, default_dir))
 
 
 def start_run(
@@ -573,10 +553,19 @@ def start_run(
     """
     if not cfg.enabled:
         return Tracker()
+    disable_telemetry()
+    from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
     default_dir = Path(default_dir).expanduser().resolve()
-    client, uri = open_store(cfg, default_dir, request_timeout_s)
+    uri = resolve_tracking_uri(cfg.tracking_uri, default_dir)
+    if not is_http(uri):
+        default_dir.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri, timeout_s=request_timeout_s)
+    try:  # MLflow refuses some stores here (a bare directory: its deprecated file store)
+        client = MlflowClient(tracking_uri=uri)
+    except Exception as e:
+        raise TrackingError(_store_message(uri, f"cannot be used: {e}")) from e
     tag_list = [
         RunTag(sanitize_key(k), truncate(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()
     ]
