@@ -278,11 +278,6 @@ def rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.weight * h.to(hidden_states.dtype)
 
 
-RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-"""RMSNorm classes computing ``weight * (x · rsqrt(mean(x²) + eps))`` as Llama's does (Gemma's
-``1 + weight`` is not one); see :func:`is_llama_rms_norm` for the others."""
-
-
 def _code(f) -> tuple | None:
     c = getattr(f, "__code__", None)
     return None if c is None else (c.co_code, c.co_names, c.co_consts, c.co_varnames)
@@ -290,8 +285,6 @@ def _code(f) -> tuple | None:
 
 @functools.cache
 def _llama_rms_class(t: type) -> bool:
-    if t.__name__ in RMS_NORMS:
-        return True
     if not t.__name__.endswith("RMSNorm"):
         return False
     try:
@@ -303,11 +296,11 @@ def _llama_rms_class(t: type) -> bool:
 
 
 def is_llama_rms_norm(module) -> bool:
-    """Whether ``module`` computes Llama's RMSNorm, ``weight * (x · rsqrt(mean(x²) + eps))`` in
-    float32: a class of :data:`RMS_NORMS`, or one whose forward is ``LlamaRMSNorm.forward``'s
-    code (transformers copies it into many models under their own names; a class that only
-    shares the name, such as Gemma's ``1 + weight``, is not one), with a ``weight`` tensor and
-    a ``variance_epsilon``."""
+    """Whether ``module``'s class computes Llama's RMSNorm, ``weight * (x · rsqrt(mean(x²) +
+    eps))`` in float32: its ``forward`` is ``LlamaRMSNorm.forward``'s code (transformers copies
+    it into Mistral, Qwen, Phi-3, ... under their own names; a class that only shares the name,
+    such as Gemma's ``1 + weight``, is not one), with a ``weight`` tensor and a
+    ``variance_epsilon``. A forward patched on the instance is the eligibility probe's to check."""
     return (
         _llama_rms_class(type(module))
         and isinstance(getattr(module, "weight", None), torch.Tensor)

@@ -372,7 +372,7 @@ def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None
     ``[rows, H, length, d]`` (Phi's, StableLM's). Tokens flattened to ``[rows · length, ...]``
     or in another order are not grouped: nothing in the shape says which row is which task's."""
     if use.kind == "embedding":
-        fits = len(shape) == 2 and shape == (rows, length)
+        fits = shape == (rows, length)
     elif use.kind == "norm":
         fits = shape[:2] == (rows, length) and len(shape) >= 3
         fits |= len(shape) == 4 and shape[0] == rows and shape[2] == length
