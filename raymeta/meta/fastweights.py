@@ -389,7 +389,8 @@ def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None
 
 def norm_misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
     """[why] when norm ``use``'s output ``out`` on ``x`` is not ``weight * n(x) + bias`` with the
-    engine's normalisation n (a class named like an RMSNorm that scales by ``1 + weight``), else []."""
+    engine's normalisation n (e.g. a forward patched on the instance that scales by
+    ``1 + weight``), else []."""
     m = use.module
     expected = m.weight * algebra.normalised(use, x)
     if getattr(m, "bias", None) is not None:
