@@ -10,6 +10,7 @@ SDPA which the meta step runs under its math backend).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -278,21 +279,28 @@ def rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.weight * h.to(hidden_states.dtype)
 
 
+def gemma_rmsnorm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (h * (1.0 + self.weight.to(dtype))).type_as(x)
+
+
 def _code(f) -> tuple | None:
     c = getattr(f, "__code__", None)
     return None if c is None else (c.co_code, c.co_names, c.co_consts, c.co_varnames)
 
 
 @functools.cache
-def _llama_rms_class(t: type) -> bool:
-    if not t.__name__.endswith("RMSNorm"):
-        return False
+def _copies(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
+    """Whether class ``t``'s ``methods`` have the code of transformers' ``where.name``'s (False
+    when that class does not exist in the installed transformers)."""
     try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:
+        ref = getattr(importlib.import_module(f"transformers.models.{where}"), name)
+    except (ImportError, AttributeError):
         return False
-    ref = _code(LlamaRMSNorm.forward)
-    return ref is not None and _code(t.forward) == ref
+    codes = [(_code(getattr(ref, m, None)), _code(getattr(t, m, None))) for m in methods]
+    return all(r is not None and r == c for r, c in codes)
 
 
 def is_llama_rms_norm(module) -> bool:
@@ -302,24 +310,61 @@ def is_llama_rms_norm(module) -> bool:
     such as Gemma's ``1 + weight``, is not one), with a ``weight`` tensor and a
     ``variance_epsilon``. A forward patched on the instance is the eligibility probe's to check."""
     return (
-        _llama_rms_class(type(module))
+        _copies(type(module), "llama.modeling_llama", "LlamaRMSNorm", ("forward",))
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and isinstance(getattr(module, "variance_epsilon", None), float)
     )
 
 
-def keep_float64(model):
-    """Make Llama-style RMSNorm layers (:func:`is_llama_rms_norm`) compute in float64 when
-    the model is float64.
+def is_gemma_rms_norm(module) -> bool:
+    """Whether ``module``'s class computes Gemma's RMSNorm, ``(1 + weight) * (x · rsqrt(mean(x²)
+    + eps))`` in float32: its ``forward`` and ``_norm`` are ``GemmaRMSNorm``'s code (Gemma 2 and
+    3 copy it), with a ``weight`` tensor and an ``eps``."""
+    return (
+        _copies(type(module), "gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"))
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "eps", None), float)
+    )
 
-    HF's RMSNorm rounds through float32, which caps float64 checks (finite
-    differences, engine equivalence) at float32 accuracy. Other norms keep their own
-    arithmetic. Returns ``model``."""
+
+SCALED_EMBEDDINGS = (
+    ("gemma.modeling_gemma", "GemmaTextScaledWordEmbedding"),  # rows * embed_scale.to(dtype)
+    ("biogpt.modeling_biogpt", "BioGptScaledWordEmbedding"),  # rows * embed_scale (a float)
+)
+"""transformers classes whose ``forward`` multiplies ``nn.Embedding``'s rows by ``embed_scale``
+(Gemma 1-4, MiniCPM3 and VaultGemma copy the first; Bart, BioGPT, M2M100, XGLM, ... the second)."""
+
+
+def embedding_scale(module) -> torch.Tensor | float | None:
+    """The factor a scaled embedding multiplies its looked-up rows by, as its forward applies
+    it (a one-element ``embed_scale`` buffer cast to the table's dtype, or a float), or None
+    for a module that is not one: an ``nn.Embedding`` whose ``forward`` has the code of one of
+    the ``SCALED_EMBEDDINGS``."""
+    if not isinstance(module, torch.nn.Embedding):
+        return None
+    t = type(module)
+    if not any(_copies(t, where, name, ("forward",)) for where, name in SCALED_EMBEDDINGS):
+        return None
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale.to(module.weight.dtype)
+    return float(scale) if isinstance(scale, (int, float)) else None
+
+
+def keep_float64(model):
+    """Make Llama- and Gemma-style RMSNorm layers (:func:`is_llama_rms_norm`,
+    :func:`is_gemma_rms_norm`) compute in float64 when the model is float64.
+
+    HF's RMSNorms round through float32, which caps float64 checks (finite differences,
+    engine equivalence) at float32 accuracy; their float32 and half-precision arithmetic is
+    unchanged. Other norms keep their own arithmetic. Returns ``model``."""
     import types
 
     for module in model.modules():
         if is_llama_rms_norm(module):
             module.forward = types.MethodType(rmsnorm_full_precision, module)
+        elif is_gemma_rms_norm(module):
+            module.forward = types.MethodType(gemma_rmsnorm_full_precision, module)
     return model
 
 

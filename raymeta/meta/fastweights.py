@@ -11,8 +11,10 @@ into the parameters. Design notes: ``docs/fastweights.md``.
 
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
-head: the cross terms are included), ``nn.LayerNorm`` and Llama-style RMSNorm
-scales. Anything else makes ``ineligibility`` return a reason.
+head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
+BioGPT's), ``nn.LayerNorm`` and the scales of Llama-style (``weight * n(x)``) and
+Gemma-style (``(1 + weight) * n(x)``) RMSNorms. Anything else makes ``ineligibility``
+return a reason.
 
 The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
 Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
@@ -47,7 +49,7 @@ from raymeta.meta.fastweights_terms import (
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
-from raymeta.models import is_llama_rms_norm
+from raymeta.models import embedding_scale, is_gemma_rms_norm, is_llama_rms_norm
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -137,6 +139,8 @@ class Use:
     kind: str  # linear | conv1d | embedding | norm
     weight: str | None = None
     bias: str | None = None
+    offset: float = 0.0
+    """A norm's output is ``(offset + weight) · normalise(x) + bias`` (Gemma's RMSNorm: 1)."""
 
 
 @dataclass
@@ -160,12 +164,12 @@ def module_kind(module: nn.Module) -> str | None:
     t = type(module)
     if t is nn.Linear:
         return "linear"
-    if t is nn.Embedding:
+    if t is nn.Embedding or embedding_scale(module) is not None:
         plain = module.max_norm is None and not module.scale_grad_by_freq
         return "embedding" if plain else None
     if t is nn.LayerNorm:
         return "norm" if len(module.normalized_shape) == 1 else None
-    if is_llama_rms_norm(module):
+    if is_llama_rms_norm(module) or is_gemma_rms_norm(module):
         return "norm"
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
@@ -215,7 +219,8 @@ def find_uses(model, names) -> list[Use]:
                     f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
                     f"(as {attr!r}), which the fast-weights engine does not know"
                 )
-            use = uses.setdefault(id(m), Use(m, path, kind))
+            offset = 1.0 if is_gemma_rms_norm(m) else 0.0
+            use = uses.setdefault(id(m), Use(m, path, kind, offset=offset))
             setattr(use, attr, name)
             kinds.add(kind)
         if "conv1d" in kinds and len(kinds) > 1:
@@ -298,7 +303,8 @@ def probe(model, uses: list[Use]) -> Findings:
       in a parent module, a head built on ``embed.weight``) would leave that read unadapted
       (``ParameterReads`` finds such reads);
     * each such module's input must be laid out by row and token (``layout_problem``);
-    * a norm's output must be ``weight * normalise(x) + bias`` (``norm_misfit``);
+    * each such module's output must be what the engine's algebra assumes of its kind
+      (``misfit``: e.g. ``(offset + weight) * normalise(x) + bias`` for a norm);
     * the decoder blocks' output type (``checkpoint_inner="vjp"`` needs tensors)."""
     table = model.get_input_embeddings()
     if table.weight.is_meta or torch._subclasses.fake_tensor.is_fake(table.weight):
@@ -333,8 +339,8 @@ def probe(model, uses: list[Use]) -> Findings:
 
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
-        if use is not None and use.kind == "norm" and not algebra.busy and not problems:
-            problems.extend(norm_misfit(algebra, use, args[0], out))
+        if use is not None and not algebra.busy and not problems:
+            problems.extend(misfit(algebra, use, args[0], out))
         if id(m) in blocks and not isinstance(out, torch.Tensor) and not outputs:
             outputs.append(type(out).__name__)
         reads.stack.pop()
@@ -387,20 +393,45 @@ def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None
     )
 
 
-def norm_misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
-    """[why] when norm ``use``'s output ``out`` on ``x`` is not ``weight * n(x) + bias`` with the
-    engine's normalisation n (e.g. a forward patched on the instance that scales by
-    ``1 + weight``), else []."""
+def formula(use: Use) -> str:
+    """What the engine's update assumes module ``use`` computes (``misfit`` checks it)."""
+    if use.kind == "norm":
+        scale = f"({use.offset:g} + weight)" if use.offset else "weight"
+        return f"{scale} * normalise(x) + bias"
+    if use.kind == "embedding":
+        return "W[ids]" if embedding_scale(use.module) is None else "embed_scale * W[ids]"
+    return "x W^T + b" if use.kind == "linear" else "x W + b"
+
+
+def misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
+    """[why] when module ``use``'s output ``out`` on ``x`` is not ``formula(use)`` (e.g. a forward
+    patched on the instance that scales by ``1 + weight``), with the engine's normalisation for
+    a norm and the module's ``embedding_scale`` (else 1), else []."""
     m = use.module
-    expected = m.weight * algebra.normalised(use, x)
-    if getattr(m, "bias", None) is not None:
-        expected = expected + m.bias
+    w, b = m.weight, getattr(m, "bias", None)
+    if use.kind == "norm":
+        expected = (w + use.offset) * algebra.normalised(use, x)
+    elif use.kind == "embedding":
+        expected = F.embedding(x, w, m.padding_idx)
+        scale = embedding_scale(m)
+        expected = expected if scale is None else expected * scale
+    elif use.kind == "linear":
+        expected = F.linear(x, w)
+    else:  # conv1d: weight [in, out]
+        expected = x @ w
+    if b is not None:
+        expected = expected + b
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)
+        return [
+            f"module {use.path} ({type(m).__name__}) returns {got}, not {tuple(expected.shape)}"
+        ]
     err = float((out.float() - expected.float()).norm() / out.float().norm().clamp_min(1e-30))
     tol = 0.1 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if err <= tol:
         return []
     return [
-        f"norm {use.path} ({type(m).__name__}) does not compute weight * normalise(x) + bias "
+        f"module {use.path} ({type(m).__name__}) does not compute {formula(use)} "
         f"(relative difference {err:.2g} on a probe input), which the engine's update assumes"
     ]
 
@@ -456,9 +487,16 @@ class Hooks:
         m = use.module
         if use.kind != "norm" or use.weight is None or getattr(m, "bias", None) is not None:
             return False
-        return type(m) is nn.LayerNorm or (
-            FUSED_OPS and fused.rms_dtype(m, m.weight.dtype) is not None
-        )
+        return type(m) is nn.LayerNorm or Hooks.rms_acc(use, m.weight.dtype) is not None
+
+    @staticmethod
+    def rms_acc(use: Use, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype ``fused.rms_normalise`` computes an RMSNorm's normalisation of ``dtype``
+        inputs in, as the module's own forward does; None where ``normalised`` calls the module
+        instead (``FUSED_OPS`` off, another norm, an unknown forward patched on the instance)."""
+        m = use.module
+        known = is_llama_rms_norm(m) or is_gemma_rms_norm(m)
+        return fused.rms_dtype(m, dtype) if FUSED_OPS and known else None
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
@@ -477,8 +515,9 @@ class Hooks:
             # graph go (a second normalisation kept for the second order costs ~1/4 of the
             # activations), and (w + Δw) * nx is exactly the adapted module
             w = vector_delta(self.terms.get(use.weight, []))
-            scale = module.weight if w is None else module.weight + per_task(w, nx)
-            out = (scale * nx).reshape(output.shape)
+            scale = module.weight.to(nx.dtype) + use.offset if use.offset else module.weight
+            scale = scale if w is None else scale + per_task(w, nx)
+            out = (scale * nx).to(output.dtype).reshape(output.shape)
         else:
             delta = correction(use, self.terms, x, nx, output.shape[-1])
             out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
@@ -490,17 +529,21 @@ class Hooks:
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """The norm's output with unit scale and no bias: ``[B, R, d]`` (an RMSNorm's through
-        ``fused.rms_normalise`` where its arithmetic is known, else through its own forward)."""
+        ``fused.rms_normalise`` where its arithmetic is known, else through its own forward).
+        In x's dtype, but a Gemma-style norm's in its accumulation dtype: its forward scales
+        by ``1 + weight`` there and rounds once, at the end (so does ``hook``)."""
         m = use.module
         if type(m) is nn.LayerNorm:
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        acc = fused.rms_dtype(m, x.dtype) if FUSED_OPS else None
+        acc = self.rms_acc(use, x.dtype)
+        if acc is not None and use.offset:
+            return fused.rms_normalise(x.to(acc), m.eps, acc)
         if acc is not None:
             return fused.rms_normalise(x, m.variance_epsilon, acc)
         self.busy = True
-        try:
-            ones = {"weight": torch.ones_like(m.weight)}
-            return torch.func.functional_call(m, ones, (x,))
+        try:  # the weight that makes the scale offset + weight one
+            unit = {"weight": torch.full_like(m.weight, 1.0 - use.offset)}
+            return torch.func.functional_call(m, unit, (x,))
         finally:
             self.busy = False
 
@@ -525,6 +568,9 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
         if pad is not None and parts:  # nn.Embedding sends no gradient into the padding row
             keep = (x == pad)[..., None]
             parts = [torch.where(keep, p.detach(), p) for p in parts]
+        scale = embedding_scale(use.module)
+        if scale is not None:  # a scaled embedding's output is scale · W[ids]
+            parts = [p * scale for p in parts]
     else:
         parts = [linear_delta(t, x, out_dim) for t in w_terms]
     b = vector_delta(b_terms)
@@ -554,7 +600,8 @@ def new_terms(rec: Record, d: torch.Tensor):
         pad = use.module.padding_idx
         if pad is not None:  # nn.Embedding gives the padding row no gradient
             d = d * (rec.x != pad)[..., None].to(d.dtype)
-        out.append((use.weight, Rows(rec.x, d)))
+        scale = embedding_scale(use.module)
+        out.append((use.weight, Rows(rec.x, d if scale is None else d * scale)))
     else:
         if use.weight:
             out.append((use.weight, Dense((d * rec.nx.reshape(d.shape)).sum(1))))

@@ -5,10 +5,11 @@ k = 1, 2 inner steps, n = 1, 3 contexts per update, padded contexts and queries,
 second and first order, on: a Llama with tied embeddings (and a padding_idx hit
 by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learned
 positions, untied head), Mistral with a sliding window, Qwen3 and Phi (per-head q/k norms in
-either layout), Phi-3 (Llama's RMSNorm code under another name, fused projections), and peft
-LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a full-rank inner step on the frozen
-base weights). The fused SwiGLU and RMS normaliser the
-engine's passes use (``fused``) are checked against torch's unfused ops on their own too.
+either layout), Phi-3 (Llama's RMSNorm code under another name, fused projections), Gemma,
+Gemma 2 (eager attention with logit soft-capping, soft-capped final logits) and Gemma 3 (scaled
+embeddings, ``1 + weight`` norms), and peft LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a full-rank inner step on
+the frozen base weights). The fused SwiGLU and RMS normaliser the engine's passes use
+(``fused``) are checked against torch's unfused ops on their own too.
 """
 
 from __future__ import annotations
@@ -130,6 +131,29 @@ def phi3():
     return tiny_llama(kind="phi3", vocab=VOCAB, heads=4, kv_heads=2, pad_token_id=0)
 
 
+def gemma(kind="gemma", **overrides):
+    """Gemma: a scaled embedding (rows * sqrt(hidden)) tied to the head, RMSNorms scaling by
+    ``1 + weight``, a GELU-gated MLP (``kind``, ``overrides``: a later Gemma)."""
+    return tiny_llama(
+        kind=kind, vocab=VOCAB, heads=4, kv_heads=2, tie=True, pad_token_id=0, **overrides
+    )
+
+
+def gemma2():
+    """Gemma 2 (eager attention only): Gemma's embedding and norms, attention scores and final
+    logits soft-capped (caps small enough to bend them), a 6-token window on alternate layers
+    (the longest padding run here is 5 tokens: HF's eager attention gives NaN on a row that
+    sees only padding)."""
+    soft_caps = {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
+    return gemma("gemma2", attn="eager", sliding_window=6, query_pre_attn_scalar=4, **soft_caps)
+
+
+def gemma3():
+    """Gemma 3: Gemma's embedding and norms, also as per-head q/k norms ([rows, T, H, d]), a
+    4-token sliding window and its own query scaling."""
+    return gemma("gemma3_text", sliding_window=4, query_pre_attn_scalar=4)
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
@@ -137,6 +161,9 @@ MODELS = {
     "qwen3": (qwen3, all_names),
     "phi_head_norms": (phi_head_norms, all_names),
     "phi3": (phi3, all_names),
+    "gemma": (gemma, all_names),
+    "gemma2": (gemma2, all_names),
+    "gemma3": (gemma3, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -270,10 +297,24 @@ def test_inner_parameter_subsets_match_reference(subset):
         compare(model, spec, ctx, q)
 
 
+_softmax = F.softmax
+
+
+def softmax_in_the_inputs_dtype(x, dim=None, _stacklevel=3, dtype=None):
+    """``F.softmax`` that never rounds below ``x``'s dtype (``dtype=torch.float32`` on float64)."""
+    wide = None if dtype is None else torch.promote_types(dtype, x.dtype)
+    return _softmax(x, dim=dim, dtype=wide)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     """checkpoint_inner=True ("vjp": the inner backward checkpointed per decoder block) is
-    exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed."""
+    exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed.
+
+    Hugging Face's eager attention (Gemma 2's) takes its softmax in float32; the recomputed
+    VJP rounds it differently (1.2e-7 here), so it is widened to the inputs' dtype: what is
+    compared is the engine's arithmetic, at float64 rounding."""
+    monkeypatch.setattr(F, "softmax", softmax_in_the_inputs_dtype)
     calls = {"vjp": 0, "forward": 0}
     for cls, key in ((fastweights.BlockVJP, "vjp"), (fastweights.BlockForward, "forward")):
         orig = cls.backward
@@ -507,10 +548,29 @@ def odd_norm(model):
     return model, "model.norm"
 
 
-@pytest.mark.parametrize("twist", [read_down_proj_weight, head_on_the_table, odd_norm])
+def doubled_projection(model):
+    """An nn.Linear whose forward, patched on the instance, doubles its output."""
+    proj = model.model.layers[1].self_attn.o_proj
+    proj.forward = lambda x: 2 * F.linear(x, proj.weight)
+    return model, "model.layers.1.self_attn.o_proj"
+
+
+def scaled_lookup(model):
+    """An nn.Embedding whose forward, patched on the instance, scales its rows (as Gemma's
+    class does, but unknown to ``models.embedding_scale``)."""
+    table = model.model.embed_tokens
+    table.forward = lambda ids: 3 * F.embedding(ids, table.weight, table.padding_idx)
+    return model, "model.embed_tokens"
+
+
+TWISTS = [read_down_proj_weight, head_on_the_table, odd_norm, doubled_projection, scaled_lookup]
+
+
+@pytest.mark.parametrize("twist", TWISTS)
 def test_weights_the_hooks_cannot_see_make_it_refuse(twist, caplog):
-    """A known module whose weight is read elsewhere, or a norm that only looks known: the
-    engine would be silently wrong there, so it refuses and ``auto`` runs the reference."""
+    """A known module whose weight is read elsewhere, or a module that only looks known (a
+    forward patched on the instance): the engine would be silently wrong there, so it refuses
+    and ``auto`` runs the reference."""
     model, culprit = twist(tiny_llama(vocab=VOCAB, tie=True))
     spec = InnerSpec(lr=0.5, names=all_names(model))
     reason = fastweights.ineligibility(model, spec)
@@ -720,29 +780,47 @@ def test_rms_normalise_follows_the_module_dtype():
 
 
 def test_rms_norms_are_known_by_their_code_not_their_name():
-    """A class whose forward is LlamaRMSNorm's code under another name (Phi-3's, SmolLM3's) is
-    an RMSNorm the engine computes, and ``keep_float64`` makes it float64; Gemma's, which scales
-    by ``1 + weight``, is neither (keep_float64 used to replace its forward with Llama's)."""
+    """A class whose forward is LlamaRMSNorm's code under another name (Phi-3's, SmolLM3's) is a
+    Llama-style norm, one whose forward and ``_norm`` are GemmaRMSNorm's (Gemma 2's, Qwen3-Next's)
+    a Gemma-style one (``1 + weight``): the engine computes both and ``keep_float64`` makes them
+    float64, each with its own arithmetic. OLMo-2's, whose code is neither, is refused and left
+    alone (keep_float64 once replaced any *RMSNorm's forward with Llama's)."""
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
     from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
 
-    from raymeta.models import is_llama_rms_norm, keep_float64
+    from raymeta.models import is_gemma_rms_norm, is_llama_rms_norm, keep_float64
 
     x = torch.randn(2, 3, 16, dtype=torch.float64)
-    for cls, known in ((Phi3RMSNorm, True), (SmolLM3RMSNorm, True), (GemmaRMSNorm, False)):
+    cases = (
+        (Phi3RMSNorm, "llama"),
+        (SmolLM3RMSNorm, "llama"),
+        (GemmaRMSNorm, "gemma"),
+        (Gemma2RMSNorm, "gemma"),
+        (Qwen3NextRMSNorm, "gemma"),
+        (Olmo2RMSNorm, None),
+    )
+    for cls, style in cases:
         norm = cls(16).to(torch.float64)
         with torch.no_grad():
             norm.weight.add_(0.1 * torch.randn(16, dtype=torch.float64))
             before = norm(x)
-            holder = nn.Sequential(norm)
-            keep_float64(holder)
+            keep_float64(nn.Sequential(norm))
             after = norm(x)
-        assert is_llama_rms_norm(norm) is known
-        assert fastweights.module_kind(norm) == ("norm" if known else None)
-        assert ("forward" in norm.__dict__) is known
-        if known:  # float64 now: the same up to float32 rounding, not bit for bit
-            assert torch.allclose(before, after, rtol=1e-6) and not torch.equal(before, after)
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            exact = (1 + norm.weight if style == "gemma" else norm.weight) * h
+        assert (is_llama_rms_norm(norm), is_gemma_rms_norm(norm)) == (
+            style == "llama",
+            style == "gemma",
+        ), cls.__name__
+        assert fastweights.module_kind(norm) == ("norm" if style else None)
+        assert ("forward" in norm.__dict__) is (style is not None)
+        if style:  # float64 now: float32 rounding before, float64 rounding after
+            torch.testing.assert_close(after, exact, rtol=1e-14, atol=0)
+            assert not torch.allclose(before, exact, rtol=1e-10, atol=0)
         else:
             assert torch.equal(before, after)
 

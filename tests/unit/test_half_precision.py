@@ -16,7 +16,16 @@ import torch
 
 from raymeta.meta import fastweights, reference
 from raymeta.meta.inner import InnerSpec
-from tests.unit.test_fastweights import all_names, batch, gpt2, llama_tied, run
+from tests.unit.test_fastweights import (
+    all_names,
+    batch,
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    llama_tied,
+    run,
+)
 
 
 def errors(grads: dict, truth: dict) -> tuple[float, float]:
@@ -27,7 +36,14 @@ def errors(grads: dict, truth: dict) -> tuple[float, float]:
     return num / den, worst
 
 
-@pytest.mark.parametrize("build", [llama_tied, gpt2], ids=["llama_tied", "gpt2"])
+BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3)}
+"""Gemma's norms scale by ``1 + weight`` in float32 and round once: an engine that rounded
+``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
+tiny Gemma 2 and 3 (four norms a block, soft-capping) are far less well conditioned in bf16
+than the others: 5-20% error for either engine, against 1-2%."""
+
+
+@pytest.mark.parametrize("build", list(BUILDS.values()), ids=list(BUILDS))
 @pytest.mark.parametrize("checkpoint", [False, "vjp"])
 def test_low_precision_as_accurate_as_reference(build, checkpoint):
     model = build()
@@ -46,5 +62,5 @@ def test_low_precision_as_accurate_as_reference(build, checkpoint):
             f"k={steps} bf16 error: reference {ref_all:.4f} ({ref_worst:.4f} worst tensor), "
             f"fastweights {fw_all:.4f} ({fw_worst:.4f})"
         )
-        assert 0 < ref_all < 0.05
+        assert 0 < ref_all < 0.25
         assert fw_all < 2 * ref_all and fw_worst < 2 * ref_worst
