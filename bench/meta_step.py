@@ -6,6 +6,7 @@ query length × meta-batch → ms per task, tasks/s, peak memory, estimated
 TFLOP/s, % of bf16 peak, speedup of fastweights over reference).
 
     python bench/meta_step.py --device cpu --shape tiny --meta-batch 8 --ctx 64 --query 16
+    python bench/meta_step.py --device cpu --family gemma --shape tiny --ctx 16,64
     python bench/meta_step.py --device cuda --shape llama-1b --dtype bfloat16 \\
         --meta-batch 16,64 --ctx 192 --query 32 --json out.json
 
@@ -77,11 +78,19 @@ SHAPES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def llama_config(shape: str):
-    """The LlamaConfig of ``shape`` (tied embeddings unless the shape says not)."""
-    from transformers import LlamaConfig
+FAMILIES = ("llama", "gemma")
+"""Model families a shape is built as: Llama (fused attention, SwiGLU and RMS normalisation in
+the fast engine's passes) or Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP
+and its own SDPA attention, which the fast engine runs under the math kernel)."""
 
-    return LlamaConfig(
+
+def model_config(shape: str, family: str = "llama"):
+    """The config of ``shape`` as a ``family`` model (tied embeddings unless the shape says
+    not)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family,
         **{"tie_word_embeddings": True, **SHAPES[shape]},
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
@@ -89,13 +98,14 @@ def llama_config(shape: str):
     )
 
 
-def build_model(shape: str, dtype, device):
-    """A random LlamaForCausalLM of ``shape`` in ``dtype`` on ``device``, in train mode."""
-    from transformers import LlamaForCausalLM
+def build_model(shape: str, dtype, device, family: str = "llama"):
+    """A random causal LM of ``shape`` and ``family`` in ``dtype`` on ``device``, in train
+    mode."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+        model = AutoModelForCausalLM.from_config(model_config(shape, family)).to(dtype)
     return model.train()
 
 
@@ -150,6 +160,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
     row = dict(
         engine=engine.name,
         shape=args.shape,
+        family=args.family,
         dtype=args.dtype,
         ctx=ctx,
         contexts=args.contexts,
@@ -383,6 +394,8 @@ def table(rows_: list[dict]) -> str:
     keys = ("engine", "shape", "dtype", "ctx", "contexts", "query", "meta_batch", "micro")
     for r in rows_:
         cells = [r[k] for k in (*keys, "checkpoint_inner")]
+        if r.get("family", "llama") != "llama":
+            cells[1] = f"{r['family']} {cells[1]}"
         if r.get("compile_ops"):
             cells[0] += " (compiled ops)"
         if r.get("cuda_graph"):
@@ -478,6 +491,12 @@ def parse(argv=None):
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llama",
+        help="build the shape as a Llama (the default) or a Gemma",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--meta-batch", type=ints, default=[8], help="comma-separated list")
     p.add_argument("--ctx", type=ints, default=[64], help="context tokens (comma-separated)")
@@ -587,7 +606,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    model = build_model(args.shape, dtype, args.device)
+    model = build_model(args.shape, dtype, args.device, args.family)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, capturable=bool(args.cuda_graph))
     names = inner_names(model, args.inner)

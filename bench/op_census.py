@@ -45,7 +45,7 @@ from meta_step import (  # noqa: E402
     distinct,
     inner_names,
     json_path,
-    llama_config,
+    model_config,
     positive,
     random_batch,
 )
@@ -110,7 +110,7 @@ def build_fake_model(shape: str, dtype):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # fake tensors cannot be cast with .to() afterwards
     try:
-        return LlamaForCausalLM(llama_config(shape)).train()
+        return LlamaForCausalLM(model_config(shape)).train()
     finally:
         torch.set_default_dtype(default)
 

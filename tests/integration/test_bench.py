@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
-def test_meta_step_benchmark_prints_table_and_json(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_meta_step_benchmark_prints_table_and_json(tmp_path, family):
     out = tmp_path / "rows.json"
     cmd = [
         sys.executable,
@@ -20,6 +21,8 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path):
         "cpu",
         "--shape",
         "tiny",
+        "--family",
+        family,
         "--dtype",
         "float32",
         "--meta-batch",
@@ -45,6 +48,7 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path):
     assert "| engine |" in proc.stdout
     rows = json.loads(out.read_text())
     assert {r["engine"] for r in rows} == {"reference", "fastweights"}
+    assert {r["family"] for r in rows} == {family}
     assert all(r["tasks_per_s"] > 0 and "error" not in r for r in rows)
     assert all(r["contexts"] == 2 and 0 < r["kept_GiB_per_task"] < 0.01 for r in rows)
     (fast,) = [r for r in rows if r["engine"] == "fastweights"]
