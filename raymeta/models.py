@@ -184,6 +184,14 @@ def load_model(
             f"model.name_or_path: cannot load {name_or_path!r} ({e}). Offline machines need a "
             "local directory written by save_pretrained, or model.name_or_path=tiny."
         ) from None
+    except ValueError as e:  # e.g. Gemma 2 has no SDPA attention
+        if "attention implementation" not in str(e) or attn_implementation == "eager":
+            raise
+        why = str(e).split(". ")[0]
+        raise InputError(
+            f"model.attn_implementation={attn_implementation}: {name_or_path!r} cannot load with "
+            f"it ({why}); set model.attn_implementation=eager"
+        ) from None
     if not tokenizer("The river is called Alba.")["input_ids"]:
         raise InputError(
             f"model.name_or_path: the tokenizer of {name_or_path!r} encodes text to no tokens "

@@ -57,6 +57,18 @@ def run_job(out: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def save_gemma2(path: Path) -> None:
+    """A random tiny Gemma 2 (which Hugging Face loads with eager attention only) and a word
+    tokenizer, saved with save_pretrained."""
+    from raymeta.models import train_tokenizer
+    from tests.helpers import tiny_llama
+
+    tok = train_tokenizer(["the river is called alba"])
+    model = tiny_llama(len(tok), kind="gemma2", attn="eager", pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """name → (overrides, text the error line must contain), with the bad files written."""
     (tmp_path / "bad_line.jsonl").write_text("not json\n")
@@ -68,6 +80,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "latin1.jsonl").write_bytes((good + '{"context": "caf\xe9", ').encode("latin-1"))
     (tmp_path / "empty_context.jsonl").write_text(good.replace('"a"', '""'))
     (tmp_path / "lm.txt").write_bytes(b"\xff\n")
+    save_gemma2(tmp_path / "gemma2")
     return {
         "missing_file": (
             ["data.dataset=jsonl", f"data.source={tmp_path / 'missing.jsonl'}"],
@@ -110,6 +123,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "lm.txt:1: not UTF-8",
         ),
         "device": (["device=cuda:99"], "device='cuda:99'"),
+        "attention_the_model_lacks": (
+            [f"model.name_or_path={tmp_path / 'gemma2'}", "model.attn_implementation=sdpa"],
+            "model.attn_implementation=sdpa: ",
+        ),
         "lora_target": (
             ["model.lora.enabled=true", "model.lora.target_modules=[nosuch]"],
             "model.lora.target_modules",
@@ -136,6 +153,7 @@ CASES = [
     "lm_file_missing",
     "lm_file_not_utf8",
     "device",
+    "attention_the_model_lacks",
     "lora_target",
     "inner_params",
     "ray_address",
