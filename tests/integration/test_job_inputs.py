@@ -57,16 +57,20 @@ def run_job(out: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def save_gemma2(path: Path) -> None:
-    """A random tiny Gemma 2 (which Hugging Face loads with eager attention only) and a word
-    tokenizer, saved with save_pretrained."""
+def save_tiny(path: Path, kind: str, **overrides) -> Path:
+    """A random tiny float32 model of Hugging Face family ``kind`` (``tests.helpers.tiny_llama``)
+    and a word tokenizer, saved with save_pretrained."""
+    import torch
+
     from raymeta.models import train_tokenizer
     from tests.helpers import tiny_llama
 
-    tok = train_tokenizer(["the river is called alba"])
-    model = tiny_llama(len(tok), kind="gemma2", attn="eager", pad_token_id=tok.pad_token_id)
+    tok = train_tokenizer(["a few words to have a vocabulary"])
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    model = tiny_llama(len(tok), kind=kind, dtype=torch.float32, **ids, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -80,7 +84,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "latin1.jsonl").write_bytes((good + '{"context": "caf\xe9", ').encode("latin-1"))
     (tmp_path / "empty_context.jsonl").write_text(good.replace('"a"', '""'))
     (tmp_path / "lm.txt").write_bytes(b"\xff\n")
-    save_gemma2(tmp_path / "gemma2")
+    save_tiny(tmp_path / "gemma2", "gemma2", attn="eager")  # Gemma 2 has no SDPA attention
     return {
         "missing_file": (
             ["data.dataset=jsonl", f"data.source={tmp_path / 'missing.jsonl'}"],
@@ -225,34 +229,18 @@ def test_failing_rerun_leaves_earlier_results_in_place(tmp_path, case):
         assert (out / name).read_text() == text
 
 
-def save_gemma(path: Path) -> Path:
-    """A random two-layer Gemma and a word tokenizer saved as a Hugging Face model: its scaled
-    embedding and (1 + w) norms are module kinds the fast-weights engine does not know."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    from raymeta.models import train_tokenizer
-
-    tok = train_tokenizer(["a few words to have a vocabulary"])
-    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 16}
-    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
-    config = GemmaConfig(vocab_size=len(tok), **shape, **heads, pad_token_id=tok.pad_token_id)
-    GemmaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     """meta.engine=fastweights on a model it cannot run exactly: one error line, exit 2, before
     preparation, and an earlier run's results stay where they were; auto falls back."""
     out = tmp_path / "out"
     earlier = write_earlier_results(out)
-    model = save_gemma(tmp_path / "gemma")
+    model = save_tiny(tmp_path / "olmo2", "olmo2")  # its q/k RMSNorms' code is not Llama's
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.engine=fastweights")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: meta.engine=fastweights cannot run exactly here: "), last
-    assert "GemmaTextScaledWordEmbedding" in last and "meta.engine=auto" in last, last
+    assert "Olmo2RMSNorm" in last and "meta.engine=auto" in last, last
     assert "[prepare" not in proc.stdout and "[eval" not in proc.stdout, proc.stdout[-2000:]
     assert not (out / "previous").exists()
     for name, text in earlier.items():
@@ -261,7 +249,7 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     why = "[engine] meta.engine=auto: using the reference engine because "
-    assert proc.stderr.count(why) == 1 and "GemmaTextScaledWordEmbedding" in proc.stderr
+    assert proc.stderr.count(why) == 1 and "Olmo2RMSNorm" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"] == {"BM": "reference", "LG": "reference", "LC": "reference"}
     assert "[eval LG] (reference engine)" in proc.stdout
