@@ -7,9 +7,9 @@ by real context tokens), a GPT-2 (transformers Conv1D, biases, LayerNorm, learne
 positions, untied head), Mistral with a sliding window, Qwen3 and Phi (per-head q/k norms in
 either layout), Phi-3 (Llama's RMSNorm code under another name, fused projections), Gemma,
 Gemma 2 (eager attention with logit soft-capping, soft-capped final logits) and Gemma 3 (scaled
-embeddings, ``1 + weight`` norms), and peft LoRA (adapter-only inner; LoRA outer (ranks 1 and 2) with a full-rank inner step on
-the frozen base weights). The fused SwiGLU and RMS normaliser the engine's passes use
-(``fused``) are checked against torch's unfused ops on their own too.
+embeddings, ``1 + weight`` norms), and peft LoRA (adapter-only inner; LoRA outer (ranks 1 and
+2) with a full-rank inner step on the frozen base weights). The fused SwiGLU and RMS normaliser
+the engine's passes use (``fused``) are checked against torch's unfused ops on their own too.
 """
 
 from __future__ import annotations
