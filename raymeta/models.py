@@ -9,6 +9,7 @@ SDPA which the meta step runs under its math backend).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -280,18 +281,77 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def rmsnorm_full_precision(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-    h = hidden_states.to(dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-    return self.weight * h.to(hidden_states.dtype)
+@dataclasses.dataclass(frozen=True)
+class RMSNormStyle:
+    """The arithmetic of a transformers RMSNorm class, known by its code: its output is
+    ``(offset + weight) · n(x)`` with ``n(x) = x · rsqrt(mean(x²) + eps)`` over the last dim,
+    ``n`` computed in float32 (the class's forward casts x up)."""
+
+    where: str
+    """The module under ``transformers.models`` defining the class, e.g. "llama.modeling_llama"."""
+    name: str
+    """The class whose code defines the style; classes with the same code share it."""
+    methods: tuple[str, ...]
+    """The methods whose code must be that class's (``forward``, and ``_norm`` where it has one)."""
+    eps: str
+    """The attribute holding eps ("variance_epsilon" or "eps")."""
+    offset: float = 0.0
+    """Added to the weight (Gemma: 1)."""
+    wide: bool = False
+    """Scaled in float32 and rounded to x's dtype once, at the end (else ``n`` is rounded to
+    x's dtype first, then scaled in the weight's dtype, as Llama does)."""
 
 
-def gemma_rmsnorm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
+RMS_NORMS = (
+    RMSNormStyle("llama.modeling_llama", "LlamaRMSNorm", ("forward",), "variance_epsilon"),
+    RMSNormStyle(
+        "gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"), "eps", offset=1.0, wide=True
+    ),
+    RMSNormStyle(
+        "olmo2.modeling_olmo2", "Olmo2RMSNorm", ("forward",), "variance_epsilon", wide=True
+    ),
+    RMSNormStyle(
+        "helium.modeling_helium", "HeliumRMSNorm", ("forward",), "variance_epsilon", wide=True
+    ),
+    RMSNormStyle("gemma4.modeling_gemma4", "Gemma4RMSNorm", ("forward", "_norm"), "eps", wide=True),
+    RMSNormStyle("moshi.modeling_moshi", "MoshiRMSNorm", ("forward", "_norm"), "eps", wide=True),
+    RMSNormStyle("nanochat.modeling_nanochat", "NanoChatRMSNorm", ("forward", "_norm"), "eps"),
+)
+"""The RMSNorm styles the fast-weights engine computes. transformers copies each class under
+other names (by a scan of transformers 5.23: Llama's into Mistral, Qwen, Phi-3, Granite, ...,
+140 classes; Gemma's into Gemma 2-3, VaultGemma, Qwen3-Next, Qwen3.5, 13; OLMo-2's
+(``weight * n(x)`` in float32) into OLMo-3, FlexOlmo, GPT-OSS, 11; Helium's (the same, the
+weight cast first) into Nemotron-H, 3; Gemma 4's (``n`` by ``pow(·, -0.5)``, a
+``with_scale`` switch) into Gemma 3n, 8; Moshi's into Kyutai's speech-to-text, 2). NanoChat's
+has no weight (nothing to adapt): it is here for ``keep_float64`` (HRM copies it)."""
+
+
+def rms_norm_style(module, weighted: bool = True) -> RMSNormStyle | None:
+    """The ``RMS_NORMS`` style of ``module``'s class (its methods have that class's code: a
+    class that only shares the name is not one), when it has a float eps and (``weighted``) a
+    ``weight`` tensor; None otherwise. A forward patched on the instance is the eligibility
+    probe's to check."""
+    if weighted and not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    for style in RMS_NORMS:
+        if _copies(type(module), style.where, style.name, style.methods):
+            return style if isinstance(getattr(module, style.eps, None), float) else None
+    return None
+
+
+def rmsnorm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
+    """An ``RMS_NORMS`` module's forward, in float64 for float64 inputs (as its class's
+    otherwise: float32 normalisation, then its own scaling and rounding; no scaling for a
+    norm without weight, such as Gemma 4's ``with_scale=False``)."""
+    style = rms_norm_style(self, weighted=False)
     dtype = torch.promote_types(x.dtype, torch.float32)
     h = x.to(dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-    return (h * (1.0 + self.weight.to(dtype))).type_as(x)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(self, style.eps))
+    if getattr(self, "weight", None) is None:
+        return h.to(x.dtype)
+    if style.wide:
+        return (h * (style.offset + self.weight.to(dtype))).to(x.dtype)
+    return (style.offset + self.weight) * h.to(x.dtype)
 
 
 def _code(f) -> tuple | None:
@@ -309,30 +369,6 @@ def _copies(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
         return False
     codes = [(_code(getattr(ref, m, None)), _code(getattr(t, m, None))) for m in methods]
     return all(r is not None and r == c for r, c in codes)
-
-
-def is_llama_rms_norm(module) -> bool:
-    """Whether ``module``'s class computes Llama's RMSNorm, ``weight * (x · rsqrt(mean(x²) +
-    eps))`` in float32: its ``forward`` is ``LlamaRMSNorm.forward``'s code (transformers copies
-    it into Mistral, Qwen, Phi-3, ... under their own names; a class that only shares the name,
-    such as Gemma's ``1 + weight``, is not one), with a ``weight`` tensor and a
-    ``variance_epsilon``. A forward patched on the instance is the eligibility probe's to check."""
-    return (
-        _copies(type(module), "llama.modeling_llama", "LlamaRMSNorm", ("forward",))
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and isinstance(getattr(module, "variance_epsilon", None), float)
-    )
-
-
-def is_gemma_rms_norm(module) -> bool:
-    """Whether ``module``'s class computes Gemma's RMSNorm, ``(1 + weight) * (x · rsqrt(mean(x²)
-    + eps))`` in float32: its ``forward`` and ``_norm`` are ``GemmaRMSNorm``'s code (Gemma 2 and
-    3 copy it), with a ``weight`` tensor and an ``eps``."""
-    return (
-        _copies(type(module), "gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"))
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and isinstance(getattr(module, "eps", None), float)
-    )
 
 
 SCALED_EMBEDDINGS = (
@@ -360,8 +396,8 @@ def embedding_scale(module) -> torch.Tensor | float | None:
 
 
 def keep_float64(model):
-    """Make Llama- and Gemma-style RMSNorm layers (:func:`is_llama_rms_norm`,
-    :func:`is_gemma_rms_norm`) compute in float64 when the model is float64.
+    """Make the RMSNorm layers the fast-weights engine knows (``rms_norm_style``) compute in
+    float64 when the model is float64.
 
     HF's RMSNorms round through float32, which caps float64 checks (finite differences,
     engine equivalence) at float32 accuracy; their float32 and half-precision arithmetic is
@@ -369,10 +405,8 @@ def keep_float64(model):
     import types
 
     for module in model.modules():
-        if is_llama_rms_norm(module):
+        if rms_norm_style(module, weighted=False) is not None:
             module.forward = types.MethodType(rmsnorm_full_precision, module)
-        elif is_gemma_rms_norm(module):
-            module.forward = types.MethodType(gemma_rmsnorm_full_precision, module)
     return model
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ from raymeta.meta.fastweights_terms import (
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
-from raymeta.models import embedding_scale, is_gemma_rms_norm, is_llama_rms_norm
+from raymeta.models import RMSNormStyle, embedding_scale, rms_norm_style
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -139,8 +140,13 @@ class Use:
     kind: str  # linear | conv1d | embedding | norm
     weight: str | None = None
     bias: str | None = None
-    offset: float = 0.0
-    """A norm's output is ``(offset + weight) · normalise(x) + bias`` (Gemma's RMSNorm: 1)."""
+    rms: RMSNormStyle | None = None
+    """An RMSNorm's arithmetic (``models.RMS_NORMS``); None for other kinds and LayerNorm."""
+
+    @property
+    def offset(self) -> float:
+        """A norm's output is ``(offset + weight) · normalise(x) + bias`` (Gemma's RMSNorm: 1)."""
+        return self.rms.offset if self.rms else 0.0
 
 
 @dataclass
@@ -169,7 +175,7 @@ def module_kind(module: nn.Module) -> str | None:
         return "embedding" if plain else None
     if t is nn.LayerNorm:
         return "norm" if len(module.normalized_shape) == 1 else None
-    if is_llama_rms_norm(module) or is_gemma_rms_norm(module):
+    if rms_norm_style(module) is not None:
         return "norm"
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
@@ -219,8 +225,7 @@ def find_uses(model, names) -> list[Use]:
                     f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
                     f"(as {attr!r}), which the fast-weights engine does not know"
                 )
-            offset = 1.0 if is_gemma_rms_norm(m) else 0.0
-            use = uses.setdefault(id(m), Use(m, path, kind, offset=offset))
+            use = uses.setdefault(id(m), Use(m, path, kind, rms=rms_norm_style(m)))
             setattr(use, attr, name)
             kinds.add(kind)
         if "conv1d" in kinds and len(kinds) > 1:
@@ -240,10 +245,17 @@ def ineligibility(model, spec: InnerSpec) -> str | None:
         return f"its eligibility probe (a forward of 2 x 3 tokens) failed: {type(e).__name__}: {e}"
     if found.reason:
         return found.reason
-    if found.block_output and checkpoint_mode(spec.checkpoint_inner) == "vjp":
+    if checkpoint_mode(spec.checkpoint_inner) != "vjp":
+        return None
+    if found.block_output:
         return (
             f"its decoder blocks return a {found.block_output}, not a tensor, which "
             "checkpoint_inner='vjp' needs (checkpoint_inner='forward' checkpoints such blocks)"
+        )
+    if found.block_inputs:
+        return (
+            f"its decoder blocks {found.block_inputs}, which checkpoint_inner='vjp' cannot "
+            "recompute (checkpoint_inner='forward' checkpoints such blocks)"
         )
     return None
 
@@ -267,6 +279,12 @@ class Findings:
     module's inputs by task (None: neither)."""
     block_output: str | None = None
     """The type of a decoder block's output when it is not a tensor (tuple-returning blocks)."""
+    block_inputs: str | None = None
+    """What, first in call order, the decoder blocks get besides the previous block's output:
+    "get a differentiable input besides their hidden states (per_layer_input)" (Gemma 4's
+    per-layer inputs, key/value states shared across layers), "are not chained (the input of
+    ... is not the output of ...)" (blocks run in cycles, as HRM's; sliced hidden states; a
+    list that is not one of blocks, as XLM's attentions)."""
 
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -305,7 +323,12 @@ def probe(model, uses: list[Use]) -> Findings:
     * each such module's input must be laid out by row and token (``layout_problem``);
     * each such module's output must be what the engine's algebra assumes of its kind
       (``misfit``: e.g. ``(offset + weight) * normalise(x) + bias`` for a norm);
-    * the decoder blocks' output type (``checkpoint_inner="vjp"`` needs tensors)."""
+    * the decoder blocks' output type, other differentiable inputs and chaining
+      (``checkpoint_inner="vjp"`` needs tensors in and out, each block's input the output of
+      the block called before it).
+
+    The forward runs with gradients on and the inner parameters requiring grad (as the
+    engine's update terms make them), so that what depends on them shows."""
     table = model.get_input_embeddings()
     if table.weight.is_meta or torch._subclasses.fake_tensor.is_fake(table.weight):
         return Findings()  # shapes only (bench/op_census.py): nothing to probe
@@ -323,12 +346,26 @@ def probe(model, uses: list[Use]) -> Findings:
     reads = ParameterReads(watched)
     used = {id(u.module): u for u in uses}
     blocks = {id(b) for b in decoder_blocks(model)}
+    paths = {id(m): p for p, m in model.named_modules() if id(m) in blocks}
     algebra = Hooks(uses, {}, 1, 1, 2)  # for its ``normalised`` (busy while it calls a norm)
     problems: list[str] = []
     outputs: list[str] = []
+    inputs: list[str] = []
+    last: list = [None, ""]  # the output of the block called last, its path
 
-    def enter(m, args):
+    def block_called(m, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if last[0] is not None and hidden is not last[0]:
+            inputs.append(
+                f"are not chained (the input of {paths[id(m)]} is not the output of {last[1]})"
+            )
+        elif extra := differentiable_inputs(m.forward, args, kwargs):
+            inputs.append(f"get a differentiable input besides their hidden states ({extra[0]})")
+
+    def enter(m, args, kwargs):
         reads.stack.append(id(m))
+        if id(m) in blocks and not inputs:
+            block_called(m, args, kwargs)
         use = used.get(id(m))
         if use is not None and not algebra.busy and not problems:
             x = args[0] if args else None
@@ -340,25 +377,33 @@ def probe(model, uses: list[Use]) -> Findings:
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
         if use is not None and not algebra.busy and not problems:
-            problems.extend(misfit(algebra, use, args[0], out))
-        if id(m) in blocks and not isinstance(out, torch.Tensor) and not outputs:
-            outputs.append(type(out).__name__)
+            with torch.no_grad():
+                problems.extend(misfit(algebra, use, args[0], out))
+        if id(m) in blocks:
+            last[:] = [out if isinstance(out, torch.Tensor) else None, paths[id(m)]]
+            if last[0] is None and not outputs:
+                outputs.append(type(out).__name__)
         reads.stack.pop()
 
     handles = []
     for m in model.modules():
-        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(m.register_forward_hook(leave, always_call=True))
     # (shape, not num_embeddings: peft's LoRA wrapper of an embedding has no such attribute)
     n = PROBE_ROWS * PROBE_LENGTH
     ids = torch.arange(n, device=table.weight.device).view(PROBE_ROWS, PROBE_LENGTH)
     ids = ids % table.weight.shape[0]
+    frozen = [p for p in model.parameters() if id(p) in watched and not p.requires_grad]
     try:
-        with torch.no_grad(), reads:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad(), reads:
             call(model, Tokens(ids, torch.ones_like(ids)))  # as the engine's passes call it
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
     reason = problems[0] if problems else None
     if reads.strays:
         name, where = next(iter(reads.strays.items()))
@@ -366,7 +411,30 @@ def probe(model, uses: list[Use]) -> Findings:
             f"inner parameter {name} is read outside the module that holds it (by a call to {where} in "
             "the model's forward), where the engine's update would not reach it"
         )
-    found = cache[names] = Findings(reason, outputs[0] if outputs else None)
+    found = Findings(reason, outputs[0] if outputs else None, inputs[0] if inputs else None)
+    cache[names] = found
+    return found
+
+
+def differentiable_inputs(forward, args: tuple, kwargs: dict) -> list[str]:
+    """The names of the arguments (of ``forward``, a decoder block's) through which a call
+    passes a tensor requiring grad other than the hidden states (the first argument, or
+    ``hidden_states``), e.g. ["per_layer_input"]."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    try:
+        sig = inspect.signature(forward)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        named = []
+        for name, value in bound.items():
+            many = sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            named.extend(value.items() if many else [(name, value)])
+    except (TypeError, ValueError):  # no signature, or one the call does not fit
+        named = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    found = []
+    for where, value in named:
+        leaves = torch.utils._pytree.tree_leaves(value)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad and t is not hidden for t in leaves):
+            found.append(where)
     return found
 
 
@@ -494,9 +562,7 @@ class Hooks:
         """The dtype ``fused.rms_normalise`` computes an RMSNorm's normalisation of ``dtype``
         inputs in, as the module's own forward does; None where ``normalised`` calls the module
         instead (``FUSED_OPS`` off, another norm, an unknown forward patched on the instance)."""
-        m = use.module
-        known = is_llama_rms_norm(m) or is_gemma_rms_norm(m)
-        return fused.rms_dtype(m, dtype) if FUSED_OPS and known else None
+        return fused.rms_dtype(use.module, dtype) if FUSED_OPS and use.rms else None
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
@@ -515,7 +581,8 @@ class Hooks:
             # graph go (a second normalisation kept for the second order costs ~1/4 of the
             # activations), and (w + Δw) * nx is exactly the adapted module
             w = vector_delta(self.terms.get(use.weight, []))
-            scale = module.weight.to(nx.dtype) + use.offset if use.offset else module.weight
+            scale = module.weight.to(nx.dtype) if use.rms and use.rms.wide else module.weight
+            scale = scale + use.offset if use.offset else scale
             scale = scale if w is None else scale + per_task(w, nx)
             out = (scale * nx).to(output.dtype).reshape(output.shape)
         else:
@@ -523,23 +590,23 @@ class Hooks:
             out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
         if self.inner and torch.is_grad_enabled() and not out.requires_grad:
             out = out.detach().requires_grad_()
-        if self.record:
+        if self.record and torch.is_grad_enabled():  # a call under no_grad adds no gradient
             self.records.append(Record(use, x, nx, out))
         return out
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """The norm's output with unit scale and no bias: ``[B, R, d]`` (an RMSNorm's through
         ``fused.rms_normalise`` where its arithmetic is known, else through its own forward).
-        In x's dtype, but a Gemma-style norm's in its accumulation dtype: its forward scales
-        by ``1 + weight`` there and rounds once, at the end (so does ``hook``)."""
+        In x's dtype, but a wide style's (``RMSNormStyle.wide``: Gemma's, OLMo-2's, ...) in
+        its accumulation dtype: its forward scales there and rounds once, at the end (so does
+        ``hook``)."""
         m = use.module
         if type(m) is nn.LayerNorm:
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         acc = self.rms_acc(use, x.dtype)
-        if acc is not None and use.offset:
-            return fused.rms_normalise(x.to(acc), m.eps, acc)
         if acc is not None:
-            return fused.rms_normalise(x, m.variance_epsilon, acc)
+            eps = getattr(m, use.rms.eps)
+            return fused.rms_normalise(x.to(acc) if use.rms.wide else x, eps, acc)
         self.busy = True
         try:  # the weight that makes the scale offset + weight one
             unit = {"weight": torch.full_like(m.weight, 1.0 - use.offset)}
@@ -1020,11 +1087,10 @@ class BlockCalls:
                 "fast-weights checkpoint_inner='vjp': a decoder block's input is not the "
                 "previous block's output"
             )
-        rest = [t for t in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if t is not x]
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
+        if extra := differentiable_inputs(orig, args, kwargs):
             raise RuntimeError(
                 "fast-weights checkpoint_inner='vjp': a decoder block got a differentiable "
-                "input other than its hidden states"
+                f"input other than its hidden states ({extra[0]})"
             )
         if not self.blocks:
             self.first = len(h.records)

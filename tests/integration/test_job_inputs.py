@@ -234,13 +234,13 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     preparation, and an earlier run's results stay where they were; auto falls back."""
     out = tmp_path / "out"
     earlier = write_earlier_results(out)
-    model = save_tiny(tmp_path / "olmo2", "olmo2")  # its q/k RMSNorms' code is not Llama's
+    model = save_tiny(tmp_path / "cohere", "cohere")  # its norms centre x: not an RMSNorm
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.engine=fastweights")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: meta.engine=fastweights cannot run exactly here: "), last
-    assert "Olmo2RMSNorm" in last and "meta.engine=auto" in last, last
+    assert "CohereLayerNorm" in last and "meta.engine=auto" in last, last
     assert "[prepare" not in proc.stdout and "[eval" not in proc.stdout, proc.stdout[-2000:]
     assert not (out / "previous").exists()
     for name, text in earlier.items():
@@ -249,7 +249,7 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     why = "[engine] meta.engine=auto: using the reference engine because "
-    assert proc.stderr.count(why) == 1 and "Olmo2RMSNorm" in proc.stderr
+    assert proc.stderr.count(why) == 1 and "CohereLayerNorm" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"] == {"BM": "reference", "LG": "reference", "LC": "reference"}
     assert "[eval LG] (reference engine)" in proc.stdout

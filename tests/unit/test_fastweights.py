@@ -15,6 +15,7 @@ the engine's passes use (``fused``) are checked against torch's unfused ops on t
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import pytest
@@ -28,7 +29,7 @@ from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
 from raymeta.meta.objectives import lc_loss, lg_loss
-from raymeta.models import resolve_inner_params
+from raymeta.models import RMS_NORMS, resolve_inner_params
 from tests.helpers import random_contexts, random_queries, tiny_llama
 
 VOCAB = 48
@@ -154,6 +155,44 @@ def gemma3():
     return gemma("gemma3_text", sliding_window=4, query_pre_attn_scalar=4)
 
 
+def olmo2(kind="olmo2", **overrides):
+    """OLMo-2: RMSNorms that scale in float32 and round once (OLMo-2's code, not Llama's), also
+    over the whole q/k projections ([rows, T, H·d]); untied (``kind``: a later OLMo)."""
+    return tiny_llama(kind=kind, vocab=VOCAB, heads=4, kv_heads=2, pad_token_id=0, **overrides)
+
+
+def olmo3():
+    """OLMo-3: OLMo-2's norms and a 4-token sliding window."""
+    return olmo2("olmo3", sliding_window=4)
+
+
+def helium():
+    """Helium: RMSNorms casting their weight to float32 before scaling (Helium's code)."""
+    return tiny_llama(kind="helium", vocab=VOCAB, heads=4, kv_heads=2, tie=True, pad_token_id=0)
+
+
+def gemma4():
+    """Gemma 4 (text): per-layer inputs (a second scaled embedding, projected and gated into
+    every block), value norms without a scale, a wider head on its full-attention layers,
+    key/value states shared by the last two of four layers, a 4-token window."""
+    return gemma(
+        "gemma4_text",
+        layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        global_head_dim=8,
+        hidden_size_per_layer_input=4,
+        vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=2,
+    )
+
+
+def hrm():
+    """HRM (text): two stacks of blocks run in cycles, all but the last under ``no_grad``
+    (calls that add nothing to the inner gradient), weightless RMSNorms."""
+    return tiny_llama(kind="hrm_text", vocab=VOCAB, heads=4, kv_heads=2, pad_token_id=0)
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
@@ -164,6 +203,11 @@ MODELS = {
     "gemma": (gemma, all_names),
     "gemma2": (gemma2, all_names),
     "gemma3": (gemma3, all_names),
+    "olmo2": (olmo2, all_names),
+    "olmo3": (olmo3, all_names),
+    "helium": (helium, all_names),
+    "gemma4": (gemma4, all_names),
+    "hrm": (hrm, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -306,7 +350,15 @@ def softmax_in_the_inputs_dtype(x, dim=None, _stacklevel=3, dtype=None):
     return _softmax(x, dim=dim, dtype=wide)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+VJP_REFUSED = {
+    "gemma4": ("input besides their hidden states (per_layer_input)", "(per_layer_input)"),
+    "hrm": ("not chained (the input of", "is not the previous block's output"),
+}
+"""Models whose decoder blocks checkpoint_inner="vjp" cannot recompute from their hidden
+states alone: kind → (the refusal's words, the engine's error when called anyway)."""
+
+
+@pytest.mark.parametrize("kind", sorted(set(MODELS) - set(VJP_REFUSED)))
 def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     """checkpoint_inner=True ("vjp": the inner backward checkpointed per decoder block) is
     exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed.
@@ -475,6 +527,43 @@ def test_blocks_returning_tuples_refuse_only_the_vjp_checkpointing():
         spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=mode)
         assert fastweights.ineligibility(model, spec) is None
         compare(model, spec, ctx, q)
+
+
+@pytest.mark.parametrize("kind", list(VJP_REFUSED))
+def test_blocks_vjp_cannot_recompute_refuse_only_the_vjp_checkpointing(kind, caplog):
+    """Gemma 4's blocks also take per-layer inputs computed from the tokens (and, in its last
+    layers, key/value states shared from earlier ones); HRM's run in cycles, each block's
+    input not the previous one's output. checkpoint_inner="vjp", which recomputes each block
+    from its hidden states alone, is refused up front, saying why, and ``auto`` runs the
+    reference engine; "forward" and no checkpointing run, exactly (HRM's cycles under
+    no_grad included)."""
+    words, error = VJP_REFUSED[kind]
+    build, names_of = MODELS[kind]
+    model = build()
+    names = names_of(model)
+    vjp = InnerSpec(0.5, names, checkpoint_inner=True)
+    reason = fastweights.ineligibility(model, vjp)
+    assert reason is not None and words in reason, reason
+    assert "checkpoint_inner='forward'" in reason
+    with caplog.at_level(logging.WARNING):
+        assert select_engine("auto", model, vjp).name == "reference"
+    assert words in caplog.text
+    ctx, q = batch(3)
+    for mode in (False, "forward"):
+        spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=mode)
+        assert fastweights.ineligibility(model, spec) is None
+        compare(model, spec, ctx, q)
+    with pytest.raises(RuntimeError, match=re.escape(error)):
+        run(fastweights, model, InnerSpec(lr=0.5, names=names, checkpoint_inner=True), ctx, q)
+
+
+def test_vjp_checkpointing_runs_gemma4_without_per_layer_inputs():
+    """The control of the refusal above: a Gemma 4 without per-layer inputs passes the probe
+    and runs checkpoint_inner="vjp" exactly."""
+    model = gemma("gemma4_text", sliding_window=4, global_head_dim=8, hidden_size_per_layer_input=0)
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2, checkpoint_inner=True)
+    assert fastweights.ineligibility(model, spec) is None
+    compare(model, spec, *batch(3))
 
 
 @pytest.mark.parametrize("engine", [reference, fastweights])
@@ -779,29 +868,73 @@ def test_rms_normalise_follows_the_module_dtype():
             assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
 
 
+@pytest.mark.parametrize("style", [s.name for s in RMS_NORMS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_rms_norm_style_is_rebuilt_bit_for_bit(style, dtype):
+    """In bf16 and float32, the output the engine's hook builds for a norm of each style (its
+    normalisation through ``fused.rms_normalise``, then its scale, in the style's order of
+    rounding) is the class's own forward's, bit for bit; so is ``keep_float64``'s forward, also
+    for norms without a weight (NanoChat's; Gemma 4's ``with_scale=False``), which hold
+    nothing to adapt. (OLMo-2's norm rounded as Llama's is differs in about a quarter of its
+    bf16 outputs.)"""
+    import importlib
+
+    from raymeta.models import keep_float64, rms_norm_style
+
+    found = next(s for s in RMS_NORMS if s.name == style)
+    cls = getattr(importlib.import_module(f"transformers.models.{found.where}"), style)
+    torch.manual_seed(0)
+    kinds = {"NanoChatRMSNorm": [()], "Gemma4RMSNorm": [(16,), (16, 1e-6, False)]}
+    norms = [cls(*args).to(dtype) for args in kinds.get(style, [(16,)])]
+    x = (3 * torch.randn(2, 3, 16)).to(dtype)
+    with torch.no_grad():
+        for norm in norms:
+            own = norm(x) if getattr(norm, "weight", None) is None else None
+            if own is None:
+                norm.weight.add_(0.5 * torch.randn(16, dtype=dtype))
+                own = norm(x)
+                use = fastweights.Use(
+                    norm, "n", "norm", weight="n.weight", rms=rms_norm_style(norm)
+                )
+                with fastweights.Hooks([use], {}, 2, 2, 3):
+                    assert torch.equal(norm(x), own)
+            keep_float64(nn.Sequential(norm))
+            assert "forward" in norm.__dict__ and torch.equal(norm(x), own)
+
+
 def test_rms_norms_are_known_by_their_code_not_their_name():
-    """A class whose forward is LlamaRMSNorm's code under another name (Phi-3's, SmolLM3's) is a
-    Llama-style norm, one whose forward and ``_norm`` are GemmaRMSNorm's (Gemma 2's, Qwen3-Next's)
-    a Gemma-style one (``1 + weight``): the engine computes both and ``keep_float64`` makes them
-    float64, each with its own arithmetic. OLMo-2's, whose code is neither, is refused and left
-    alone (keep_float64 once replaced any *RMSNorm's forward with Llama's)."""
+    """A class whose methods have the code of one of ``models.RMS_NORMS`` under another name
+    (Phi-3's and SmolLM3's are Llama's, Gemma 2's and Qwen3-Next's Gemma's, OLMo-3's OLMo-2's,
+    Nemotron-H's Helium's) has that style: the engine computes it and ``keep_float64`` makes it
+    float64 with its own offset. Cohere's norm, whose code is none of them (it centres x), is
+    refused and left alone (keep_float64 once replaced any *RMSNorm's forward with Llama's)."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+    from transformers.models.helium.modeling_helium import HeliumRMSNorm
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RMSNorm
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
     from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
 
-    from raymeta.models import is_gemma_rms_norm, is_llama_rms_norm, keep_float64
+    from raymeta.models import keep_float64, rms_norm_style
 
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     cases = (
-        (Phi3RMSNorm, "llama"),
-        (SmolLM3RMSNorm, "llama"),
-        (GemmaRMSNorm, "gemma"),
-        (Gemma2RMSNorm, "gemma"),
-        (Qwen3NextRMSNorm, "gemma"),
-        (Olmo2RMSNorm, None),
+        (Phi3RMSNorm, "LlamaRMSNorm"),
+        (SmolLM3RMSNorm, "LlamaRMSNorm"),
+        (GemmaRMSNorm, "GemmaRMSNorm"),
+        (Gemma2RMSNorm, "GemmaRMSNorm"),
+        (Qwen3NextRMSNorm, "GemmaRMSNorm"),
+        (Olmo2RMSNorm, "Olmo2RMSNorm"),
+        (Olmo3RMSNorm, "Olmo2RMSNorm"),
+        (HeliumRMSNorm, "HeliumRMSNorm"),
+        (NemotronHRMSNorm, "HeliumRMSNorm"),
+        (Gemma4RMSNorm, "Gemma4RMSNorm"),
+        (CohereLayerNorm, None),
     )
     for cls, style in cases:
         norm = cls(16).to(torch.float64)
@@ -811,11 +944,9 @@ def test_rms_norms_are_known_by_their_code_not_their_name():
             keep_float64(nn.Sequential(norm))
             after = norm(x)
             h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-            exact = (1 + norm.weight if style == "gemma" else norm.weight) * h
-        assert (is_llama_rms_norm(norm), is_gemma_rms_norm(norm)) == (
-            style == "llama",
-            style == "gemma",
-        ), cls.__name__
+            exact = (1 + norm.weight if style == "GemmaRMSNorm" else norm.weight) * h
+        found = rms_norm_style(norm)
+        assert (found and found.name) == style, cls.__name__
         assert fastweights.module_kind(norm) == ("norm" if style else None)
         assert ("forward" in norm.__dict__) is (style is not None)
         if style:  # float64 now: float32 rounding before, float64 rounding after
@@ -823,6 +954,8 @@ def test_rms_norms_are_known_by_their_code_not_their_name():
             assert not torch.allclose(before, exact, rtol=1e-10, atol=0)
         else:
             assert torch.equal(before, after)
+    no_scale = Gemma4RMSNorm(16, with_scale=False)  # no weight: nothing to adapt, not a norm kind
+    assert rms_norm_style(no_scale) is None and fastweights.module_kind(no_scale) is None
 
 
 def test_fused_mlps_patch_and_restore():

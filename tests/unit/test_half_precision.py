@@ -24,6 +24,7 @@ from tests.unit.test_fastweights import (
     gemma3,
     gpt2,
     llama_tied,
+    olmo2,
     run,
 )
 
@@ -36,11 +37,13 @@ def errors(grads: dict, truth: dict) -> tuple[float, float]:
     return num / den, worst
 
 
-BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3)}
-"""Gemma's norms scale by ``1 + weight`` in float32 and round once: an engine that rounded
+BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2)}
+"""Gemma's and OLMo-2's norms scale in float32 and round once: an engine that rounded
 ``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
 tiny Gemma 2 and 3 (four norms a block, soft-capping) are far less well conditioned in bf16
-than the others: 5-20% error for either engine, against 1-2%."""
+than the others: 5-20% error for either engine, against 1-2%. Not here: the tiny Gemma 4,
+whose gradients are as far off in bf16 as they are large (50-130% error for either engine,
+at hidden sizes 16 to 64; float32: 1.4e-3), so that they cannot tell the engines apart."""
 
 
 @pytest.mark.parametrize("build", list(BUILDS.values()), ids=list(BUILDS))
