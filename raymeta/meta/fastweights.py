@@ -284,7 +284,7 @@ class Findings:
     "get a differentiable input besides their hidden states (per_layer_input)" (Gemma 4's
     per-layer inputs, key/value states shared across layers), "are not chained (the input of
     ... is not the output of ...)" (blocks run in cycles, as HRM's; sliced hidden states; a
-    list that is not one of blocks, as XLM's attentions)."""
+    list that is not one of blocks, as the feed-forward layers the engine finds in XLM)."""
 
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
