@@ -52,6 +52,20 @@ def tiny_llama(
     return model
 
 
+def save_tiny(path, texts, kind="llama", **overrides):
+    """A random tiny float32 model of Hugging Face family ``kind`` (``tiny_llama``, with
+    ``overrides``) and a word tokenizer trained on ``texts``, both saved with save_pretrained
+    at ``path`` (returned)."""
+    from raymeta.models import train_tokenizer
+
+    tok = train_tokenizer(texts)
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    model = tiny_llama(len(tok), kind=kind, dtype=torch.float32, **ids, **overrides)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def random_rows(n, lo, hi, vocab, gen):
     return [
         torch.randint(

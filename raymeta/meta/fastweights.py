@@ -12,9 +12,9 @@ into the parameters. Design notes: ``docs/fastweights.md``.
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
-BioGPT's), ``nn.LayerNorm`` and the scales of Llama-style (``weight * n(x)``) and
-Gemma-style (``(1 + weight) * n(x)``) RMSNorms. Anything else makes ``ineligibility``
-return a reason.
+BioGPT's), ``nn.LayerNorm`` and the scales of RMSNorms of the styles in ``models.RMS_NORMS``
+(``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's, ...). Anything else makes
+``ineligibility`` return a reason.
 
 The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
 Llama-style attention through ``attention`` and its rotary embedding through ``rotary``

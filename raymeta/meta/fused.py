@@ -275,8 +275,8 @@ def rms_normalise(x: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor
 
 
 def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype an RMSNorm module (one of ``models.RMS_NORMS``)
-    normalises ``dtype`` inputs in: float32 for Hugging Face's forward, float32 or wider under
+    """The dtype an RMSNorm module (of a ``models.RMS_NORMS`` style) normalises ``dtype``
+    inputs in: float32 for Hugging Face's forward, float32 or wider under
     ``models.keep_float64``; None for any other instance-patched forward (whose arithmetic is
     unknown). Sees through ``skipped_norms``."""
     forward = module.__dict__.get("forward")

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import save_tiny
 from tests.unit.test_input_checks import free_port
+
+WORDS = ["a few words to have a vocabulary"]
+"""The text the saved tiny models' tokenizers are trained on."""
 
 pytestmark = pytest.mark.integration
 
@@ -57,22 +61,6 @@ def run_job(out: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def save_tiny(path: Path, kind: str, **overrides) -> Path:
-    """A random tiny float32 model of Hugging Face family ``kind`` (``tests.helpers.tiny_llama``)
-    and a word tokenizer, saved with save_pretrained."""
-    import torch
-
-    from raymeta.models import train_tokenizer
-    from tests.helpers import tiny_llama
-
-    tok = train_tokenizer(["a few words to have a vocabulary"])
-    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
-    model = tiny_llama(len(tok), kind=kind, dtype=torch.float32, **ids, **overrides)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """name → (overrides, text the error line must contain), with the bad files written."""
     (tmp_path / "bad_line.jsonl").write_text("not json\n")
@@ -84,7 +72,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "latin1.jsonl").write_bytes((good + '{"context": "caf\xe9", ').encode("latin-1"))
     (tmp_path / "empty_context.jsonl").write_text(good.replace('"a"', '""'))
     (tmp_path / "lm.txt").write_bytes(b"\xff\n")
-    save_tiny(tmp_path / "gemma2", "gemma2", attn="eager")  # Gemma 2 has no SDPA attention
+    save_tiny(tmp_path / "gemma2", WORDS, "gemma2", attn="eager")  # Gemma 2 has no SDPA attention
     return {
         "missing_file": (
             ["data.dataset=jsonl", f"data.source={tmp_path / 'missing.jsonl'}"],
@@ -234,7 +222,7 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     preparation, and an earlier run's results stay where they were; auto falls back."""
     out = tmp_path / "out"
     earlier = write_earlier_results(out)
-    model = save_tiny(tmp_path / "cohere", "cohere")  # its norms centre x: not an RMSNorm
+    model = save_tiny(tmp_path / "cohere", WORDS, "cohere")  # its norms centre x: not an RMSNorm
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.engine=fastweights")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

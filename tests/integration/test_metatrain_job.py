@@ -135,25 +135,16 @@ def test_bad_override_fails_before_any_work(tmp_path):
 def save_squad_llama(path: Path) -> Path:
     """A random two-layer Llama with tied embeddings (as Llama 3.2 1B) and a word tokenizer of
     the offline SQuAD fixture, saved with save_pretrained."""
-    import torch
-
     from raymeta.config import DataConfig
     from raymeta.data.sets import load_task_set
-    from raymeta.models import train_tokenizer
     from raymeta.pretrain import tokenizer_texts
-    from tests.helpers import tiny_llama
+    from tests.helpers import save_tiny
 
     data = DataConfig(
         dataset="squad", source=str(ROOT / "examples/data/squad_tiny"), n_train=0, n_test=0
     )
-    tok = train_tokenizer(tokenizer_texts("squad", *load_task_set(data)))
-    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id") for k in ("pad", "bos", "eos")}
-    model = tiny_llama(
-        len(tok), hidden=32, kv_heads=1, tie=True, dtype=torch.float32, positions=1024, **ids
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    texts = tokenizer_texts("squad", *load_task_set(data))
+    return save_tiny(path, texts, hidden=32, kv_heads=1, tie=True, positions=1024)
 
 
 @pytest.mark.integration
