@@ -78,10 +78,12 @@ SHAPES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-FAMILIES = ("llama", "gemma")
+FAMILIES = ("llama", "gemma", "opt")
 """Model families a shape is built as: Llama (fused attention, SwiGLU and RMS normalisation in
-the fast engine's passes) or Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP
-and its own SDPA attention, which the fast engine runs under the math kernel)."""
+the fast engine's passes), Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP
+and its own SDPA attention, which the fast engine runs under the math kernel) or OPT (learned
+positions, LayerNorms, a ReLU MLP on flattened tokens, biases, its own SDPA attention; no
+grouped-query attention, no dropout)."""
 
 
 def model_config(shape: str, family: str = "llama"):
@@ -89,9 +91,16 @@ def model_config(shape: str, family: str = "llama"):
     not)."""
     from transformers import AutoConfig
 
+    fields = {"tie_word_embeddings": True, **SHAPES[shape]}
+    if family == "opt":  # OPT's names for the MLP's and the embedding's widths
+        fields.update(
+            ffn_dim=fields["intermediate_size"],
+            word_embed_proj_dim=fields["hidden_size"],
+            dropout=0.0,
+        )
     return AutoConfig.for_model(
         family,
-        **{"tie_word_embeddings": True, **SHAPES[shape]},
+        **fields,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",

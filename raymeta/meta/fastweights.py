@@ -12,9 +12,12 @@ into the parameters. Design notes: ``docs/fastweights.md``.
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
-BioGPT's), ``nn.LayerNorm`` and the scales of RMSNorms of the styles in ``models.RMS_NORMS``
-(``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's, ...). Anything else makes
-``ineligibility`` return a reason.
+BioGPT's; also subclasses whose forward derives the ids, as OPT's learned positions do:
+``Lookup`` takes them from the table lookup), ``nn.LayerNorm`` and the scales of RMSNorms of
+the styles in ``models.RMS_NORMS`` (``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's,
+...). Anything else makes ``ineligibility`` return a reason. Inputs are grouped by task from
+``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's MLP), which ``probe``
+verifies (``ROW_MAJOR``).
 
 The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
 Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
@@ -142,6 +145,9 @@ class Use:
     bias: str | None = None
     rms: RMSNormStyle | None = None
     """An RMSNorm's arithmetic (``models.RMS_NORMS``); None for other kinds and LayerNorm."""
+    lookup: bool = False
+    """An embedding whose forward derives the ids itself (OPT's learned positions count them
+    from the attention mask): the hooks take the ids from its table lookup (``Lookup``)."""
 
     @property
     def offset(self) -> float:
@@ -170,7 +176,7 @@ def module_kind(module: nn.Module) -> str | None:
     t = type(module)
     if t is nn.Linear:
         return "linear"
-    if t is nn.Embedding or embedding_scale(module) is not None:
+    if isinstance(module, nn.Embedding):  # a subclass's own forward: see derives_ids
         plain = module.max_norm is None and not module.scale_grad_by_freq
         return "embedding" if plain else None
     if t is nn.LayerNorm:
@@ -180,6 +186,14 @@ def module_kind(module: nn.Module) -> str | None:
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
     return None
+
+
+def derives_ids(module: nn.Module) -> bool:
+    """Whether an embedding's forward computes the ids it looks up (an ``nn.Embedding``
+    subclass with its own forward, not a ``models.embedding_scale`` one: OPT's, BioGPT's and
+    Bart's learned positions), so that its call's input is not the ids."""
+    own = type(module).forward is not nn.Embedding.forward
+    return own and embedding_scale(module) is None
 
 
 def module_reason(model) -> str | None:
@@ -225,7 +239,16 @@ def find_uses(model, names) -> list[Use]:
                     f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
                     f"(as {attr!r}), which the fast-weights engine does not know"
                 )
-            use = uses.setdefault(id(m), Use(m, path, kind, rms=rms_norm_style(m)))
+            use = uses.setdefault(
+                id(m),
+                Use(
+                    m,
+                    path,
+                    kind,
+                    rms=rms_norm_style(m),
+                    lookup=kind == "embedding" and derives_ids(m),
+                ),
+            )
             setattr(use, attr, name)
             kinds.add(kind)
         if "conv1d" in kinds and len(kinds) > 1:
@@ -352,6 +375,8 @@ def probe(model, uses: list[Use]) -> Findings:
     outputs: list[str] = []
     inputs: list[str] = []
     last: list = [None, ""]  # the output of the block called last, its path
+    lookups: dict[int, Lookup] = {}  # a Use.lookup module's, while it runs
+    flat: list[tuple[Use, torch.Tensor]] = []  # calls on flattened tokens, in order
 
     def block_called(m, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -362,23 +387,40 @@ def probe(model, uses: list[Use]) -> Findings:
         elif extra := differentiable_inputs(m.forward, args, kwargs):
             inputs.append(f"get a differentiable input besides their hidden states ({extra[0]})")
 
+    def laid_out(use: Use, x) -> None:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+        if shape is None:
+            problems.append(f"module {use.path} is called without its input as a tensor")
+        elif flattened(use, shape, PROBE_ROWS, PROBE_LENGTH):
+            flat.append((use, x.detach().clone()))  # its row order: checked below
+        elif problem := layout_problem(use, shape, PROBE_ROWS, PROBE_LENGTH):
+            problems.append(problem)
+
     def enter(m, args, kwargs):
         reads.stack.append(id(m))
         if id(m) in blocks and not inputs:
             block_called(m, args, kwargs)
         use = used.get(id(m))
-        if use is not None and not algebra.busy and not problems:
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                problems.append(f"module {use.path} is called without its input as a tensor")
-            elif problem := layout_problem(use, tuple(x.shape), PROBE_ROWS, PROBE_LENGTH):
-                problems.append(problem)
+        if use is not None and use.lookup:
+            lookups[id(m)] = mode = Lookup(m.weight)
+            mode.__enter__()
+        elif use is not None and not algebra.busy and not problems:
+            laid_out(use, args[0] if args else None)
 
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
+        x = args[0] if args else None
+        if use is not None and use.lookup:
+            mode = lookups.pop(id(m))
+            mode.__exit__(None, None, None)
+            x, problem = mode.found(use)
+            if problem and not algebra.busy and not problems:
+                problems.append(problem)
+            elif not algebra.busy and not problems:
+                laid_out(use, x)
         if use is not None and not algebra.busy and not problems:
             with torch.no_grad():
-                problems.extend(misfit(algebra, use, args[0], out))
+                problems.extend(misfit(algebra, use, x, out))
         if id(m) in blocks:
             last[:] = [out if isinstance(out, torch.Tensor) else None, paths[id(m)]]
             if last[0] is None and not outputs:
@@ -404,6 +446,8 @@ def probe(model, uses: list[Use]) -> Findings:
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
+    if flat and not problems:
+        problems.extend(row_order_problems(model, flat, ids))
     reason = problems[0] if problems else None
     if reads.strays:
         name, where = next(iter(reads.strays.items()))
@@ -414,6 +458,40 @@ def probe(model, uses: list[Use]) -> Findings:
     found = Findings(reason, outputs[0] if outputs else None, inputs[0] if inputs else None)
     cache[names] = found
     return found
+
+
+def row_order_problems(model, flat: list[tuple[Use, torch.Tensor]], ids) -> list[str]:
+    """[why] one of the probe's calls on flattened tokens (``flat``: (Use, input) in call
+    order, from a forward of ``ids``) is not row-major, else [] (and the modules go into
+    ``ROW_MAJOR``). A second forward changes the last row's tokens: of a row-major input, only
+    the last row's block changes."""
+    again: list[torch.Tensor] = []
+    uses = {id(u.module): u for u, _ in flat}
+
+    def seen(m, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and flattened(uses[id(m)], tuple(x.shape), *ids.shape):
+            again.append(x.detach().clone())
+
+    changed = ids.clone()
+    changed[-1] = (changed[-1] + 1) % model.get_input_embeddings().weight.shape[0]
+    handles = [u.module.register_forward_pre_hook(seen) for u in uses.values()]
+    try:
+        with torch.no_grad():
+            call(model, Tokens(changed, torch.ones_like(changed)))
+    finally:
+        for h in handles:
+            h.remove()
+    if len(again) != len(flat):
+        return [
+            f"module {flat[0][0].path} and other modules on flattened tokens are called "
+            f"{len(again)} times in a second probe forward, {len(flat)} in the first"
+        ]
+    for (use, first), second in zip(flat, again):
+        if problem := row_order_problem(use, first, second):
+            return [problem]
+    ROW_MAJOR.update(use.module for use, _ in flat)
+    return []
 
 
 def differentiable_inputs(forward, args: tuple, kwargs: dict) -> list[str]:
@@ -438,13 +516,21 @@ def differentiable_inputs(forward, args: tuple, kwargs: dict) -> list[str]:
     return found
 
 
+def flattened(use: Use, shape: tuple, rows: int, length: int) -> bool:
+    """Whether module ``use``'s input of ``shape`` has the tokens of a forward of ``rows`` ×
+    ``length`` flattened into one dimension, ``[rows · length, features]`` (OPT's MLP and its
+    norm): groupable by task only in row-major order, which ``probe`` verifies."""
+    return use.kind != "embedding" and len(shape) == 2 and shape[0] == rows * length
+
+
 def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None:
     """Why module ``use``'s input of ``shape``, in a forward of ``rows`` × ``length`` tokens,
     cannot be grouped by task (None: it can). Token ids ``[rows, length]`` for an embedding,
     ``[rows, length, features]`` for a linear layer; a norm, which acts on the last dimension
     alone, may also see per-head inputs ``[rows, length, H, d]`` (Qwen3's q/k norms) or
     ``[rows, H, length, d]`` (Phi's, StableLM's). Tokens flattened to ``[rows · length, ...]``
-    or in another order are not grouped: nothing in the shape says which row is which task's."""
+    are grouped where ``probe`` saw that module's tokens flattened row by row (``ROW_MAJOR``);
+    other orders are not: nothing in the shape says which row is which task's."""
     if use.kind == "embedding":
         fits = shape == (rows, length)
     elif use.kind == "norm":
@@ -452,12 +538,41 @@ def layout_problem(use: Use, shape: tuple, rows: int, length: int) -> str | None
         fits |= len(shape) == 4 and shape[0] == rows and shape[2] == length
     else:
         fits = len(shape) == 3 and shape[:2] == (rows, length)
-    if fits:
+    flat = flattened(use, shape, rows, length)
+    if fits or (flat and use.module in ROW_MAJOR):
+        return None
+    where = f"module {use.path} ({type(use.module).__name__}) gets inputs of shape {shape}"
+    if flat:
+        return (
+            f"{where}, the tokens of a forward of {rows} x {length} flattened, in an order "
+            "the eligibility probe (fastweights.ineligibility) has not found to be row by row: "
+            "the engine cannot group them by task"
+        )
+    return (
+        f"{where} in a forward of {rows} x {length} tokens, not [{rows}, {length}, ...]: "
+        "the engine cannot group them by task"
+    )
+
+
+ROW_MAJOR: weakref.WeakSet = weakref.WeakSet()
+"""Modules whose inputs ``probe`` saw flattened to ``[rows · length, features]`` row by row
+(one row's tokens changed: only that row's block of the input changed)."""
+
+
+def row_order_problem(use: Use, first: torch.Tensor, second: torch.Tensor) -> str | None:
+    """Why module ``use``'s flattened probe inputs (``first``; ``second``: the same call with
+    the probe's last row of tokens changed) are not in row-major order (None: they are)."""
+    a = first.reshape(PROBE_ROWS, PROBE_LENGTH, -1).double()
+    b = second.reshape(PROBE_ROWS, PROBE_LENGTH, -1).double()
+    kept = float((a[:-1] - b[:-1]).abs().max())
+    moved = float((a[-1] - b[-1]).abs().max())
+    if moved > 0 and kept <= 1e-3 * moved:
         return None
     return (
-        f"module {use.path} ({type(use.module).__name__}) gets inputs of shape {shape} in a "
-        f"forward of {rows} x {length} tokens, not [{rows}, {length}, ...]: the engine cannot "
-        "group them by task"
+        f"module {use.path} ({type(use.module).__name__}) gets its tokens flattened to "
+        f"{tuple(first.shape)}, and changing the probe's last row of tokens "
+        + ("changed other rows' part of that input" if kept > 0 else "left that input unchanged")
+        + ": the engine cannot tell that it is row-major, so it cannot group it by task"
     )
 
 
@@ -520,6 +635,38 @@ class Record:
     out: torch.Tensor
 
 
+class Lookup(torch.overrides.TorchFunctionMode):
+    """While active (during the forward of a ``Use.lookup`` embedding), keeps the ids of each
+    ``F.embedding`` call on ``weight``: the ids ``[rows, length]`` the module derived."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.ids: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            table = args[1] if len(args) > 1 else kwargs.get("weight")
+            if table is self.weight:
+                self.ids.append(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
+
+    def found(self, use: Use) -> tuple[torch.Tensor | None, str | None]:
+        """(the ids, None), or (None, why the module's lookup cannot be adapted)."""
+        if len(self.ids) == 1:
+            return self.ids[0], None
+        how = (
+            "does not look its weight up with F.embedding"
+            if not self.ids
+            else (f"looks its weight up {len(self.ids)} times in one call")
+        )
+        return None, (
+            f"module {use.path} ({type(use.module).__name__}) {how}: the engine cannot tell "
+            "which rows of its table a call reads"
+        )
+
+
 class Hooks:
     """Forward hooks adding ``terms``' corrections during one forward of ``rows`` × ``length`` tokens.
 
@@ -533,10 +680,16 @@ class Hooks:
         self.records: list[Record] = []
         self.handles = []
         self.busy = False
+        self.lookups: dict[int, Lookup] = {}  # a Use.lookup module's, while it runs
+        self.looks: dict[int, Lookup] = {}  # its finished Lookup, until ``hook`` takes it
 
     def __enter__(self):
         for use in self.uses:
-            self.handles.append(use.module.register_forward_hook(functools.partial(self.hook, use)))
+            m = use.module
+            if use.lookup:  # registered first: its ids are there when ``hook`` runs
+                self.handles.append(m.register_forward_pre_hook(self.look))
+                self.handles.append(m.register_forward_hook(self.looked, always_call=True))
+            self.handles.append(m.register_forward_hook(functools.partial(self.hook, use)))
         self.skips = fused.skipped_norms([u.module for u in self.uses if self.rebuilds(u)])
         self.skips.__enter__()
         return self
@@ -565,16 +718,34 @@ class Hooks:
         return fused.rms_dtype(use.module, dtype) if FUSED_OPS and use.rms else None
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
-        """``[rows, ...]`` → ``[B, R, ...]`` (the n contexts of a task side by side)."""
+        """``[rows, ...]`` (or ``[rows · length, d]``) → ``[B, R, ...]`` (the n contexts of a
+        task side by side)."""
         problem = layout_problem(use, tuple(x.shape), self.rows, self.length)
         if problem:
             raise RuntimeError(f"fast-weights: {problem}")
+        if flattened(use, tuple(x.shape), self.rows, self.length):  # row-major (probe)
+            return x.reshape(self.tasks, -1, x.shape[-1])
         return x.reshape(self.tasks, -1, *x.shape[2:])
+
+    def look(self, module, inputs):
+        self.lookups[id(module)] = mode = Lookup(module.weight)
+        mode.__enter__()
+
+    def looked(self, module, inputs, output):
+        mode = self.lookups.pop(id(module))
+        mode.__exit__(None, None, None)
+        self.looks[id(module)] = mode
 
     def hook(self, use: Use, module, inputs, output):
         if self.busy:
             return None
-        x = self.group(use, inputs[0])
+        if use.lookup:
+            ids, problem = self.looks.pop(id(module)).found(use)
+            if problem:
+                raise RuntimeError(f"fast-weights: {problem}")
+            x = self.group(use, ids)
+        else:
+            x = self.group(use, inputs[0])
         nx = self.normalised(use, x) if use.kind == "norm" and use.weight else None
         if nx is not None and getattr(module, "bias", None) is None:
             # weight * nx is the module's own output; building it from nx lets the module's

@@ -193,6 +193,23 @@ def hrm():
     return tiny_llama(kind="hrm_text", vocab=VOCAB, heads=4, kv_heads=2, pad_token_id=0)
 
 
+def opt(**overrides):
+    """OPT: learned positions counted from the attention mask (an ``nn.Embedding`` subclass
+    whose forward derives its ids, offset by 2), project in / out of a narrower embedding, the
+    MLP and its norm on tokens flattened to ``[rows · T, d]``, biases everywhere (the keys'
+    get no gradient: ``ZERO``)."""
+    model = tiny_llama(
+        kind="opt",
+        vocab=VOCAB,
+        ffn_dim=32,
+        word_embed_proj_dim=8,
+        dropout=0.0,
+        pad_token_id=0,
+        **overrides,
+    )
+    return perturb(model, "bias")
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
@@ -208,6 +225,7 @@ MODELS = {
     "helium": (helium, all_names),
     "gemma4": (gemma4, all_names),
     "hrm": (hrm, lambda m: tuple(resolve_inner_params(m, ["all"]))),
+    "opt": (opt, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -250,10 +268,23 @@ def run(engine, model, spec, ctx, q, objective="LG"):
     return loss.item(), state.inner_loss, grads
 
 
+ZERO = 1e-12
+"""A gradient below ZERO × the largest one is zero in exact arithmetic (a bias on every key
+shifts all of a query's scores alike: OPT's ``k_proj.bias``): it is compared in absolute
+terms, since its relative error is rounding noise over rounding noise."""
+
+
 def max_rel_error(ref: dict, fw: dict) -> float:
     assert ref.keys() == fw.keys()
     assert ref, "no parameter received a gradient"
-    return max(((ref[n] - fw[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref)
+    scale = max(g.norm().item() for g in ref.values())
+    errors = []
+    for n in ref:
+        if ref[n].norm() < ZERO * scale:
+            assert fw[n].norm() < ZERO * scale, (n, fw[n].norm().item(), scale)
+            continue
+        errors.append(((ref[n] - fw[n]).norm() / ref[n].norm()).item())
+    return max(errors)
 
 
 def compare(model, spec, ctx, q, objective="LG"):
@@ -282,7 +313,7 @@ def test_matches_reference(kind):
     print(f"{kind}: max relative gradient error {worst:.2e}")
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "gpt2", "lora_adapter"])
+@pytest.mark.parametrize("kind", ["llama_tied", "gpt2", "opt", "lora_adapter"])
 def test_left_padding_equals_right_padding(kind):
     """The same rows padded on the left: the same inner losses, outer loss and gradients in
     both engines (positions count real tokens; a row's first token is never scored)."""
@@ -297,6 +328,7 @@ def test_left_padding_equals_right_padding(kind):
 
     right, left = padded("right"), padded("left")
     assert not torch.equal(right[0].attention_mask, left[0].attention_mask)
+    assert fastweights.ineligibility(model, spec) is None  # (OPT: its flattened tokens' order)
     for engine in (reference, fastweights):
         loss_r, inner_r, grads_r = run(engine, model, spec, *right)
         loss_l, inner_l, grads_l = run(engine, model, spec, *left)
@@ -379,6 +411,7 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     build, names_of = MODELS[kind]
     model = build()
     names = names_of(model)
+    assert fastweights.ineligibility(model, InnerSpec(0.5, names, checkpoint_inner=True)) is None
     blocks = len(fastweights.decoder_blocks(model))
     worst = 0.0
     for steps in (1, 2):
@@ -492,22 +525,106 @@ def test_unknown_module_kind_falls_back(caplog):
     assert select_engine("auto", model, ok).name == "fastweights"
 
 
-def test_linear_layers_called_on_flattened_tokens_are_refused(caplog):
-    """OPT's MLP runs on tokens flattened to [rows * T, d]: nothing in that shape says which
-    row is which task's, so the probe refuses (before, the engine was chosen and crashed in
-    its first pass); ``auto`` runs the reference engine."""
-    model = tiny_llama(kind="opt", vocab=VOCAB, ffn_dim=32, word_embed_proj_dim=16, dropout=0.0)
-    names = tuple(n for n in all_names(model) if ".fc1." in n or ".fc2." in n)
-    spec = InnerSpec(lr=0.5, names=names)
+def time_major_mlp(mlp):
+    """Make a Llama MLP run on its tokens flattened time-major, ``[T · rows, d]``: each
+    flattened block of T inputs then mixes rows (tasks)."""
+
+    def forward(x):
+        rows, length, d = x.shape
+        h = x.transpose(0, 1).reshape(length * rows, d)
+        y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return y.view(length, rows, -1).transpose(0, 1)
+
+    mlp.forward = forward
+    return mlp
+
+
+def test_tokens_flattened_out_of_row_order_are_refused(caplog):
+    """Tokens flattened row by row (OPT's MLP, ``MODELS["opt"]``) are grouped by task; in
+    another order the probe refuses (a second forward with the last row's tokens changed
+    changes other rows' part of the input), and ``auto`` runs the reference engine."""
+    model = tiny_llama(vocab=VOCAB)
+    time_major_mlp(model.model.layers[0].mlp)
+    spec = InnerSpec(lr=0.5, names=all_names(model))
     reason = fastweights.ineligibility(model, spec)
-    assert reason is not None and "model.decoder.layers.0.fc1" in reason, reason
-    assert "inputs of shape (6, 16) in a forward of 2 x 3 tokens" in reason, reason
-    assert "cannot group them by task" in reason
+    assert reason is not None and "model.layers.0.mlp.gate_proj" in reason, reason
+    assert "flattened to (6, 16)" in reason and "changed other rows' part" in reason, reason
     with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
         assert select_engine("auto", model, spec).name == "reference"
-    assert "cannot group them by task" in caplog.text
+    assert "cannot group it by task" in caplog.text
     ctx, q = batch(2)
     run(reference, model, spec, ctx, q)  # which runs
+
+
+def test_flattened_tokens_need_the_probe():
+    """The engine groups flattened inputs only of modules the probe saw flattened row by row:
+    called without it (``fastweights.adapt`` directly), it stops with the reason."""
+    model = opt()
+    ctx, q = batch(2)
+    spec = InnerSpec(lr=0.5, names=all_names(model))
+    with pytest.raises(RuntimeError, match="final_layer_norm .* has not found to be row by row"):
+        run(fastweights, model, spec, ctx, q)
+    assert fastweights.ineligibility(model, spec) is None
+    for layer in model.model.decoder.layers:
+        assert {layer.final_layer_norm, layer.fc1, layer.fc2} <= set(fastweights.ROW_MAJOR)
+    compare(model, spec, ctx, q)
+
+
+def test_row_order_needs_a_change_in_the_changed_row_alone():
+    """``row_order_problem`` on the probe's two inputs of one call ``[rows · T, d]``."""
+    use = fastweights.Use(nn.Linear(4, 4), "fc", "linear", weight="fc.weight")
+    rows, length = fastweights.PROBE_ROWS, fastweights.PROBE_LENGTH
+    first = torch.randn(rows, length, 4)
+    second = first.clone()
+    assert "left that input unchanged" in fastweights.row_order_problem(
+        use, first.view(-1, 4), second.view(-1, 4)
+    )
+    second[-1, 0] += 1.0  # the last row's first token changed: row-major
+    assert fastweights.row_order_problem(use, first.view(-1, 4), second.view(-1, 4)) is None
+    flipped = [t.transpose(0, 1).reshape(-1, 4) for t in (first, second)]  # time-major
+    assert "changed other rows' part" in fastweights.row_order_problem(use, *flipped)
+
+
+class TransformedTable(nn.Embedding):
+    """Looks up a function of its table, not the table: the rows read are not W's."""
+
+    def forward(self, ids):
+        return F.embedding(ids, 2.0 * self.weight)
+
+
+class TwoLookups(nn.Embedding):
+    """Looks its table up twice in one call."""
+
+    def forward(self, ids):
+        return super().forward(ids) + super().forward(ids.flip(-1))
+
+
+class ShiftedLookup(nn.Embedding):
+    """Derives its ids (as OPT's positions do) but adds a constant after the lookup."""
+
+    def forward(self, ids):
+        return super().forward(ids) + 1.0
+
+
+@pytest.mark.parametrize(
+    "cls, words",
+    [
+        (TransformedTable, "does not look its weight up with F.embedding"),
+        (TwoLookups, "looks its weight up 2 times in one call"),
+        (ShiftedLookup, "does not compute W[ids]"),
+    ],
+)
+def test_embeddings_deriving_ids_are_checked_by_their_lookup(cls, words):
+    """An ``nn.Embedding`` subclass with its own forward (OPT's, BioGPT's learned positions)
+    runs fast when it computes ``W[ids]`` with one ``F.embedding`` on its table, the ids
+    taken from that call; otherwise the probe says why not."""
+    model = tiny_llama(vocab=VOCAB)
+    table = model.model.embed_tokens
+    odd = cls(table.num_embeddings, table.embedding_dim).to(torch.float64)
+    odd.weight = table.weight
+    model.model.embed_tokens = odd
+    reason = fastweights.ineligibility(model, InnerSpec(0.5, all_names(model)))
+    assert reason is not None and words in reason and "model.embed_tokens" in reason, reason
 
 
 def test_blocks_returning_tuples_refuse_only_the_vjp_checkpointing():

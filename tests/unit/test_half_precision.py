@@ -17,6 +17,7 @@ import torch
 from raymeta.meta import fastweights, reference
 from raymeta.meta.inner import InnerSpec
 from tests.unit.test_fastweights import (
+    ZERO,
     all_names,
     batch,
     gemma,
@@ -25,19 +26,32 @@ from tests.unit.test_fastweights import (
     gpt2,
     llama_tied,
     olmo2,
+    opt,
     run,
 )
 
 
 def errors(grads: dict, truth: dict) -> tuple[float, float]:
-    """(relative error of all gradients together, worst relative error of one tensor)."""
+    """(relative error of all gradients together, worst relative error of one tensor; of
+    those whose true gradient is not zero: ``ZERO``)."""
+    scale = max(float(g.norm()) for g in truth.values())
+    truth = {n: g for n, g in truth.items() if g.norm() >= ZERO * scale}
     num = sum(float(((grads[n].double() - truth[n]) ** 2).sum()) for n in truth) ** 0.5
     den = sum(float((truth[n] ** 2).sum()) for n in truth) ** 0.5
     worst = max(float((grads[n].double() - truth[n]).norm() / truth[n].norm()) for n in truth)
     return num / den, worst
 
 
-BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2)}
+def opt_gelu():
+    """``opt`` with GELU for ReLU and weights drawn 5x wider. With ReLU, bf16 rounding flips
+    which of the tiny MLP's units are active, and the worst tensor's error jumps by batch for
+    either engine (8 batches at k = 2: 0.04 to 0.27 for the reference, 0.04 to 0.22 for fast
+    weights; medians 0.11 and 0.06), which a per-batch comparison cannot tell apart. At OPT's
+    0.02 the q/k gradients are ~1e-7 of the largest, below bf16's resolution in both."""
+    return opt(activation_function="gelu", init_std=0.1)
+
+
+BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu)}
 """Gemma's and OLMo-2's norms scale in float32 and round once: an engine that rounded
 ``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
 tiny Gemma 2 and 3 (four norms a block, soft-capping) are far less well conditioned in bf16
@@ -56,9 +70,11 @@ def test_low_precision_as_accurate_as_reference(build, checkpoint):
         ctx, q = batch(3, seed=7 + steps)
         _, _, truth = run(reference, model, spec, ctx, q)
         low = copy.deepcopy(model).to(torch.float32)
+        assert fastweights.ineligibility(low, spec) is None  # (a copy: OPT's row order)
         _, _, g = run(fastweights, low, spec, ctx, q)
         assert errors(g, truth)[1] < 1e-4
         low = copy.deepcopy(model).to(torch.bfloat16)
+        assert fastweights.ineligibility(low, spec) is None
         ref_all, ref_worst = errors(run(reference, low, spec, ctx, q)[2], truth)
         fw_all, fw_worst = errors(run(fastweights, low, spec, ctx, q)[2], truth)
         print(
