@@ -282,10 +282,12 @@ def count_parameters(model) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSNormStyle:
-    """The arithmetic of a transformers RMSNorm class, known by its code: its output is
-    ``(offset + weight) · n(x)`` with ``n(x) = x · rsqrt(mean(x²) + eps)`` over the last dim,
-    ``n`` computed in float32 (the class's forward casts x up)."""
+class NormStyle:
+    """The arithmetic of a transformers norm class, known by its code: its output is
+    ``(offset + weight) · n(x) (+ bias)`` with ``n(x) = x · rsqrt(mean(x²) + eps)`` over the
+    last dim (an RMSNorm), or ``(x - mean(x)) · rsqrt(var(x) + eps)`` (``centred``: a
+    LayerNorm), ``n`` computed in float32 (the class's forward casts x up) unless ``upcast``
+    is off."""
 
     where: str
     """The module under ``transformers.models`` defining the class, e.g. "llama.modeling_llama"."""
@@ -296,62 +298,95 @@ class RMSNormStyle:
     eps: str
     """The attribute holding eps ("variance_epsilon" or "eps")."""
     offset: float = 0.0
-    """Added to the weight (Gemma: 1)."""
+    """Added to the weight (Gemma, Nemotron: 1)."""
     wide: bool = False
     """Scaled in float32 and rounded to x's dtype once, at the end (else ``n`` is rounded to
     x's dtype first, then scaled in the weight's dtype, as Llama does)."""
+    centred: bool = False
+    """x's mean is taken out first: a LayerNorm (Cohere's, Nemotron's)."""
+    upcast: bool = True
+    """The forward computes in float32 for any input, which ``keep_float64`` widens (False:
+    in the input's dtype, as Nemotron's ``F.layer_norm``: float64 already)."""
 
 
-RMS_NORMS = (
-    RMSNormStyle("llama.modeling_llama", "LlamaRMSNorm", ("forward",), "variance_epsilon"),
-    RMSNormStyle(
+NORMS = (
+    NormStyle("llama.modeling_llama", "LlamaRMSNorm", ("forward",), "variance_epsilon"),
+    NormStyle(
         "gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"), "eps", offset=1.0, wide=True
     ),
-    RMSNormStyle(
-        "olmo2.modeling_olmo2", "Olmo2RMSNorm", ("forward",), "variance_epsilon", wide=True
-    ),
-    RMSNormStyle(
+    NormStyle("olmo2.modeling_olmo2", "Olmo2RMSNorm", ("forward",), "variance_epsilon", wide=True),
+    NormStyle(
         "helium.modeling_helium", "HeliumRMSNorm", ("forward",), "variance_epsilon", wide=True
     ),
-    RMSNormStyle("gemma4.modeling_gemma4", "Gemma4RMSNorm", ("forward", "_norm"), "eps", wide=True),
-    RMSNormStyle("moshi.modeling_moshi", "MoshiRMSNorm", ("forward", "_norm"), "eps", wide=True),
-    RMSNormStyle("nanochat.modeling_nanochat", "NanoChatRMSNorm", ("forward", "_norm"), "eps"),
+    NormStyle("gemma4.modeling_gemma4", "Gemma4RMSNorm", ("forward", "_norm"), "eps", wide=True),
+    NormStyle("moshi.modeling_moshi", "MoshiRMSNorm", ("forward", "_norm"), "eps", wide=True),
+    NormStyle("nanochat.modeling_nanochat", "NanoChatRMSNorm", ("forward", "_norm"), "eps"),
+    NormStyle(
+        "cohere.modeling_cohere",
+        "CohereLayerNorm",
+        ("forward",),
+        "variance_epsilon",
+        wide=True,
+        centred=True,
+    ),
+    NormStyle(
+        "nemotron.modeling_nemotron",
+        "NemotronLayerNorm1P",
+        ("forward",),
+        "eps",
+        offset=1.0,
+        centred=True,
+        upcast=False,
+    ),
 )
-"""The RMSNorm styles the fast-weights engine computes. transformers copies each class under
-other names (by a scan of transformers 5.23: Llama's into Mistral, Qwen, Phi-3, Granite, ...,
-140 classes; Gemma's into Gemma 2-3, VaultGemma, Qwen3-Next, Qwen3.5, 13; OLMo-2's
-(``weight * n(x)`` in float32) into OLMo-3, FlexOlmo, GPT-OSS, 11; Helium's (the same, the
-weight cast first) into Nemotron-H, 3; Gemma 4's (``n`` by ``pow(·, -0.5)``, a
-``with_scale`` switch) into Gemma 3n, 8; Moshi's into Kyutai's speech-to-text, 2). NanoChat's
-has no weight (nothing to adapt): it is here for ``keep_float64`` (HRM copies it)."""
+"""The norm styles the fast-weights engine computes (besides ``nn.LayerNorm``). transformers
+copies each class under other names (by a scan of transformers 5.23: Llama's into Mistral,
+Qwen, Phi-3, Granite, ..., 140 classes; Gemma's into Gemma 2-3, VaultGemma, Qwen3-Next,
+Qwen3.5, 13; OLMo-2's (``weight * n(x)`` in float32) into OLMo-3, FlexOlmo, GPT-OSS, 11;
+Helium's (the same, the weight cast first) into Nemotron-H, 3; Gemma 4's (``n`` by
+``pow(·, -0.5)``, a ``with_scale`` switch) into Gemma 3n, 8; Moshi's into Kyutai's
+speech-to-text, 2; Cohere's LayerNorm (no bias, in float32) into Cohere 2; Nemotron's
+``F.layer_norm`` with ``1 + weight`` and a bias). NanoChat's has no weight (nothing to
+adapt): it is here for ``keep_float64`` (HRM copies it)."""
 
 
-def rms_norm_style(module, weighted: bool = True) -> RMSNormStyle | None:
-    """The ``RMS_NORMS`` style of ``module``'s class (its methods have that class's code: a
-    class that only shares the name is not one), when it has a float eps and (``weighted``) a
-    ``weight`` tensor; None otherwise. A forward patched on the instance is the eligibility
-    probe's to check."""
-    if weighted and not isinstance(getattr(module, "weight", None), torch.Tensor):
+def norm_style(module, weighted: bool = True) -> NormStyle | None:
+    """The ``NORMS`` style of ``module``'s class (its methods have that class's code: a class
+    that only shares the name is not one), when it has a float eps and (``weighted``) a
+    one-dimensional ``weight`` (not Cohere's per-head q/k scales ``[H, d]``); None otherwise.
+    A forward patched on the instance is the eligibility probe's to check."""
+    weight = getattr(module, "weight", None)
+    if weighted and not (isinstance(weight, torch.Tensor) and weight.dim() == 1):
         return None
-    for style in RMS_NORMS:
+    for style in NORMS:
         if _copies(type(module), style.where, style.name, style.methods):
             return style if isinstance(getattr(module, style.eps, None), float) else None
     return None
 
 
-def rmsnorm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
-    """An ``RMS_NORMS`` module's forward, in float64 for float64 inputs (as its class's
-    otherwise: float32 normalisation, then its own scaling and rounding; no scaling for a
-    norm without weight, such as Gemma 4's ``with_scale=False``)."""
-    style = rms_norm_style(self, weighted=False)
+def normalise(x: torch.Tensor, eps: float, centred: bool) -> torch.Tensor:
+    """``x · rsqrt(mean(x²) + eps)`` over the last dim ``[..., d]``, x's mean taken out first
+    if ``centred`` (in x's dtype, with the operations of Cohere's LayerNorm)."""
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
+    """A ``NORMS`` module's forward, in float64 for float64 inputs (as its class's otherwise:
+    float32 normalisation, then its own scaling and rounding; no scaling for a norm without
+    weight, such as Gemma 4's ``with_scale=False``)."""
+    style = norm_style(self, weighted=False)
     dtype = torch.promote_types(x.dtype, torch.float32)
-    h = x.to(dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(self, style.eps))
+    h = normalise(x.to(dtype), getattr(self, style.eps), style.centred)
     if getattr(self, "weight", None) is None:
         return h.to(x.dtype)
     if style.wide:
-        return (h * (style.offset + self.weight.to(dtype))).to(x.dtype)
-    return (style.offset + self.weight) * h.to(x.dtype)
+        out = (h * (style.offset + self.weight.to(dtype))).to(x.dtype)
+    else:
+        out = (style.offset + self.weight) * h.to(x.dtype)
+    bias = getattr(self, "bias", None)
+    return out if bias is None else out + bias
 
 
 def _code(f) -> tuple | None:
@@ -396,17 +431,19 @@ def embedding_scale(module) -> torch.Tensor | float | None:
 
 
 def keep_float64(model):
-    """Make the RMSNorm layers the fast-weights engine knows (``rms_norm_style``) compute in
+    """Make the RMSNorm layers the fast-weights engine knows (``norm_style``) compute in
     float64 when the model is float64.
 
-    HF's RMSNorms round through float32, which caps float64 checks (finite differences,
-    engine equivalence) at float32 accuracy; their float32 and half-precision arithmetic is
-    unchanged. Other norms keep their own arithmetic. Returns ``model``."""
+    HF's RMSNorms (and Cohere's LayerNorm) round through float32, which caps float64 checks
+    (finite differences, engine equivalence) at float32 accuracy; their float32 and
+    half-precision arithmetic is unchanged. Other norms keep their own arithmetic. Returns
+    ``model``."""
     import types
 
     for module in model.modules():
-        if rms_norm_style(module, weighted=False) is not None:
-            module.forward = types.MethodType(rmsnorm_full_precision, module)
+        style = norm_style(module, weighted=False)
+        if style is not None and style.upcast:
+            module.forward = types.MethodType(norm_full_precision, module)
     return model
 
 

@@ -13,9 +13,10 @@ Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
 and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
 BioGPT's; also subclasses whose forward derives the ids, as OPT's learned positions do:
-``Lookup`` takes them from the table lookup), ``nn.LayerNorm`` and the scales of RMSNorms of
-the styles in ``models.RMS_NORMS`` (``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's,
-...). Anything else makes ``ineligibility`` return a reason. Inputs are grouped by task from
+``Lookup`` takes them from the table lookup), ``nn.LayerNorm`` and the scales of the norms of
+the styles in ``models.NORMS`` (``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's
+RMSNorms, ..., Cohere's and Nemotron's LayerNorms). Anything else makes ``ineligibility``
+return a reason. Inputs are grouped by task from
 ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's MLP), which ``probe``
 verifies (``ROW_MAJOR``).
 
@@ -53,7 +54,7 @@ from raymeta.meta.fastweights_terms import (
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
-from raymeta.models import RMSNormStyle, embedding_scale, rms_norm_style
+from raymeta.models import NormStyle, embedding_scale, norm_style, normalise
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -143,8 +144,8 @@ class Use:
     kind: str  # linear | conv1d | embedding | norm
     weight: str | None = None
     bias: str | None = None
-    rms: RMSNormStyle | None = None
-    """An RMSNorm's arithmetic (``models.RMS_NORMS``); None for other kinds and LayerNorm."""
+    style: NormStyle | None = None
+    """A norm's arithmetic (``models.NORMS``); None for other kinds and ``nn.LayerNorm``."""
     lookup: bool = False
     """An embedding whose forward derives the ids itself (OPT's learned positions count them
     from the attention mask): the hooks take the ids from its table lookup (``Lookup``)."""
@@ -152,7 +153,7 @@ class Use:
     @property
     def offset(self) -> float:
         """A norm's output is ``(offset + weight) · normalise(x) + bias`` (Gemma's RMSNorm: 1)."""
-        return self.rms.offset if self.rms else 0.0
+        return self.style.offset if self.style else 0.0
 
 
 @dataclass
@@ -181,7 +182,7 @@ def module_kind(module: nn.Module) -> str | None:
         return "embedding" if plain else None
     if t is nn.LayerNorm:
         return "norm" if len(module.normalized_shape) == 1 else None
-    if rms_norm_style(module) is not None:
+    if norm_style(module) is not None:
         return "norm"
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
@@ -235,9 +236,14 @@ def find_uses(model, names) -> list[Use]:
                 or attr not in ("weight", "bias")
                 or (kind == "embedding" and attr != "weight")
             ):
+                what = f"parameter {name} belongs to module {path} of kind {type(m).__name__}"
+                if norm_style(m, weighted=False) and attr == "weight":  # Cohere's q/k norms
+                    raise Ineligible(
+                        f"{what}, whose scale of shape {tuple(m.weight.shape)} has one row per "
+                        "head: the fast-weights engine adapts one-dimensional norm scales"
+                    )
                 raise Ineligible(
-                    f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
-                    f"(as {attr!r}), which the fast-weights engine does not know"
+                    f"{what} (as {attr!r}), which the fast-weights engine does not know"
                 )
             use = uses.setdefault(
                 id(m),
@@ -245,7 +251,7 @@ def find_uses(model, names) -> list[Use]:
                     m,
                     path,
                     kind,
-                    rms=rms_norm_style(m),
+                    style=norm_style(m),
                     lookup=kind == "embedding" and derives_ids(m),
                 ),
             )
@@ -708,14 +714,19 @@ class Hooks:
         m = use.module
         if use.kind != "norm" or use.weight is None or getattr(m, "bias", None) is not None:
             return False
-        return type(m) is nn.LayerNorm or Hooks.rms_acc(use, m.weight.dtype) is not None
+        return type(m) is nn.LayerNorm or Hooks.acc(use, m.weight.dtype) is not None
 
     @staticmethod
-    def rms_acc(use: Use, dtype: torch.dtype) -> torch.dtype | None:
-        """The dtype ``fused.rms_normalise`` computes an RMSNorm's normalisation of ``dtype``
-        inputs in, as the module's own forward does; None where ``normalised`` calls the module
-        instead (``FUSED_OPS`` off, another norm, an unknown forward patched on the instance)."""
-        return fused.rms_dtype(use.module, dtype) if FUSED_OPS and use.rms else None
+    def acc(use: Use, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype a norm of a known style normalises ``dtype`` inputs in, as the module's
+        own forward does, where ``normalised`` computes that itself (``fused.rms_normalise``,
+        or ``models.normalise`` for Cohere's LayerNorm); None where it calls ``F.layer_norm``
+        (``nn.LayerNorm``, Nemotron's) or the module (``FUSED_OPS`` off for an RMSNorm, an
+        unknown forward patched on the instance)."""
+        style = use.style
+        if style is None or not style.upcast or not (FUSED_OPS or style.centred):
+            return None
+        return fused.rms_dtype(use.module, dtype)
 
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` (or ``[rows · length, d]``) → ``[B, R, ...]`` (the n contexts of a
@@ -752,7 +763,7 @@ class Hooks:
             # graph go (a second normalisation kept for the second order costs ~1/4 of the
             # activations), and (w + Δw) * nx is exactly the adapted module
             w = vector_delta(self.terms.get(use.weight, []))
-            scale = module.weight.to(nx.dtype) if use.rms and use.rms.wide else module.weight
+            scale = module.weight.to(nx.dtype) if use.style and use.style.wide else module.weight
             scale = scale + use.offset if use.offset else scale
             scale = scale if w is None else scale + per_task(w, nx)
             out = (scale * nx).to(output.dtype).reshape(output.shape)
@@ -766,18 +777,23 @@ class Hooks:
         return out
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
-        """The norm's output with unit scale and no bias: ``[B, R, d]`` (an RMSNorm's through
+        """The norm's output with unit scale and no bias: ``[B, R, d]`` (a LayerNorm's through
+        ``F.layer_norm`` or, for Cohere's, ``models.normalise``; an RMSNorm's through
         ``fused.rms_normalise`` where its arithmetic is known, else through its own forward).
-        In x's dtype, but a wide style's (``RMSNormStyle.wide``: Gemma's, OLMo-2's, ...) in
-        its accumulation dtype: its forward scales there and rounds once, at the end (so does
-        ``hook``)."""
-        m = use.module
-        if type(m) is nn.LayerNorm:
-            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        acc = self.rms_acc(use, x.dtype)
+        In x's dtype, but a wide style's (``NormStyle.wide``: Gemma's, OLMo-2's, Cohere's, ...)
+        in its accumulation dtype: its forward scales there and rounds once, at the end (so
+        does ``hook``)."""
+        m, style = use.module, use.style
+        if type(m) is nn.LayerNorm or (style and style.centred and not style.upcast):
+            eps = m.eps if type(m) is nn.LayerNorm else getattr(m, style.eps)
+            return F.layer_norm(x, x.shape[-1:], None, None, eps)
+        acc = self.acc(use, x.dtype)
         if acc is not None:
-            eps = getattr(m, use.rms.eps)
-            return fused.rms_normalise(x.to(acc) if use.rms.wide else x, eps, acc)
+            h = x.to(acc) if style.wide else x
+            if style.centred:  # Cohere's: with its forward's operations
+                nx = normalise(h.to(acc), getattr(m, style.eps), centred=True)
+                return nx if style.wide else nx.to(x.dtype)
+            return fused.rms_normalise(h, getattr(m, style.eps), acc)
         self.busy = True
         try:  # the weight that makes the scale offset + weight one
             unit = {"weight": torch.full_like(m.weight, 1.0 - use.offset)}

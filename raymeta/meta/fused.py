@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from raymeta.models import rmsnorm_full_precision
+from raymeta.models import norm_full_precision
 
 SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 """MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
@@ -275,7 +275,7 @@ def rms_normalise(x: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor
 
 
 def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype an RMSNorm module (of a ``models.RMS_NORMS`` style) normalises ``dtype``
+    """The dtype a norm module (of a ``models.NORMS`` style that upcasts) normalises ``dtype``
     inputs in: float32 for Hugging Face's forward, float32 or wider under
     ``models.keep_float64``; None for any other instance-patched forward (whose arithmetic is
     unknown). Sees through ``skipped_norms``."""
@@ -284,7 +284,7 @@ def rms_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
         forward = forward.args[0]
     if forward is None:
         return torch.float32
-    if getattr(forward, "__func__", None) is rmsnorm_full_precision:
+    if getattr(forward, "__func__", None) is norm_full_precision:
         return torch.promote_types(dtype, torch.float32)
     return None
 

@@ -29,7 +29,7 @@ from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec, double_backward_attention
 from raymeta.meta.losses import scored_positions
 from raymeta.meta.objectives import lc_loss, lg_loss
-from raymeta.models import RMS_NORMS, resolve_inner_params
+from raymeta.models import NORMS, resolve_inner_params
 from tests.helpers import random_contexts, random_queries, tiny_llama
 
 VOCAB = 48
@@ -210,6 +210,19 @@ def opt(**overrides):
     return perturb(model, "bias")
 
 
+def cohere(kind="cohere"):
+    """Cohere: LayerNorms without bias that centre x in float32 and round once (Cohere's
+    code), attention and MLP in parallel off one norm, a logit scale, tied embeddings
+    (``kind``: Cohere 2, with a sliding window on some layers)."""
+    return tiny_llama(kind=kind, vocab=VOCAB, heads=4, kv_heads=2, tie=True, pad_token_id=0)
+
+
+def nemotron():
+    """Nemotron: LayerNorms with ``1 + weight`` and a bias (``F.layer_norm``), a squared-ReLU
+    MLP without gate, partial rotary."""
+    return perturb(tiny_llama(kind="nemotron", vocab=VOCAB, heads=4, kv_heads=2), "bias")
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
@@ -226,6 +239,9 @@ MODELS = {
     "gemma4": (gemma4, all_names),
     "hrm": (hrm, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "opt": (opt, all_names),
+    "cohere": (cohere, all_names),
+    "cohere2": (lambda: cohere("cohere2"), all_names),
+    "nemotron": (nemotron, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -382,6 +398,18 @@ def softmax_in_the_inputs_dtype(x, dim=None, _stacklevel=3, dtype=None):
     return _softmax(x, dim=dim, dtype=wide)
 
 
+def rotary_in_the_inputs_dtype(module):
+    """Cohere's ``apply_rotary_pos_emb`` (of ``module``, Cohere's or Cohere 2's modeling)
+    without its rounding of q and k to float32."""
+
+    def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        turn = module.rotate_half
+        return q * cos + turn(q) * sin, k * cos + turn(k) * sin
+
+    return apply
+
+
 VJP_REFUSED = {
     "gemma4": ("input besides their hidden states (per_layer_input)", "(per_layer_input)"),
     "hrm": ("not chained (the input of", "is not the previous block's output"),
@@ -395,10 +423,16 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     """checkpoint_inner=True ("vjp": the inner backward checkpointed per decoder block) is
     exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed.
 
-    Hugging Face's eager attention (Gemma 2's) takes its softmax in float32; the recomputed
-    VJP rounds it differently (1.2e-7 here), so it is widened to the inputs' dtype: what is
-    compared is the engine's arithmetic, at float64 rounding."""
+    Hugging Face's eager attention (Gemma 2's) takes its softmax in float32, and Cohere's
+    rotary embedding rounds q and k to float32; the recomputed VJP rounds them differently
+    (1.2e-7, 1.5e-8 here), so both are widened to the inputs' dtype: what is compared is the
+    engine's arithmetic, at float64 rounding."""
+    from transformers.models.cohere import modeling_cohere
+    from transformers.models.cohere2 import modeling_cohere2
+
     monkeypatch.setattr(F, "softmax", softmax_in_the_inputs_dtype)
+    for module in (modeling_cohere, modeling_cohere2):
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", rotary_in_the_inputs_dtype(module))
     calls = {"vjp": 0, "forward": 0}
     for cls, key in ((fastweights.BlockVJP, "vjp"), (fastweights.BlockForward, "forward")):
         orig = cls.backward
@@ -985,20 +1019,21 @@ def test_rms_normalise_follows_the_module_dtype():
             assert torch.equal(fused.rms_normalise(x, norm.variance_epsilon, acc), norm(x))
 
 
-@pytest.mark.parametrize("style", [s.name for s in RMS_NORMS])
+@pytest.mark.parametrize("style", [s.name for s in NORMS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_each_rms_norm_style_is_rebuilt_bit_for_bit(style, dtype):
-    """In bf16 and float32, the output the engine's hook builds for a norm of each style (its
-    normalisation through ``fused.rms_normalise``, then its scale, in the style's order of
-    rounding) is the class's own forward's, bit for bit; so is ``keep_float64``'s forward, also
-    for norms without a weight (NanoChat's; Gemma 4's ``with_scale=False``), which hold
-    nothing to adapt. (OLMo-2's norm rounded as Llama's is differs in about a quarter of its
-    bf16 outputs.)"""
+def test_each_norm_style_is_rebuilt_bit_for_bit(style, dtype):
+    """In bf16 and float32, the output the engine's hook builds for an RMSNorm of each style
+    (its normalisation through ``fused.rms_normalise``, then its scale, in the style's order
+    of rounding) is the class's own forward's, bit for bit (a LayerNorm style's hook keeps
+    the module's output and adds the update to it); so is ``keep_float64``'s forward, also for
+    norms without a weight (NanoChat's; Gemma 4's ``with_scale=False``), which hold nothing to
+    adapt, and for Cohere's LayerNorm. (OLMo-2's norm rounded as Llama's is differs in about a
+    quarter of its bf16 outputs.)"""
     import importlib
 
-    from raymeta.models import keep_float64, rms_norm_style
+    from raymeta.models import keep_float64, norm_style
 
-    found = next(s for s in RMS_NORMS if s.name == style)
+    found = next(s for s in NORMS if s.name == style)
     cls = getattr(importlib.import_module(f"transformers.models.{found.where}"), style)
     torch.manual_seed(0)
     kinds = {"NanoChatRMSNorm": [()], "Gemma4RMSNorm": [(16,), (16, 1e-6, False)]}
@@ -1011,34 +1046,39 @@ def test_each_rms_norm_style_is_rebuilt_bit_for_bit(style, dtype):
                 norm.weight.add_(0.5 * torch.randn(16, dtype=dtype))
             own = norm(x)
             if weighted:  # the hook rebuilds the output from the input
-                use = fastweights.Use(
-                    norm, "n", "norm", weight="n.weight", rms=rms_norm_style(norm)
-                )
+                use = fastweights.Use(norm, "n", "norm", weight="n.weight", style=norm_style(norm))
                 with fastweights.Hooks([use], {}, 2, 2, 3):
                     assert torch.equal(norm(x), own)
             keep_float64(nn.Sequential(norm))
-            assert "forward" in norm.__dict__ and torch.equal(norm(x), own)
+            if found.upcast:
+                assert "forward" in norm.__dict__ and torch.equal(norm(x), own)
+            else:  # it computes in x's dtype (Nemotron's F.layer_norm): float64 already
+                assert "forward" not in norm.__dict__
 
 
-def test_rms_norms_are_known_by_their_code_not_their_name():
-    """A class whose methods have the code of one of ``models.RMS_NORMS`` under another name
+def test_norms_are_known_by_their_code_not_their_name():
+    """A class whose methods have the code of one of ``models.NORMS`` under another name
     (Phi-3's and SmolLM3's are Llama's, Gemma 2's and Qwen3-Next's Gemma's, OLMo-3's OLMo-2's,
-    Nemotron-H's Helium's) has that style: the engine computes it and ``keep_float64`` makes it
-    float64 with its own offset. Cohere's norm, whose code is none of them (it centres x), is
+    Nemotron-H's Helium's, Cohere 2's Cohere's) has that style: the engine computes it and
+    ``keep_float64`` makes it float64 with its own offset (Nemotron's, float64 already, it
+    leaves alone). T5's norm, whose code is none of them (it rounds to the weight's dtype), is
     refused and left alone (keep_float64 once replaced any *RMSNorm's forward with Llama's)."""
     from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.cohere2.modeling_cohere2 import Cohere2LayerNorm
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
     from transformers.models.helium.modeling_helium import HeliumRMSNorm
+    from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
     from transformers.models.olmo3.modeling_olmo3 import Olmo3RMSNorm
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
     from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-    from raymeta.models import keep_float64, rms_norm_style
+    from raymeta.models import keep_float64, norm_style
 
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     cases = (
@@ -1052,28 +1092,36 @@ def test_rms_norms_are_known_by_their_code_not_their_name():
         (HeliumRMSNorm, "HeliumRMSNorm"),
         (NemotronHRMSNorm, "HeliumRMSNorm"),
         (Gemma4RMSNorm, "Gemma4RMSNorm"),
-        (CohereLayerNorm, None),
+        (CohereLayerNorm, "CohereLayerNorm"),
+        (Cohere2LayerNorm, "CohereLayerNorm"),
+        (NemotronLayerNorm1P, "NemotronLayerNorm1P"),
+        (T5LayerNorm, None),
     )
     for cls, style in cases:
         norm = cls(16).to(torch.float64)
         with torch.no_grad():
-            norm.weight.add_(0.1 * torch.randn(16, dtype=torch.float64))
+            for p in norm.parameters():
+                p.add_(0.1 * torch.randn(16, dtype=torch.float64))
             before = norm(x)
             keep_float64(nn.Sequential(norm))
             after = norm(x)
-            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-            exact = (1 + norm.weight if style == "GemmaRMSNorm" else norm.weight) * h
-        found = rms_norm_style(norm)
+        found = norm_style(norm)
         assert (found and found.name) == style, cls.__name__
         assert fastweights.module_kind(norm) == ("norm" if style else None)
-        assert ("forward" in norm.__dict__) is (style is not None)
-        if style:  # float64 now: float32 rounding before, float64 rounding after
-            torch.testing.assert_close(after, exact, rtol=1e-14, atol=0)
-            assert not torch.allclose(before, exact, rtol=1e-10, atol=0)
-        else:
+        assert ("forward" in norm.__dict__) is bool(found and found.upcast), cls.__name__
+        if not style:
             assert torch.equal(before, after)
+            continue
+        with torch.no_grad():
+            h = x - x.mean(-1, keepdim=True) if found.centred else x
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(norm, found.eps))
+            exact = (found.offset + norm.weight) * h
+            exact = exact if getattr(norm, "bias", None) is None else exact + norm.bias
+        torch.testing.assert_close(after, exact, rtol=1e-14, atol=0)
+        if found.upcast:  # float64 now: float32 rounding before, float64 rounding after
+            assert not torch.allclose(before, exact, rtol=1e-10, atol=0)
     no_scale = Gemma4RMSNorm(16, with_scale=False)  # no weight: nothing to adapt, not a norm kind
-    assert rms_norm_style(no_scale) is None and fastweights.module_kind(no_scale) is None
+    assert norm_style(no_scale) is None and fastweights.module_kind(no_scale) is None
 
 
 def test_fused_mlps_patch_and_restore():

@@ -20,11 +20,13 @@ from tests.unit.test_fastweights import (
     ZERO,
     all_names,
     batch,
+    cohere,
     gemma,
     gemma2,
     gemma3,
     gpt2,
     llama_tied,
+    nemotron,
     olmo2,
     opt,
     run,
@@ -51,8 +53,11 @@ def opt_gelu():
     return opt(activation_function="gelu", init_std=0.1)
 
 
-BUILDS = {f.__name__: f for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu)}
-"""Gemma's and OLMo-2's norms scale in float32 and round once: an engine that rounded
+BUILDS = {
+    f.__name__: f
+    for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu, cohere, nemotron)
+}
+"""Gemma's, OLMo-2's and Cohere's norms scale in float32 and round once: an engine that rounded
 ``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
 tiny Gemma 2 and 3 (four norms a block, soft-capping) are far less well conditioned in bf16
 than the others: 5-20% error for either engine, against 1-2%. Not here: the tiny Gemma 4,
