@@ -185,7 +185,9 @@ class MetaConfig:
     """Activation checkpointing of the inner pass (fastweights engine): ``vjp`` keeps only each
     decoder block's input and recomputes the block's forward and inner backward in the outer
     backward (least memory: meta-batch 64 of a 1B model fits one 80 GB GPU); ``forward``
-    recomputes only the inner forward's blocks; ``none`` keeps everything (fastest)."""
+    recomputes only the inner forward's blocks; ``none`` keeps everything (fastest). Where
+    ``vjp`` cannot recompute a model's blocks (they return tuples, take other differentiable
+    inputs or run in cycles), ``meta.engine=auto`` runs ``forward`` and says so."""
     inner_params: list[str] = field(default_factory=lambda: ["all"])
     """Parameters the inner step updates: ``all`` or substrings of parameter names."""
     contexts_per_update: int = 2

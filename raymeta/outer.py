@@ -155,7 +155,7 @@ def train_label(objective: str, engine: Engine, spec: InnerSpec, *parts: str) ->
     if spec.steps > 1:
         inner.append(f"{spec.steps} inner steps")
     if spec.checkpoint_inner and engine.name == "fastweights":  # the reference ignores it
-        inner.append(f"checkpoint_inner={spec.checkpoint_inner}")
+        inner.append(f"checkpoint_inner={engine.checkpoint_inner or spec.checkpoint_inner}")
     return f"meta-train {objective} ({', '.join([engine.name, *inner, *parts])})"
 
 

@@ -2,12 +2,13 @@
 
 ``adapt(model, contexts [B,n,Tc], spec) -> state`` (state has ``inner_loss [B]``) and
 ``logits(model, state, queries [B,m,T]) -> [B,m,T,V]``. ``select_engine`` resolves
-``auto`` to the fast-weights engine where it is exact, else to the reference one,
-and logs why.
+``auto`` to the fast-weights engine where it is exact (with ``checkpoint_inner=forward``
+where only ``vjp`` is refused), else to the reference one, and logs why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import NamedTuple
 
@@ -21,6 +22,9 @@ class Engine(NamedTuple):
     name: str
     adapt: object
     logits: object
+    checkpoint_inner: str | None = None
+    """The inner checkpointing ``adapt`` runs with when it is not the spec's (``auto`` on a
+    model whose blocks ``vjp`` cannot recompute: "forward"); None: the spec's."""
 
 
 def fastweights_ineligibility(model, spec) -> str | None:
@@ -46,6 +50,22 @@ def select_engine(name: str, model, spec) -> Engine:
             f"meta.engine=fastweights cannot run exactly here: {reason} "
             "(meta.engine=auto falls back to the reference engine)"
         )
+    forward = dataclasses.replace(spec, checkpoint_inner="forward")
+    if spec.checkpoint_inner in (True, "vjp"):
+        if fastweights_ineligibility(model, forward) is None:  # only "vjp" is refused
+            from raymeta.meta import fastweights
+
+            warn_once(
+                f"[engine] meta.engine=auto: meta.checkpoint_inner={spec.checkpoint_inner} "
+                f"cannot run here because {reason}; using the fast-weights engine with "
+                "checkpoint_inner=forward"
+            )
+
+            def adapt(model, contexts, spec):
+                spec = dataclasses.replace(spec, checkpoint_inner="forward")
+                return fastweights.adapt(model, contexts, spec)
+
+            return Engine("fastweights", adapt, fastweights.logits, "forward")
     warn_once(f"[engine] meta.engine=auto: using the reference engine because {reason}")
     if spec.checkpoint_inner:
         warn_once(

@@ -685,9 +685,9 @@ def test_blocks_vjp_cannot_recompute_refuse_only_the_vjp_checkpointing(kind, cap
     """Gemma 4's blocks also take per-layer inputs computed from the tokens (and, in its last
     layers, key/value states shared from earlier ones); HRM's run in cycles, each block's
     input not the previous one's output. checkpoint_inner="vjp", which recomputes each block
-    from its hidden states alone, is refused up front, saying why, and ``auto`` runs the
-    reference engine; "forward" and no checkpointing run, exactly (HRM's cycles under
-    no_grad included)."""
+    from its hidden states alone, is refused up front, saying why; ``auto`` runs the fast
+    engine with "forward" instead and says so (``meta.engine=fastweights`` stops); "forward"
+    and no checkpointing run, exactly (HRM's cycles under no_grad included)."""
     words, error = VJP_REFUSED[kind]
     build, names_of = MODELS[kind]
     model = build()
@@ -697,9 +697,20 @@ def test_blocks_vjp_cannot_recompute_refuse_only_the_vjp_checkpointing(kind, cap
     assert reason is not None and words in reason, reason
     assert "checkpoint_inner='forward'" in reason
     with caplog.at_level(logging.WARNING):
-        assert select_engine("auto", model, vjp).name == "reference"
+        engine = select_engine("auto", model, vjp)
+    assert (engine.name, engine.checkpoint_inner) == ("fastweights", "forward")
     assert words in caplog.text
+    assert "using the fast-weights engine with checkpoint_inner=forward" in caplog.text
+    with pytest.raises(InputError, match=re.escape(words)):
+        select_engine("fastweights", model, vjp)
     ctx, q = batch(3)
+    replays = []
+    enter = fastweights.Replay.__enter__
+    with pytest.MonkeyPatch.context() as mp:  # the blocks are checkpointed ("forward")
+        mp.setattr(fastweights.Replay, "__enter__", lambda r: replays.append(r) or enter(r))
+        spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=True)
+        ref, fw = run(reference, model, spec, ctx, q), run(engine, model, spec, ctx, q)
+    assert replays and max_rel_error(ref[2], fw[2]) < TOL
     for mode in (False, "forward"):
         spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=mode)
         assert fastweights.ineligibility(model, spec) is None

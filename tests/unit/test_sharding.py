@@ -123,3 +123,13 @@ def test_progress_header_names_engine_order_inner_steps_and_checkpointing():
     # the reference engine (auto's fallback) ignores checkpoint_inner: the header does not claim it
     reference = select_engine("reference", model, spec)
     assert train_label("LG", reference, spec) == "meta-train LG (reference, second order)"
+    # auto on blocks vjp cannot recompute (Bloom's return tuples) runs "forward": the header says so
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=48, hidden_size=16, n_layer=2, n_head=2))
+    vjp = InnerSpec(
+        lr=0.1, names=tuple(n for n, _ in bloom.named_parameters()), checkpoint_inner="vjp"
+    )
+    assert train_label("LG", select_engine("auto", bloom, vjp), vjp) == (
+        "meta-train LG (fastweights, second order, checkpoint_inner=forward)"
+    )
