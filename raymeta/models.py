@@ -353,10 +353,9 @@ adapt): it is here for ``keep_float64`` (HRM copies it)."""
 def norm_style(module, weighted: bool = True) -> NormStyle | None:
     """The ``NORMS`` style of ``module``'s class (its methods have that class's code: a class
     that only shares the name is not one), when it has a float eps and (``weighted``) a
-    one-dimensional ``weight`` (not Cohere's per-head q/k scales ``[H, d]``); None otherwise.
-    A forward patched on the instance is the eligibility probe's to check."""
-    weight = getattr(module, "weight", None)
-    if weighted and not (isinstance(weight, torch.Tensor) and weight.dim() == 1):
+    ``weight`` tensor (``[d]``, or Cohere's per-head q/k scales ``[H, d]``); None otherwise. A
+    forward patched on the instance is the eligibility probe's to check."""
+    if weighted and not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
     for style in NORMS:
         if _copies(type(module), style.where, style.name, style.methods):
@@ -404,6 +403,21 @@ def _copies(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
         return False
     codes = [(_code(getattr(ref, m, None)), _code(getattr(t, m, None))) for m in methods]
     return all(r is not None and r == c for r, c in codes)
+
+
+LINEARS = (("falcon.modeling_falcon", "FalconLinear"),)  # x @ weight.T (+ bias)
+"""transformers ``nn.Linear`` subclasses whose ``forward`` computes ``nn.Linear``'s formula."""
+
+
+def is_linear(module) -> bool:
+    """Whether ``module`` computes ``x W^T + b`` as ``nn.Linear`` does: one, or a subclass whose
+    ``forward`` has the code of one of the ``LINEARS`` (any other subclass's is unknown)."""
+    t = type(module)
+    if t is torch.nn.Linear:
+        return True
+    return isinstance(module, torch.nn.Linear) and any(
+        _copies(t, where, name, ("forward",)) for where, name in LINEARS
+    )
 
 
 SCALED_EMBEDDINGS = (

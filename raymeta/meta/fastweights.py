@@ -10,7 +10,7 @@ never writes parameter ``.grad`` and the outer backward is the only backward
 into the parameters. Design notes: ``docs/fastweights.md``.
 
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
-and base layers), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
+and base layers, and Falcon's subclass: ``models.LINEARS``), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
 head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
 BioGPT's; also subclasses whose forward derives the ids, as OPT's learned positions do:
 ``Lookup`` takes them from the table lookup), ``nn.LayerNorm`` and the scales of the norms of
@@ -54,7 +54,7 @@ from raymeta.meta.fastweights_terms import (
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
-from raymeta.models import NormStyle, embedding_scale, norm_style, normalise
+from raymeta.models import NormStyle, embedding_scale, is_linear, norm_style, normalise
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -175,7 +175,7 @@ class FastState:
 def module_kind(module: nn.Module) -> str | None:
     """linear / conv1d / embedding / norm, or None for a module kind this engine does not know."""
     t = type(module)
-    if t is nn.Linear:
+    if is_linear(module):  # nn.Linear, or Falcon's subclass (its forward: the same formula)
         return "linear"
     if isinstance(module, nn.Embedding):  # a subclass's own forward: see derives_ids
         plain = module.max_norm is None and not module.scale_grad_by_freq
@@ -236,14 +236,9 @@ def find_uses(model, names) -> list[Use]:
                 or attr not in ("weight", "bias")
                 or (kind == "embedding" and attr != "weight")
             ):
-                what = f"parameter {name} belongs to module {path} of kind {type(m).__name__}"
-                if norm_style(m, weighted=False) and attr == "weight":  # Cohere's q/k norms
-                    raise Ineligible(
-                        f"{what}, whose scale of shape {tuple(m.weight.shape)} has one row per "
-                        "head: the fast-weights engine adapts one-dimensional norm scales"
-                    )
                 raise Ineligible(
-                    f"{what} (as {attr!r}), which the fast-weights engine does not know"
+                    f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
+                    f"(as {attr!r}), which the fast-weights engine does not know"
                 )
             use = uses.setdefault(
                 id(m),
@@ -836,14 +831,19 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
 
 
 def per_task(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-task vector ``[B, d]`` viewed to broadcast against ``like`` ``[B, R, ..., d]``."""
-    return v.view(v.shape[0], *[1] * (like.dim() - 2), v.shape[-1])
+    """A per-task ``[B, *S]`` (a norm's scale or bias: S ``[d]``, or Cohere's per-head
+    ``[H, d]``) viewed to broadcast against ``like`` ``[B, R, ..., *S]``."""
+    return v.view(v.shape[0], *[1] * (like.dim() - v.dim()), *v.shape[1:])
 
 
 def new_terms(rec: Record, d: torch.Tensor):
     """(name, term) pairs of one hooked call's ``-η G`` given d = -η dL/d(out) ``[rows, length, out]``."""
     use = rec.use
-    d = d.reshape(rec.x.shape[0], -1, d.shape[-1])
+    if use.kind == "norm":  # by the shape of its scale / bias: [d], or Cohere's per head [H, d]
+        shape = getattr(use.module, "weight" if use.weight else "bias").shape
+        d = d.reshape(rec.x.shape[0], -1, *shape)
+    else:
+        d = d.reshape(rec.x.shape[0], -1, d.shape[-1])
     out = []
     if use.kind in ("linear", "conv1d"):
         if use.weight:

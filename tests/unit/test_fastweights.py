@@ -210,17 +210,39 @@ def opt(**overrides):
     return perturb(model, "bias")
 
 
-def cohere(kind="cohere"):
+def cohere(kind="cohere", **overrides):
     """Cohere: LayerNorms without bias that centre x in float32 and round once (Cohere's
     code), attention and MLP in parallel off one norm, a logit scale, tied embeddings
-    (``kind``: Cohere 2, with a sliding window on some layers)."""
-    return tiny_llama(kind=kind, vocab=VOCAB, heads=4, kv_heads=2, tie=True, pad_token_id=0)
+    (``kind``: Cohere 2, with a sliding window on some layers; ``use_qk_norm``: per-head q/k
+    norms with a scale per head, ``[H, d]``)."""
+    return tiny_llama(
+        kind=kind, vocab=VOCAB, heads=4, kv_heads=2, tie=True, pad_token_id=0, **overrides
+    )
 
 
 def nemotron():
     """Nemotron: LayerNorms with ``1 + weight`` and a bias (``F.layer_norm``), a squared-ReLU
     MLP without gate, partial rotary."""
     return perturb(tiny_llama(kind="nemotron", vocab=VOCAB, heads=4, kv_heads=2), "bias")
+
+
+def falcon():
+    """Falcon (the 40B / 180B layout): query, key and value as one ``FalconLinear`` (an
+    ``nn.Linear`` subclass with its own forward of the same formula), grouped-query attention,
+    attention and MLP in parallel off two LayerNorms; blocks that return tuples."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        attn_implementation="sdpa",
+    )
+    return perturb(FalconForCausalLM(cfg).to(torch.float64), "ln_")
 
 
 MODELS = {
@@ -240,8 +262,10 @@ MODELS = {
     "hrm": (hrm, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "opt": (opt, all_names),
     "cohere": (cohere, all_names),
+    "cohere_qk_norms": (lambda: cohere(use_qk_norm=True), all_names),
     "cohere2": (lambda: cohere("cohere2"), all_names),
     "nemotron": (nemotron, all_names),
+    "falcon": (falcon, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -411,6 +435,7 @@ def rotary_in_the_inputs_dtype(module):
 
 
 VJP_REFUSED = {
+    "falcon": ("decoder blocks return a tuple", "returned tuple, not a tensor"),
     "gemma4": ("input besides their hidden states (per_layer_input)", "(per_layer_input)"),
     "hrm": ("not chained (the input of", "is not the previous block's output"),
 }
