@@ -445,8 +445,8 @@ def embedding_scale(module) -> torch.Tensor | float | None:
 
 
 def keep_float64(model):
-    """Make the RMSNorm layers the fast-weights engine knows (``norm_style``) compute in
-    float64 when the model is float64.
+    """Make the norm layers the fast-weights engine knows (``norm_style``) compute in float64
+    when the model is float64.
 
     HF's RMSNorms (and Cohere's LayerNorm) round through float32, which caps float64 checks
     (finite differences, engine equivalence) at float32 accuracy; their float32 and

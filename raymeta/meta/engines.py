@@ -50,8 +50,8 @@ def select_engine(name: str, model, spec) -> Engine:
             f"meta.engine=fastweights cannot run exactly here: {reason} "
             "(meta.engine=auto falls back to the reference engine)"
         )
-    forward = dataclasses.replace(spec, checkpoint_inner="forward")
     if spec.checkpoint_inner in (True, "vjp"):
+        forward = dataclasses.replace(spec, checkpoint_inner="forward")
         if fastweights_ineligibility(model, forward) is None:  # only "vjp" is refused
             from raymeta.meta import fastweights
 

@@ -10,15 +10,15 @@ never writes parameter ``.grad`` and the outer backward is the only backward
 into the parameters. Design notes: ``docs/fastweights.md``.
 
 Covered module kinds: ``nn.Linear`` (weight, bias; includes peft's lora_A/lora_B
-and base layers, and Falcon's subclass: ``models.LINEARS``), transformers ``Conv1D``, ``nn.Embedding`` (also tied to an LM
-head: the cross terms are included; also scaled, ``models.embedding_scale``: Gemma's,
-BioGPT's; also subclasses whose forward derives the ids, as OPT's learned positions do:
-``Lookup`` takes them from the table lookup), ``nn.LayerNorm`` and the scales of the norms of
-the styles in ``models.NORMS`` (``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's
-RMSNorms, ..., Cohere's and Nemotron's LayerNorms). Anything else makes ``ineligibility``
-return a reason. Inputs are grouped by task from
-``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's MLP), which ``probe``
-verifies (``ROW_MAJOR``).
+and base layers, and Falcon's subclass: ``models.LINEARS``), transformers ``Conv1D``,
+``nn.Embedding`` (also tied to an LM head: the cross terms are included; also scaled,
+``models.embedding_scale``: Gemma's, BioGPT's; also subclasses whose forward derives the
+ids, as OPT's learned positions do: ``Lookup`` takes them from the table lookup),
+``nn.LayerNorm`` and the scales of the norms of the styles in ``models.NORMS``
+(``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's RMSNorms, ..., Cohere's and
+Nemotron's LayerNorms). Anything else makes ``ineligibility`` return a reason. Inputs are
+grouped by task from ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's
+MLP), which ``probe`` verifies (``ROW_MAJOR``).
 
 The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
 Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
