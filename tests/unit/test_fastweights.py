@@ -230,19 +230,15 @@ def falcon():
     """Falcon (the 40B / 180B layout): query, key and value as one ``FalconLinear`` (an
     ``nn.Linear`` subclass with its own forward of the same formula), grouped-query attention,
     attention and MLP in parallel off two LayerNorms; blocks that return tuples."""
-    from transformers import FalconConfig, FalconForCausalLM
-
-    torch.manual_seed(0)
-    cfg = FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    model = tiny_llama(
+        kind="falcon",
+        vocab=VOCAB,
+        heads=4,
+        head_dim=None,
         num_kv_heads=2,
         new_decoder_architecture=True,
-        attn_implementation="sdpa",
     )
-    return perturb(FalconForCausalLM(cfg).to(torch.float64), "ln_")
+    return perturb(model, "ln_")
 
 
 MODELS = {
