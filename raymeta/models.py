@@ -381,11 +381,8 @@ def norm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
     if getattr(self, "weight", None) is None:
         return h.to(x.dtype)
     if style.wide:
-        out = (h * (style.offset + self.weight.to(dtype))).to(x.dtype)
-    else:
-        out = (style.offset + self.weight) * h.to(x.dtype)
-    bias = getattr(self, "bias", None)
-    return out if bias is None else out + bias
+        return (h * (style.offset + self.weight.to(dtype))).to(x.dtype)
+    return (style.offset + self.weight) * h.to(x.dtype)
 
 
 def _code(f) -> tuple | None:

@@ -20,14 +20,14 @@ def tiny_llama(
     kv_heads=None,
     kind="llama",
     positions=64,
-    head_dim="auto",
+    head_dim=True,
     **overrides,
 ):
     """A random Llama in ``dtype``. SDPA (run under its math kernel by the meta step)
     keeps float64 throughout; HF eager attention takes its softmax in float32. ``kv_heads``
     below ``heads``: grouped-query attention. ``kind``: another Llama-style family
-    ("mistral", "qwen3", ...), ``overrides``: more of its config fields. ``head_dim``: hidden //
-    heads ("auto"), or None for a config that derives it (Falcon's)."""
+    ("mistral", "qwen3", ...), ``overrides``: more of its config fields. ``head_dim``: pass hidden //
+    heads (False: the config derives it, as Falcon's does)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -39,11 +39,7 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
-        **(
-            {}
-            if head_dim is None
-            else {"head_dim": hidden // heads if head_dim == "auto" else head_dim}
-        ),
+        **({"head_dim": hidden // heads} if head_dim else {}),
         max_position_embeddings=positions,
         tie_word_embeddings=tie,
         attn_implementation=attn,

@@ -403,21 +403,19 @@ def probe(model, uses: list[Use]) -> Findings:
             block_called(m, args, kwargs)
         use = used.get(id(m))
         if use is not None and use.lookup:
-            lookups[id(m)] = mode = Lookup(m.weight)
-            mode.__enter__()
+            lookups[id(m)] = Lookup.start(m)
         elif use is not None and not algebra.busy and not problems:
             laid_out(use, args[0] if args else None)
 
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
-        x = args[0] if args else None
-        if use is not None and use.lookup:
-            mode = lookups.pop(id(m))
-            mode.__exit__(None, None, None)
-            x, problem = mode.found(use)
-            if problem and not algebra.busy and not problems:
+        x, problem = args[0] if args else None, None
+        if use is not None and use.lookup:  # its input is not the ids: its lookup's are
+            x, problem = lookups.pop(id(m)).stop().found(use)
+        if use is not None and not algebra.busy and not problems:
+            if problem:
                 problems.append(problem)
-            elif not algebra.busy and not problems:
+            elif use.lookup:
                 laid_out(use, x)
         if use is not None and not algebra.busy and not problems:
             with torch.no_grad():
@@ -645,6 +643,17 @@ class Lookup(torch.overrides.TorchFunctionMode):
         self.weight = weight
         self.ids: list[torch.Tensor] = []
 
+    @classmethod
+    def start(cls, module: nn.Module) -> Lookup:
+        """A Lookup of ``module``'s table, active until ``stop`` (a forward pre-hook's work)."""
+        mode = cls(module.weight)
+        mode.__enter__()
+        return mode
+
+    def stop(self) -> Lookup:
+        self.__exit__(None, None, None)
+        return self
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding:
@@ -726,21 +735,18 @@ class Hooks:
     def group(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` (or ``[rows · length, d]``) → ``[B, R, ...]`` (the n contexts of a
         task side by side)."""
-        problem = layout_problem(use, tuple(x.shape), self.rows, self.length)
-        if problem:
+        shape = tuple(x.shape)
+        if flattened(use, shape, self.rows, self.length) and use.module in ROW_MAJOR:
+            return x.reshape(self.tasks, -1, shape[-1])  # row-major (``probe`` checked)
+        if problem := layout_problem(use, shape, self.rows, self.length):
             raise RuntimeError(f"fast-weights: {problem}")
-        if flattened(use, tuple(x.shape), self.rows, self.length):  # row-major (probe)
-            return x.reshape(self.tasks, -1, x.shape[-1])
-        return x.reshape(self.tasks, -1, *x.shape[2:])
+        return x.reshape(self.tasks, -1, *shape[2:])
 
     def look(self, module, inputs):
-        self.lookups[id(module)] = mode = Lookup(module.weight)
-        mode.__enter__()
+        self.lookups[id(module)] = Lookup.start(module)
 
     def looked(self, module, inputs, output):
-        mode = self.lookups.pop(id(module))
-        mode.__exit__(None, None, None)
-        self.looks[id(module)] = mode
+        self.looks[id(module)] = self.lookups.pop(id(module)).stop()
 
     def hook(self, use: Use, module, inputs, output):
         if self.busy:
@@ -784,11 +790,11 @@ class Hooks:
             return F.layer_norm(x, x.shape[-1:], None, None, eps)
         acc = self.acc(use, x.dtype)
         if acc is not None:
-            h = x.to(acc) if style.wide else x
+            eps = getattr(m, style.eps)
             if style.centred:  # Cohere's: with its forward's operations
-                nx = normalise(h.to(acc), getattr(m, style.eps), centred=True)
+                nx = normalise(x.to(acc), eps, centred=True)
                 return nx if style.wide else nx.to(x.dtype)
-            return fused.rms_normalise(h, getattr(m, style.eps), acc)
+            return fused.rms_normalise(x.to(acc) if style.wide else x, eps, acc)
         self.busy = True
         try:  # the weight that makes the scale offset + weight one
             unit = {"weight": torch.full_like(m.weight, 1.0 - use.offset)}

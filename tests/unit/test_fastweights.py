@@ -234,7 +234,7 @@ def falcon():
         kind="falcon",
         vocab=VOCAB,
         heads=4,
-        head_dim=None,
+        head_dim=False,
         num_kv_heads=2,
         new_decoder_architecture=True,
     )
