@@ -78,12 +78,13 @@ SHAPES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-FAMILIES = ("llama", "gemma", "opt")
+FAMILIES = ("llama", "gemma", "opt", "mixtral")
 """Model families a shape is built as: Llama (fused attention, SwiGLU and RMS normalisation in
 the fast engine's passes), Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP
 and its own SDPA attention, which the fast engine runs under the math kernel) or OPT (learned
 positions, LayerNorms, a ReLU MLP on flattened tokens, biases, its own SDPA attention; no
-grouped-query attention, no dropout)."""
+grouped-query attention, no dropout) or Mixtral (Llama's layers with a mixture of 8 experts of
+the shape's MLP width, 2 per token, for the MLP: a router and the experts' stacked weights)."""
 
 
 def model_config(shape: str, family: str = "llama"):
@@ -98,6 +99,8 @@ def model_config(shape: str, family: str = "llama"):
             word_embed_proj_dim=fields["hidden_size"],
             dropout=0.0,
         )
+    if family == "mixtral":
+        fields.update(num_local_experts=8, num_experts_per_tok=2)
     return AutoConfig.for_model(
         family,
         **fields,

@@ -16,7 +16,11 @@ and base layers, and Falcon's subclass: ``models.LINEARS``), transformers ``Conv
 ids, as OPT's learned positions do: ``Lookup`` takes them from the table lookup),
 ``nn.LayerNorm`` and the scales of the norms of the styles in ``models.NORMS``
 (``(offset + weight) * n(x)``: Llama's, Gemma's, OLMo-2's RMSNorms, ..., Cohere's and
-Nemotron's LayerNorms). Anything else makes ``ineligibility`` return a reason. Inputs are
+Nemotron's LayerNorms), transformers' mixture-of-experts layers (``experts``: each expert's
+update is low-rank over the context's tokens routed to it, ``Routed``) and any other module
+whose forward reads its ``[out, in]`` weight only through one ``F.linear`` call (the routers of
+those layers: ``LinearCall`` adapts that call). Anything else makes ``ineligibility`` return a
+reason. Inputs are
 grouped by task from ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's
 MLP), which ``probe`` verifies (``ROW_MAJOR``).
 
@@ -44,13 +48,17 @@ from torch import nn
 
 from raymeta.data.batches import Tokens
 from raymeta.meta import fused, rotary
+from raymeta.meta.experts import parameter_names, projections, run_experts
 from raymeta.meta.fastweights_terms import (
     Dense,
     LowRank,
+    Routed,
     Rows,
     detach,
     linear_delta,
     lookup_delta,
+    routed_bias,
+    routed_delta,
     vector_delta,
 )
 from raymeta.meta.inner import InnerSpec, call, check_tasks, double_backward_attention
@@ -141,7 +149,7 @@ class Use:
 
     module: nn.Module
     path: str
-    kind: str  # linear | conv1d | embedding | norm
+    kind: str  # linear | conv1d | embedding | norm | experts
     weight: str | None = None
     bias: str | None = None
     style: NormStyle | None = None
@@ -149,6 +157,17 @@ class Use:
     lookup: bool = False
     """An embedding whose forward derives the ids itself (OPT's learned positions count them
     from the attention mask): the hooks take the ids from its table lookup (``Lookup``)."""
+    call: bool = False
+    """A linear module that is not an ``nn.Linear`` (a mixture-of-experts router): its forward's
+    one ``F.linear`` call on its weight is adapted (``LinearCall``)."""
+    parts: dict[str, str] = field(default_factory=dict)
+    """An experts module's inner parameters: attribute (``gate_up_proj``, ``down_proj``,
+    ``*_bias``) → inner name."""
+
+    def params(self) -> list[tuple[str, str]]:
+        """(attribute, inner name) of each inner parameter the module holds."""
+        named = [("weight", self.weight), ("bias", self.bias), *self.parts.items()]
+        return [(attr, name) for attr, name in named if name]
 
     @property
     def offset(self) -> float:
@@ -173,7 +192,8 @@ class FastState:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """linear / conv1d / embedding / norm, or None for a module kind this engine does not know."""
+    """linear / conv1d / embedding / norm / experts, or None for a module kind this engine does
+    not know."""
     t = type(module)
     if is_linear(module):  # nn.Linear, or Falcon's subclass (its forward: the same formula)
         return "linear"
@@ -186,7 +206,22 @@ def module_kind(module: nn.Module) -> str | None:
         return "norm"
     if t.__name__ == "Conv1D" and t.__module__.startswith("transformers."):
         return "conv1d"
+    if projections(module) is not None:
+        return "experts"
+    if calls_linear(module):
+        return "linear"
     return None
+
+
+def calls_linear(module: nn.Module) -> bool:
+    """Whether ``module`` may be a linear layer whose forward calls ``F.linear`` on its weight
+    (a router): not an ``nn.Linear`` (whose subclasses ``models.LINEARS`` decides), holding
+    exactly a 2-D ``weight`` and maybe a 1-D ``bias``. The probe then checks that its forward
+    reads them through one ``F.linear`` call alone (``LinearCall``)."""
+    own = {k: p for k, p in module._parameters.items() if p is not None}
+    if isinstance(module, nn.Linear) or "weight" not in own or own["weight"].dim() != 2:
+        return False
+    return set(own) <= {"weight", "bias"} and ("bias" not in own or own["bias"].dim() == 1)
 
 
 def derives_ids(module: nn.Module) -> bool:
@@ -231,11 +266,8 @@ def find_uses(model, names) -> list[Use]:
         kinds = set()
         for path, m, attr in owners[id(named[name])]:
             kind = module_kind(m)
-            if (
-                kind is None
-                or attr not in ("weight", "bias")
-                or (kind == "embedding" and attr != "weight")
-            ):
+            attrs = parameter_names(m) if kind == "experts" else ("weight", "bias")
+            if kind is None or attr not in attrs or (kind == "embedding" and attr != "weight"):
                 raise Ineligible(
                     f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
                     f"(as {attr!r}), which the fast-weights engine does not know"
@@ -248,9 +280,13 @@ def find_uses(model, names) -> list[Use]:
                     kind,
                     style=norm_style(m),
                     lookup=kind == "embedding" and derives_ids(m),
+                    call=kind == "linear" and not is_linear(m),
                 ),
             )
-            setattr(use, attr, name)
+            if kind == "experts":
+                use.parts[attr] = name
+            else:
+                setattr(use, attr, name)
             kinds.add(kind)
         if "conv1d" in kinds and len(kinds) > 1:
             raise Ineligible(f"parameter {name} is shared between a Conv1D and another layout")
@@ -358,11 +394,10 @@ def probe(model, uses: list[Use]) -> Findings:
         return Findings()  # shapes only (bench/op_census.py): nothing to probe
     watched: dict[int, tuple[str, frozenset[int]]] = {}  # find_uses made a Use per holder
     for u in uses:
-        for attr in ("weight", "bias"):
-            if name := getattr(u, attr):
-                p = getattr(u.module, attr)
-                _, held = watched.get(id(p), (name, frozenset()))
-                watched[id(p)] = (name, held | {id(u.module)})
+        for attr, name in u.params():
+            p = getattr(u.module, attr)
+            _, held = watched.get(id(p), (name, frozenset()))
+            watched[id(p)] = (name, held | {id(u.module)})
     names = tuple(sorted(name for name, _ in watched.values()))
     cache = _PROBES.setdefault(model, {})
     if names in cache:
@@ -376,7 +411,7 @@ def probe(model, uses: list[Use]) -> Findings:
     outputs: list[str] = []
     inputs: list[str] = []
     last: list = [None, ""]  # the output of the block called last, its path
-    lookups: dict[int, Lookup] = {}  # a Use.lookup module's, while it runs
+    lookups: dict[int, Lookup | LinearCall] = {}  # a Use.lookup / .call module's, while it runs
     flat: list[tuple[Use, torch.Tensor]] = []  # calls on flattened tokens, in order
 
     def block_called(m, args, kwargs):
@@ -402,24 +437,24 @@ def probe(model, uses: list[Use]) -> Findings:
         if id(m) in blocks and not inputs:
             block_called(m, args, kwargs)
         use = used.get(id(m))
-        if use is not None and use.lookup:
-            lookups[id(m)] = Lookup.start(m)
+        if use is not None and (use.lookup or use.call):
+            lookups[id(m)] = (Lookup if use.lookup else LinearCall).start(m)
         elif use is not None and not algebra.busy and not problems:
             laid_out(use, args[0] if args else None)
 
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
         x, problem = args[0] if args else None, None
-        if use is not None and use.lookup:  # its input is not the ids: its lookup's are
+        if use is not None and (use.lookup or use.call):  # their call's input: the ids, x
             x, problem = lookups.pop(id(m)).stop().found(use)
         if use is not None and not algebra.busy and not problems:
             if problem:
                 problems.append(problem)
-            elif use.lookup:
+            elif use.lookup or use.call:
                 laid_out(use, x)
         if use is not None and not algebra.busy and not problems:
             with torch.no_grad():
-                problems.extend(misfit(algebra, use, x, out))
+                problems.extend(misfit(algebra, use, x, out, args))
         if id(m) in blocks:
             last[:] = [out if isinstance(out, torch.Tensor) else None, paths[id(m)]]
             if last[0] is None and not outputs:
@@ -466,15 +501,26 @@ def row_order_problems(model, flat: list[tuple[Use, torch.Tensor]], ids) -> list
     the last row's block changes."""
     again: list[torch.Tensor] = []
     uses = {id(u.module): u for u, _ in flat}
+    calls: dict[int, LinearCall] = {}
 
-    def seen(m, args):
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and flattened(uses[id(m)], tuple(x.shape), *ids.shape):
+    def seen(x, use: Use):
+        if isinstance(x, torch.Tensor) and flattened(use, tuple(x.shape), *ids.shape):
             again.append(x.detach().clone())
+
+    def before(m, args):
+        if uses[id(m)].call:  # its F.linear call's input
+            calls[id(m)] = LinearCall.start(m)
+        else:
+            seen(args[0] if args else None, uses[id(m)])
+
+    def after(m, args, out):
+        if id(m) in calls:
+            seen(calls.pop(id(m)).stop().found(uses[id(m)])[0], uses[id(m)])
 
     changed = ids.clone()
     changed[-1] = (changed[-1] + 1) % model.get_input_embeddings().weight.shape[0]
-    handles = [u.module.register_forward_pre_hook(seen) for u in uses.values()]
+    handles = [u.module.register_forward_pre_hook(before) for u in uses.values()]
+    handles += [u.module.register_forward_hook(after, always_call=True) for u in uses.values()]
     try:
         with torch.no_grad():
             call(model, Tokens(changed, torch.ones_like(changed)))
@@ -582,16 +628,26 @@ def formula(use: Use) -> str:
         return f"{scale} * normalise(x) + bias"
     if use.kind == "embedding":
         return "W[ids]" if embedding_scale(use.module) is None else "embed_scale * W[ids]"
+    if use.kind == "experts":
+        return "its experts class's layout (experts.run_experts)"
     return "x W^T + b" if use.kind == "linear" else "x W + b"
 
 
-def misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor) -> list[str]:
-    """[why] when module ``use``'s output ``out`` on ``x`` is not ``formula(use)`` (e.g. a forward
-    patched on the instance that scales by ``1 + weight``), with the engine's normalisation for
-    a norm and the module's ``embedding_scale`` (else 1), else []."""
+def misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor, args=()) -> list[str]:
+    """[why] when module ``use``'s output ``out`` on ``x`` (its call's ``args``) is not
+    ``formula(use)`` (e.g. a forward patched on the instance that scales by ``1 + weight``),
+    with the engine's normalisation for a norm and the module's ``embedding_scale`` (else 1),
+    else []. A ``Use.call`` module's one ``F.linear`` call is that formula by construction."""
     m = use.module
-    w, b = m.weight, getattr(m, "bias", None)
-    if use.kind == "norm":
+    if use.call:
+        return []
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if use.kind == "experts":  # (hidden [N, d], top_k_index, top_k_weights): as one task
+        if len(args) != 3 or x.dim() != 2:
+            return [f"module {use.path} ({type(m).__name__}) is not called as experts are"]
+        w = b = None
+        expected = run_experts(m, x[None], args[1], args[2], lambda name, h, e, y: y)
+    elif use.kind == "norm":
         expected = (w + use.offset) * algebra.normalised(use, x)
     elif use.kind == "embedding":
         expected = F.embedding(x, w, m.padding_idx)
@@ -632,6 +688,10 @@ class Record:
     x: torch.Tensor
     nx: torch.Tensor | None
     out: torch.Tensor
+    part: str | None = None
+    """An experts module's projection (``gate_up_proj``, ``down_proj``, ...)."""
+    experts: torch.Tensor | None = None
+    """The expert of each (token, expert) pair of x ``[B, P]`` (experts modules)."""
 
 
 class Lookup(torch.overrides.TorchFunctionMode):
@@ -677,6 +737,95 @@ class Lookup(torch.overrides.TorchFunctionMode):
         )
 
 
+CASTS = frozenset({"to", "type", "float", "double", "half", "bfloat16"})
+"""Tensor methods whose result a ``LinearCall`` follows as its weight in another dtype."""
+
+METADATA_GETS = frozenset(
+    {"dtype", "shape", "device", "requires_grad", "is_leaf", "ndim", "layout", "is_cuda",
+     "is_meta", "grad_fn", "names", "itemsize", "nbytes"}
+)  # fmt: skip
+"""Tensor attributes that are metadata, not values (``.T`` and ``.data`` are not)."""
+
+
+class LinearCall(torch.overrides.TorchFunctionMode):
+    """While active (during the forward of a ``Use.call`` module, e.g. a mixture-of-experts
+    router: ``F.linear(x.float(), self.weight.float())``), finds the ``F.linear`` calls on the
+    module's weight, or on a dtype cast of it, and passes their output through ``adjust(x,
+    out)`` (the hooks' update); any other read of its weight or bias goes into ``strays``."""
+
+    def __init__(self, module: nn.Module, adjust=None):
+        super().__init__()
+        self.bias = getattr(module, "bias", None)
+        self.mine: dict[int, tuple[str, torch.Tensor]] = {
+            id(module.weight): ("weight", module.weight)
+        }
+        if self.bias is not None:
+            self.mine[id(self.bias)] = ("bias", self.bias)
+        self.adjust = adjust
+        self.inputs: list[torch.Tensor] = []
+        self.strays: list[str] = []
+
+    @classmethod
+    def start(cls, module: nn.Module, adjust=None) -> LinearCall:
+        mode = cls(module, adjust)
+        mode.__enter__()
+        return mode
+
+    def stop(self) -> LinearCall:
+        self.__exit__(None, None, None)
+        return self
+
+    def which(self, t) -> str | None:
+        hit = self.mine.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return hit[0] if hit is not None and hit[1] is t else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if self.which(w) == "weight":
+                if self.bias is not None and self.which(b) != "bias":
+                    self.strays.append("F.linear without the module's bias")
+                out = func(*args, **kwargs)
+                self.inputs.append(x)
+                return self.adjust(x, out) if self.adjust and len(self.inputs) == 1 else out
+        reads = [
+            self.which(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if self.which(t)
+        ]
+        out = func(*args, **kwargs)
+        if not reads:
+            return out
+        if name == "__get__":
+            what = getattr(getattr(func, "__self__", None), "__name__", "")
+            if what not in METADATA_GETS:
+                self.strays.append(f".{what}")
+        elif name in CASTS and isinstance(out, torch.Tensor) and len(reads) == 1:
+            self.mine[id(out)] = (reads[0], out)  # the same parameter, in another dtype
+        elif name not in METADATA_CALLS:
+            self.strays.append(getattr(func, "__qualname__", None) or repr(func))
+        return out
+
+    def found(self, use: Use) -> tuple[torch.Tensor | None, str | None]:
+        """(the input of the module's one F.linear call, None), or (None, why it cannot be
+        adapted)."""
+        if len(self.inputs) == 1 and not self.strays:
+            return self.inputs[0], None
+        how = (
+            f"reads its weight or bias by {self.strays[0]}"
+            if self.strays
+            else "never calls F.linear on its weight"
+            if not self.inputs
+            else f"calls F.linear on its weight {len(self.inputs)} times in one call"
+        )
+        return None, (
+            f"module {use.path} ({type(use.module).__name__}) {how}: the engine adapts such a "
+            "module only where its forward reads its weight through one F.linear call"
+        )
+
+
 class Hooks:
     """Forward hooks adding ``terms``' corrections during one forward of ``rows`` × ``length`` tokens.
 
@@ -692,10 +841,20 @@ class Hooks:
         self.busy = False
         self.lookups: dict[int, Lookup] = {}  # a Use.lookup module's, while it runs
         self.looks: dict[int, Lookup] = {}  # its finished Lookup, until ``hook`` takes it
+        self.calls: dict[int, LinearCall] = {}  # a Use.call module's, while it runs
+        self.patched: list[tuple[nn.Module, object]] = []  # experts: (module, its own forward)
 
     def __enter__(self):
         for use in self.uses:
             m = use.module
+            if use.kind == "experts":  # the update acts inside: the forward is the engine's
+                self.patched.append((m, m.__dict__.get("forward")))
+                m.forward = functools.partial(self.experts, use, m.forward)
+                continue
+            if use.call:  # the update acts on its F.linear call
+                self.handles.append(m.register_forward_pre_hook(self.call_started))
+                self.handles.append(m.register_forward_hook(self.call_ended, always_call=True))
+                continue
             if use.lookup:  # registered first: its ids are there when ``hook`` runs
                 self.handles.append(m.register_forward_pre_hook(self.look))
                 self.handles.append(m.register_forward_hook(self.looked, always_call=True))
@@ -709,6 +868,12 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+        for m, own in reversed(self.patched):
+            if own is None:
+                del m.__dict__["forward"]
+            else:
+                m.forward = own
+        self.patched = []
 
     @staticmethod
     def rebuilds(use: Use) -> bool:
@@ -748,6 +913,58 @@ class Hooks:
     def looked(self, module, inputs, output):
         self.looks[id(module)] = self.lookups.pop(id(module)).stop()
 
+    def call_started(self, module, inputs):
+        use = next(u for u in self.uses if u.module is module)
+        self.calls[id(module)] = LinearCall.start(module, functools.partial(self.adjusted, use))
+
+    def call_ended(self, module, inputs, output):
+        use = next(u for u in self.uses if u.module is module)
+        if (problem := self.calls.pop(id(module)).stop().found(use)[1]) and not self.busy:
+            raise RuntimeError(f"fast-weights: {problem}")
+
+    def adjusted(self, use: Use, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A ``Use.call`` module's ``F.linear`` output ``out`` on x, adapted."""
+        if self.busy:
+            return out
+        x = self.group(use, x)
+        delta = correction(use, self.terms, x, None, out.shape[-1])
+        out = out if delta is None else out + delta.reshape(out.shape).to(out.dtype)
+        return self.kept(use, x, None, out)
+
+    def experts(self, use: Use, own, hidden, top_k_index, top_k_weights, *rest, **kwargs):
+        """An experts module's forward (``experts.run_experts``), each projection adapted."""
+        if self.busy:
+            return own(hidden, top_k_index, top_k_weights, *rest, **kwargs)
+        if rest or kwargs:
+            raise RuntimeError(f"fast-weights: experts module {use.path} called with more inputs")
+        x = self.group(use, hidden)
+        return run_experts(
+            use.module, x, top_k_index, top_k_weights, functools.partial(self.routed, use)
+        )
+
+    def routed(self, use: Use, part: str, x, e, out) -> torch.Tensor:
+        """An experts projection's output ``out`` ``[B, P, out]`` on pairs x ``[B, P, in]``
+        routed to experts e ``[B, P]``, adapted."""
+        w, b = use.parts.get(part), use.parts.get(f"{part}_bias")
+        deltas = [routed_delta(t, x, e) for t in self.terms.get(w, [])] if w else []
+        g = vector_delta(self.terms.get(b, [])) if b else None
+        if g is not None:
+            deltas.append(routed_bias(g, e))
+        if deltas:
+            out = out + functools.reduce(torch.add, deltas).to(out.dtype)
+        if not (w or b):
+            return out
+        return self.kept(use, x, None, out, part, e)
+
+    def kept(self, use: Use, x, nx, out, part=None, e=None) -> torch.Tensor:
+        """``out`` as the rest of the forward sees it: in an inner forward, a tensor that
+        requires grad (D is taken w.r.t. it), kept in a Record when recording."""
+        if self.inner and torch.is_grad_enabled() and not out.requires_grad:
+            out = out.detach().requires_grad_()
+        if self.record and torch.is_grad_enabled():  # a call under no_grad adds no gradient
+            self.records.append(Record(use, x, nx, out, part, e))
+        return out
+
     def hook(self, use: Use, module, inputs, output):
         if self.busy:
             return None
@@ -771,11 +988,7 @@ class Hooks:
         else:
             delta = correction(use, self.terms, x, nx, output.shape[-1])
             out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
-        if self.inner and torch.is_grad_enabled() and not out.requires_grad:
-            out = out.detach().requires_grad_()
-        if self.record and torch.is_grad_enabled():  # a call under no_grad adds no gradient
-            self.records.append(Record(use, x, nx, out))
-        return out
+        return self.kept(use, x, nx, out)
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """The norm's output with unit scale and no bias: ``[B, R, d]`` (a LayerNorm's through
@@ -845,6 +1058,15 @@ def per_task(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def new_terms(rec: Record, d: torch.Tensor):
     """(name, term) pairs of one hooked call's ``-η G`` given d = -η dL/d(out) ``[rows, length, out]``."""
     use = rec.use
+    if use.kind == "experts":  # d [B, P, out] at pairs routed to experts rec.experts [B, P]
+        w, b = use.parts.get(rec.part), use.parts.get(f"{rec.part}_bias")
+        out = [(w, Routed(d, rec.x, rec.experts))] if w else []
+        if b:
+            experts = getattr(use.module, rec.part).shape[0]
+            index = rec.experts[..., None].expand_as(d)
+            g = d.new_zeros(d.shape[0], experts, d.shape[-1]).scatter_add(1, index, d)
+            out.append((b, Dense(g)))
+        return out
     if use.kind == "norm":  # by the shape of its scale / bias: [d], or Cohere's per head [H, d]
         shape = getattr(use.module, "weight" if use.weight else "bias").shape
         d = d.reshape(rec.x.shape[0], -1, *shape)
@@ -1075,7 +1297,7 @@ class Block:
         self.module, self.orig, self.args, self.kwargs = blk, orig, args, kwargs
         inside = {id(m) for m in blk.modules()}
         self.uses = [u for u in uses if id(u.module) in inside]
-        names = sorted({n for u in self.uses for n in (u.weight, u.bias) if n and terms.get(n)})
+        names = sorted({n for u in self.uses for _, n in u.params() if terms.get(n)})
         self.terms = [(n, t) for n in names for t in terms[n]]
         self.flat = [x for _, t in self.terms for x in _fields(t)]
         self.params = [p for p in blk.parameters() if p.requires_grad]

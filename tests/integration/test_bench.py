@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", ["llama", "gemma", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "opt", "mixtral"])
 def test_meta_step_benchmark_prints_table_and_json(tmp_path, family):
     out = tmp_path / "rows.json"
     cmd = [

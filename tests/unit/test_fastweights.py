@@ -241,6 +241,48 @@ def falcon():
     return perturb(model, "ln_")
 
 
+def moe(kind: str, **fields):
+    """A tiny mixture-of-experts model of family ``kind``, each token routed to 2 experts. The
+    reference runs transformers' eager experts loop (its default, ``grouped_mm``, takes no
+    float64)."""
+    return tiny_llama(
+        kind=kind,
+        vocab=VOCAB,
+        heads=4,
+        kv_heads=2,
+        experts_implementation="eager",
+        num_experts_per_tok=2,
+        **fields,
+    )
+
+
+def mixtral():
+    """Mixtral: 4 experts (a router module calling ``F.linear`` on its weight, softmax in
+    float32, top-k renormalised; the experts as one ``[E, 2I, d]`` and one ``[E, d, I]``
+    tensor)."""
+    return moe("mixtral", num_local_experts=4)
+
+
+def qwen2_moe():
+    """Qwen2-MoE: Mixtral's layout with its own router (softmax with ``dtype=float32``) and a
+    shared expert (an ``nn.Linear`` SwiGLU MLP) gated by the sigmoid of an ``nn.Linear``."""
+    return moe(
+        "qwen2_moe", num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16
+    )
+
+
+def gpt_oss():
+    """GPT-OSS: experts stored transposed (``[E, in, out]``) with biases, gate and up
+    interleaved and gated by its own clamped ``_apply_gate``, a router with a bias, eager
+    attention with sinks (refused: a parameter of the attention module, left out of the inner
+    set by ``no_sinks``)."""
+    return perturb(moe("gpt_oss", attn="eager", num_local_experts=4), "bias")
+
+
+def no_sinks(model):
+    return tuple(n for n in all_names(model) if not n.endswith(".sinks"))
+
+
 MODELS = {
     "llama_tied": (llama_tied, all_names),
     "gpt2": (gpt2, all_names),
@@ -262,6 +304,9 @@ MODELS = {
     "cohere2": (lambda: cohere("cohere2"), all_names),
     "nemotron": (nemotron, all_names),
     "falcon": (falcon, all_names),
+    "mixtral": (mixtral, all_names),
+    "qwen2_moe": (qwen2_moe, all_names),
+    "gpt_oss": (gpt_oss, no_sinks),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -430,6 +475,13 @@ def rotary_in_the_inputs_dtype(module):
     return apply
 
 
+def mixtral_router_in_the_inputs_dtype(self, hidden_states):
+    """Mixtral's router without its rounding of the logits to float32 before the softmax."""
+    logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    top, index = torch.topk(torch.softmax(logits, -1), self.top_k, dim=-1)
+    return logits, top / top.sum(-1, keepdim=True), index
+
+
 VJP_REFUSED = {
     "falcon": ("decoder blocks return a tuple", "returned tuple, not a tensor"),
     "gemma4": ("input besides their hidden states (per_layer_input)", "(per_layer_input)"),
@@ -444,16 +496,19 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     """checkpoint_inner=True ("vjp": the inner backward checkpointed per decoder block) is
     exact: k = 1, 2; n = 1, 3; second and first order; every block's VJP is recomputed.
 
-    Hugging Face's eager attention (Gemma 2's) takes its softmax in float32, and Cohere's
-    rotary embedding rounds q and k to float32; the recomputed VJP rounds them differently
-    (1.2e-7, 1.5e-8 here), so both are widened to the inputs' dtype: what is compared is the
-    engine's arithmetic, at float64 rounding."""
+    Hugging Face's eager attention (Gemma 2's) and the MoE routers take their softmax in
+    float32, and Cohere's rotary embedding rounds q and k to float32; the recomputed VJP rounds
+    them differently (1.2e-7, 8.8e-8 (Mixtral), 1.5e-8 here), so they are widened to the
+    inputs' dtype: what is compared is the engine's arithmetic, at float64 rounding."""
     from transformers.models.cohere import modeling_cohere
     from transformers.models.cohere2 import modeling_cohere2
+    from transformers.models.mixtral import modeling_mixtral
 
     monkeypatch.setattr(F, "softmax", softmax_in_the_inputs_dtype)
     for module in (modeling_cohere, modeling_cohere2):
         monkeypatch.setattr(module, "apply_rotary_pos_emb", rotary_in_the_inputs_dtype(module))
+    router = modeling_mixtral.MixtralTopKRouter
+    monkeypatch.setattr(router, "forward", mixtral_router_in_the_inputs_dtype)
     calls = {"vjp": 0, "forward": 0}
     for cls, key in ((fastweights.BlockVJP, "vjp"), (fastweights.BlockForward, "forward")):
         orig = cls.backward
@@ -862,6 +917,94 @@ def test_weights_the_hooks_cannot_see_make_it_refuse(twist, caplog):
         assert "backward through the graph a second time" in str(e)
     else:
         assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+
+
+def router_forward(reads):
+    """A twist: Mixtral's layer-0 router, its forward patched on the instance to compute the
+    logits with ``reads(x, weight)``."""
+
+    def twist(model):
+        gate = model.model.layers[0].mlp.gate
+
+        def forward(hidden_states):
+            logits = reads(hidden_states.reshape(-1, gate.hidden_dim), gate.weight)
+            top, index = torch.topk(torch.softmax(logits, -1), gate.top_k, dim=-1)
+            return logits, top / top.sum(-1, keepdim=True), index
+
+        gate.forward = forward
+        return model, "model.layers.0.mlp.gate"
+
+    return twist
+
+
+def doubled_experts(model):
+    """Mixtral's layer-1 experts, their forward patched on the instance to double the output."""
+    experts = model.model.layers[1].mlp.experts
+    own = experts.forward
+    experts.forward = lambda *args: 2 * own(*args)
+    return model, "model.layers.1.mlp.experts"
+
+
+MOE_TWISTS = {
+    "router on a function of its weight": (
+        router_forward(lambda x, w: F.linear(x, 2 * w)),
+        "reads its weight or bias by",
+    ),
+    "router calling F.linear twice": (
+        router_forward(lambda x, w: F.linear(x, w) + F.linear(x.flip(0), w)),
+        "calls F.linear on its weight 2 times",
+    ),
+    "router on the transpose": (
+        router_forward(lambda x, w: x @ w.T),
+        "reads its weight or bias by .T",
+    ),
+    "experts that are not their class's": (doubled_experts, "does not compute its experts"),
+}
+
+
+@pytest.mark.parametrize("twist", list(MOE_TWISTS))
+def test_moe_layers_the_engine_cannot_follow_make_it_refuse(twist, caplog):
+    """A router is adapted at its one ``F.linear`` call on its weight (``LinearCall``) and
+    experts through the engine's own run of their class's layout; a router that reads its
+    weight otherwise, or experts whose forward is not their class's, are refused, ``auto`` runs
+    the reference, and run anyway the engine would be wrong or stops."""
+    make, words = MOE_TWISTS[twist]
+    model, culprit = make(mixtral())
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and culprit in reason and words in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    ctx, q = batch(3)
+    lr, _, gr = run(reference, model, spec, ctx, q)
+    try:
+        lf, _, gf = run(fastweights, model, spec, ctx, q)
+    except RuntimeError as e:  # it stops: e.g. at an input whose row order it did not check
+        assert str(e).startswith("fast-weights:"), e
+    else:
+        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+
+
+def test_router_reading_a_copy_of_its_weight_in_another_dtype_is_adapted():
+    """``F.linear(x, w.to(dtype, copy=True))`` (routers casting their weight to float32) is
+    the weight in another dtype: adapted, exact; a ``clone()`` is not a cast: refused."""
+    model, _ = router_forward(lambda x, w: F.linear(x, w.to(torch.float64, copy=True)))(mixtral())
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    assert fastweights.ineligibility(model, spec) is None
+    compare(model, spec, *batch(3))
+    model, culprit = router_forward(lambda x, w: F.linear(x, w.clone()))(mixtral())
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and culprit in reason and "clone" in reason, reason
+
+
+def test_experts_with_a_norm_after_each_expert_are_refused():
+    """``has_post_expert_norm`` experts (a norm inside each expert): not a layout the engine
+    runs, so they are an unknown module kind."""
+    model = mixtral()
+    model.model.layers[0].mlp.experts.has_post_expert_norm = True
+    reason = fastweights.ineligibility(model, InnerSpec(lr=0.5, names=all_names(model)))
+    assert reason is not None and "model.layers.0.mlp.experts" in reason, reason
+    assert "does not know" in reason
 
 
 def plain_logits(model, q):

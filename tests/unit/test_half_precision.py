@@ -26,6 +26,7 @@ from tests.unit.test_fastweights import (
     gemma3,
     gpt2,
     llama_tied,
+    mixtral,
     nemotron,
     olmo2,
     opt,
@@ -55,7 +56,7 @@ def opt_gelu():
 
 BUILDS = {
     f.__name__: f
-    for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu, cohere, nemotron)
+    for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu, cohere, nemotron, mixtral)
 }
 """Gemma's, OLMo-2's and Cohere's norms scale in float32 and round once: an engine that rounded
 ``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
