@@ -19,8 +19,10 @@ ids, as OPT's learned positions do: ``Lookup`` takes them from the table lookup)
 Nemotron's LayerNorms), transformers' mixture-of-experts layers (``experts``: each expert's
 update is low-rank over the context's tokens routed to it, ``Routed``) and any other module
 whose forward reads its ``[out, in]`` weight only through one ``F.linear`` call (the routers of
-those layers: ``LinearCall`` adapts that call). Anything else makes ``ineligibility`` return a
-reason. Inputs are
+those layers, ``nn.Linear`` subclasses with their own forward: ``LinearCall`` adapts that call).
+A parameter also held by a module of another kind is adapted where the known module reads it
+(the probe refuses it if the other holder reads it too). Anything else makes ``ineligibility``
+return a reason. Inputs are
 grouped by task from ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's
 MLP), which ``probe`` verifies (``ROW_MAJOR``).
 
@@ -158,8 +160,9 @@ class Use:
     """An embedding whose forward derives the ids itself (OPT's learned positions count them
     from the attention mask): the hooks take the ids from its table lookup (``Lookup``)."""
     call: bool = False
-    """A linear module that is not an ``nn.Linear`` (a mixture-of-experts router): its forward's
-    one ``F.linear`` call on its weight is adapted (``LinearCall``)."""
+    """A linear module of unknown code (a mixture-of-experts router, an ``nn.Linear`` subclass
+    with its own forward): its forward's one ``F.linear`` call on its weight is adapted
+    (``LinearCall``)."""
     parts: dict[str, str] = field(default_factory=dict)
     """An experts module's inner parameters: attribute (``gate_up_proj``, ``down_proj``,
     ``*_bias``) → inner name."""
@@ -215,13 +218,12 @@ def module_kind(module: nn.Module) -> str | None:
 
 def calls_linear(module: nn.Module) -> bool:
     """Whether ``module`` may be a linear layer whose forward calls ``F.linear`` on its weight
-    (a router): not an ``nn.Linear`` (whose subclasses ``models.LINEARS`` decides), holding
-    exactly a 2-D ``weight`` and maybe a 1-D ``bias``. The probe then checks that its forward
-    reads them through one ``F.linear`` call alone (``LinearCall``)."""
-    own = {k: p for k, p in module._parameters.items() if p is not None}
-    if isinstance(module, nn.Linear) or "weight" not in own or own["weight"].dim() != 2:
-        return False
-    return set(own) <= {"weight", "bias"} and ("bias" not in own or own["bias"].dim() == 1)
+    (a router, an ``nn.Linear`` subclass with its own forward): it holds a 2-D ``weight`` and
+    maybe a 1-D ``bias`` (other parameters of it may not be inner: ``find_uses``). The probe
+    then checks that its forward reads them through one ``F.linear`` call alone
+    (``LinearCall``)."""
+    w, b = module._parameters.get("weight"), module._parameters.get("bias")
+    return w is not None and w.dim() == 2 and (b is None or b.dim() == 1)
 
 
 def derives_ids(module: nn.Module) -> bool:
@@ -264,14 +266,17 @@ def find_uses(model, names) -> list[Use]:
         if name not in named:
             raise Ineligible(f"inner parameter {name} is not a parameter of the model")
         kinds = set()
-        for path, m, attr in owners[id(named[name])]:
-            kind = module_kind(m)
-            attrs = parameter_names(m) if kind == "experts" else ("weight", "bias")
-            if kind is None or attr not in attrs or (kind == "embedding" and attr != "weight"):
-                raise Ineligible(
-                    f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
-                    f"(as {attr!r}), which the fast-weights engine does not know"
-                )
+        holders = [(path, m, attr, module_kind(m)) for path, m, attr in owners[id(named[name])]]
+        # a holder of another kind beside a known one (a BERT head holding the bias that its
+        # decoder reads) is left to the probe, which refuses the parameter if it reads it
+        known = [(path, m, attr, kind) for path, m, attr, kind in holders if adapts(m, attr, kind)]
+        if not known:
+            path, m, attr, _ = holders[0]
+            raise Ineligible(
+                f"parameter {name} belongs to module {path} of kind {type(m).__name__} "
+                f"(as {attr!r}), which the fast-weights engine does not know"
+            )
+        for path, m, attr, kind in known:
             use = uses.setdefault(
                 id(m),
                 Use(
@@ -291,6 +296,13 @@ def find_uses(model, names) -> list[Use]:
         if "conv1d" in kinds and len(kinds) > 1:
             raise Ineligible(f"parameter {name} is shared between a Conv1D and another layout")
     return list(uses.values())
+
+
+def adapts(module: nn.Module, attr: str, kind: str | None) -> bool:
+    """Whether the engine adapts ``module``'s parameter ``attr`` (module of ``kind``)."""
+    if kind == "experts":
+        return attr in parameter_names(module)
+    return kind is not None and attr in (("weight",) if kind == "embedding" else ("weight", "bias"))
 
 
 def ineligibility(model, spec: InnerSpec) -> str | None:

@@ -279,6 +279,22 @@ def gpt_oss():
     return perturb(moe("gpt_oss", attn="eager", num_local_experts=4), "bias")
 
 
+def roberta():
+    """RoBERTa as a decoder: learned positions, LayerNorms, GELU, biases, the head tied to the
+    token table; the head's output bias is held both by the head module (a kind the engine does
+    not know, which never reads it) and by its decoder ``nn.Linear`` (which does)."""
+    model = tiny_llama(
+        kind="roberta",
+        vocab=VOCAB,
+        tie=True,
+        pad_token_id=0,
+        is_decoder=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return perturb(model, "bias")
+
+
 def no_sinks(model):
     return tuple(n for n in all_names(model) if not n.endswith(".sinks"))
 
@@ -307,6 +323,7 @@ MODELS = {
     "mixtral": (mixtral, all_names),
     "qwen2_moe": (qwen2_moe, all_names),
     "gpt_oss": (gpt_oss, no_sinks),
+    "roberta": (roberta, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
         lora,
@@ -606,22 +623,38 @@ def test_lc_objective_and_checkpointed_inner(mode, monkeypatch):
 
 
 class OddLinear(nn.Linear):
-    """A Linear subclass: its forward could do anything, so the engine must refuse it."""
+    """A Linear subclass whose forward reads its weight other than through ``F.linear``: the
+    engine cannot tell what that computes, so it must refuse it."""
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class SquashedLinear(nn.Linear):
+    """A Linear subclass whose forward transforms the output of its one ``F.linear`` call."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def with_down_proj(cls, layer=0):
+    """A tiny Llama whose layer's ``down_proj`` is a ``cls`` on the same weight."""
+    model = tiny_llama(vocab=VOCAB)
+    mlp = model.model.layers[layer].mlp
+    odd = cls(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    odd.weight = mlp.down_proj.weight
+    mlp.down_proj = odd
+    return model
 
 
 def test_unknown_module_kind_falls_back(caplog):
-    model = tiny_llama(vocab=VOCAB)
-    mlp = model.model.layers[0].mlp
-    odd = OddLinear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
-    odd.weight = mlp.down_proj.weight
-    mlp.down_proj = odd
+    model = with_down_proj(OddLinear)
     spec = InnerSpec(lr=0.5, names=all_names(model))
     reason = fastweights.ineligibility(model, spec)
     assert (
         reason is not None
-        and "model.layers.0.mlp.down_proj.weight" in reason
-        and "OddLinear" in reason
-    )
+        and "model.layers.0.mlp.down_proj (OddLinear) reads its weight or bias by .T" in reason
+    ), reason
     with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
         assert select_engine("auto", model, spec).name == "reference"
         assert select_engine("auto", model, spec).name == "reference"  # said once
@@ -633,6 +666,37 @@ def test_unknown_module_kind_falls_back(caplog):
     # restricted to parameters of known modules it is eligible again
     ok = InnerSpec(lr=0.5, names=("model.layers.1.mlp.down_proj.weight", "model.norm.weight"))
     assert select_engine("auto", model, ok).name == "fastweights"
+
+
+def test_a_holder_the_engine_does_not_know_may_not_read_what_it_holds(caplog):
+    """RoBERTa's head holds the output bias that its decoder reads (``MODELS["roberta"]``:
+    exact). A head that also adds the bias itself reads it where no update reaches: refused,
+    and run anyway the engine would be wrong."""
+    model = roberta()
+    head = model.lm_head
+
+    def forward(features, **kwargs):
+        return head.decoder(head.layer_norm(F.gelu(head.dense(features)))) + head.bias
+
+    head.forward = forward
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and "lm_head.bias is read outside the module" in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    ctx, q = batch(3)
+    lr, _, gr = run(reference, model, spec, ctx, q)
+    lf, _, gf = run(fastweights, model, spec, ctx, q)
+    assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+
+
+def test_linear_subclasses_are_adapted_at_their_f_linear_call():
+    """An ``nn.Linear`` subclass with its own forward (PhiMoE's router is one) is adapted at
+    its one ``F.linear`` call on its weight, whatever its forward does with the output: exact."""
+    model = with_down_proj(SquashedLinear)
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    assert fastweights.ineligibility(model, spec) is None
+    compare(model, spec, *batch(3))
 
 
 def time_major_mlp(mlp):
