@@ -19,7 +19,8 @@ ids, as OPT's learned positions do: ``Lookup`` takes them from the table lookup)
 Nemotron's LayerNorms), transformers' mixture-of-experts layers (``experts``: each expert's
 update is low-rank over the context's tokens routed to it, ``Routed``) and any other module
 whose forward reads its ``[out, in]`` weight only through one ``F.linear`` call (the routers of
-those layers, ``nn.Linear`` subclasses with their own forward: ``LinearCall`` adapts that call).
+those layers, ``nn.Linear`` subclasses with their own forward: ``LinearCall`` adapts that call),
+attention sinks broadcast as one ``[1, H, ...]`` view over the rows (``SinkCall``).
 A parameter also held by a module of another kind is adapted where the known module reads it
 (the probe refuses it if the other holder reads it too). Anything else makes ``ineligibility``
 return a reason. Inputs are
@@ -41,6 +42,7 @@ import functools
 import inspect
 import weakref
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch._subclasses.fake_tensor
@@ -151,7 +153,7 @@ class Use:
 
     module: nn.Module
     path: str
-    kind: str  # linear | conv1d | embedding | norm | experts
+    kind: str  # linear | conv1d | embedding | norm | experts | sinks
     weight: str | None = None
     bias: str | None = None
     style: NormStyle | None = None
@@ -165,7 +167,7 @@ class Use:
     (``LinearCall``)."""
     parts: dict[str, str] = field(default_factory=dict)
     """An experts module's inner parameters: attribute (``gate_up_proj``, ``down_proj``,
-    ``*_bias``) → inner name."""
+    ``*_bias``) → inner name; an attention module's ``sinks`` → inner name."""
 
     def params(self) -> list[tuple[str, str]]:
         """(attribute, inner name) of each inner parameter the module holds."""
@@ -195,8 +197,8 @@ class FastState:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """linear / conv1d / embedding / norm / experts, or None for a module kind this engine does
-    not know."""
+    """linear / conv1d / embedding / norm / experts / sinks, or None for a module kind this
+    engine does not know."""
     t = type(module)
     if is_linear(module):  # nn.Linear, or Falcon's subclass (its forward: the same formula)
         return "linear"
@@ -211,6 +213,9 @@ def module_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if projections(module) is not None:
         return "experts"
+    sinks = module._parameters.get("sinks")
+    if sinks is not None and sinks.dim() == 1:  # an attention's per-head sink logits
+        return "sinks"
     if calls_linear(module):
         return "linear"
     return None
@@ -288,7 +293,7 @@ def find_uses(model, names) -> list[Use]:
                     call=kind == "linear" and not is_linear(m),
                 ),
             )
-            if kind == "experts":
+            if kind in ("experts", "sinks"):
                 use.parts[attr] = name
             else:
                 setattr(use, attr, name)
@@ -302,6 +307,8 @@ def adapts(module: nn.Module, attr: str, kind: str | None) -> bool:
     """Whether the engine adapts ``module``'s parameter ``attr`` (module of ``kind``)."""
     if kind == "experts":
         return attr in parameter_names(module)
+    if kind == "sinks":
+        return attr == "sinks"
     return kind is not None and attr in (("weight",) if kind == "embedding" else ("weight", "bias"))
 
 
@@ -423,7 +430,8 @@ def probe(model, uses: list[Use]) -> Findings:
     outputs: list[str] = []
     inputs: list[str] = []
     last: list = [None, ""]  # the output of the block called last, its path
-    lookups: dict[int, Lookup | LinearCall] = {}  # a Use.lookup / .call module's, while it runs
+    lookups: dict[int, Lookup | LinearCall | SinkCall] = {}  # a lookup / call / sinks module's
+    sink_calls: dict[int, tuple] = {}  # a sinks module's call (args, kwargs), for sink_problem
     flat: list[tuple[Use, torch.Tensor]] = []  # calls on flattened tokens, in order
 
     def block_called(m, args, kwargs):
@@ -449,16 +457,25 @@ def probe(model, uses: list[Use]) -> Findings:
         if id(m) in blocks and not inputs:
             block_called(m, args, kwargs)
         use = used.get(id(m))
-        if use is not None and (use.lookup or use.call):
-            lookups[id(m)] = (Lookup if use.lookup else LinearCall).start(m)
+        if use is not None and use.kind == "sinks":
+            if not algebra.busy:  # (busy: sink_problem's own calls of it)
+                lookups[id(m)] = started(SinkCall(m))
+                sink_calls[id(m)] = (args, kwargs)
+        elif use is not None and (use.lookup or use.call):
+            lookups[id(m)] = started((Lookup if use.lookup else LinearCall)(m))
         elif use is not None and not algebra.busy and not problems:
             laid_out(use, args[0] if args else None)
 
     def leave(m, args, out):  # returns None: the module's output stays
         use = used.get(id(m))
         x, problem = args[0] if args else None, None
-        if use is not None and (use.lookup or use.call):  # their call's input: the ids, x
-            x, problem = lookups.pop(id(m)).stop().found(use)
+        if use is not None and use.kind == "sinks" and not algebra.busy:
+            problem = stopped(lookups.pop(id(m))).found(use)
+            call_args, call_kwargs = sink_calls.pop(id(m))
+            if not problem and not problems:
+                problem = sink_problem(algebra, use, call_args, call_kwargs, out)
+        elif use is not None and (use.lookup or use.call):  # their call's input: the ids, x
+            x, problem = stopped(lookups.pop(id(m))).found(use)
         if use is not None and not algebra.busy and not problems:
             if problem:
                 problems.append(problem)
@@ -521,13 +538,13 @@ def row_order_problems(model, flat: list[tuple[Use, torch.Tensor]], ids) -> list
 
     def before(m, args):
         if uses[id(m)].call:  # its F.linear call's input
-            calls[id(m)] = LinearCall.start(m)
+            calls[id(m)] = started(LinearCall(m))
         else:
             seen(args[0] if args else None, uses[id(m)])
 
     def after(m, args, out):
         if id(m) in calls:
-            seen(calls.pop(id(m)).stop().found(uses[id(m)])[0], uses[id(m)])
+            seen(stopped(calls.pop(id(m))).found(uses[id(m)])[0], uses[id(m)])
 
     changed = ids.clone()
     changed[-1] = (changed[-1] + 1) % model.get_input_embeddings().weight.shape[0]
@@ -633,6 +650,50 @@ def row_order_problem(use: Use, first: torch.Tensor, second: torch.Tensor) -> st
     )
 
 
+def sink_problem(algebra: Hooks, use: Use, args: tuple, kwargs: dict, out) -> str | None:
+    """Why each row of attention module ``use`` would not see its own sinks when the engine
+    broadcasts one row of sinks per batch row (``SinkCall``), or None: called again on its
+    probe inputs (``args``, ``kwargs``; ``out`` its output) with every row's sinks as they are,
+    the output must be the same; with the last row's sinks raised by 1, that row's output alone
+    must change."""
+    m = use.module
+    first = (out if isinstance(out, torch.Tensor) else out[0]).detach()
+    heads = m.sinks.shape[0]
+
+    def again(shift: torch.Tensor) -> torch.Tensor:
+        def per_row(view):
+            rows = view.expand(PROBE_ROWS, *view.shape[1:])
+            return rows + shift.view(PROBE_ROWS, heads, *[1] * (view.dim() - 2)).to(view.dtype)
+
+        mode = started(SinkCall(m, per_row))
+        algebra.busy = True
+        try:
+            with torch.no_grad():
+                y = m(*args, **kwargs)
+        finally:
+            stopped(mode)
+            algebra.busy = False
+        return y if isinstance(y, torch.Tensor) else y[0]
+
+    shift = torch.zeros(PROBE_ROWS, heads, device=m.sinks.device)
+    same = again(shift)
+    shift[-1] = 1.0
+    moved = again(shift)
+    where = f"module {use.path} ({type(m).__name__})"
+    if same.shape != first.shape or first.shape[0] != PROBE_ROWS:
+        return f"{where} returns {tuple(first.shape)}, not one row per batch row"
+    scale = float(first.double().abs().max()) or 1.0
+    tol = 0.1 if first.dtype in (torch.float16, torch.bfloat16) else 1e-6
+    kept = float((moved[:-1] - first[:-1]).double().abs().max())
+    changed = float((moved[-1] - first[-1]).double().abs().max())
+    if float((same - first).double().abs().max()) <= tol * scale and kept <= 1e-3 * changed > 0:
+        return None
+    return (
+        f"{where} does not give each row the output of its own sinks when they are broadcast "
+        "one row per batch row: the engine cannot adapt them"
+    )
+
+
 def formula(use: Use) -> str:
     """What the engine's update assumes module ``use`` computes (``misfit`` checks it)."""
     if use.kind == "norm":
@@ -651,7 +712,7 @@ def misfit(algebra: Hooks, use: Use, x: torch.Tensor, out: torch.Tensor, args=()
     with the engine's normalisation for a norm and the module's ``embedding_scale`` (else 1),
     else []. A ``Use.call`` module's one ``F.linear`` call is that formula by construction."""
     m = use.module
-    if use.call:
+    if use.call or use.kind == "sinks":  # (sinks: ``sink_problem``)
         return []
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     if use.kind == "experts":  # (hidden [N, d], top_k_index, top_k_weights): as one task
@@ -706,25 +767,29 @@ class Record:
     """The expert of each (token, expert) pair of x ``[B, P]`` (experts modules)."""
 
 
+Mode = TypeVar("Mode", bound=torch.overrides.TorchFunctionMode)
+
+
+def started(mode: Mode) -> Mode:
+    """``mode`` made active until ``stopped`` (a forward pre-hook's work, ended by the forward
+    hook: ``Lookup``, ``LinearCall``, ``SinkCall`` while their module runs)."""
+    mode.__enter__()
+    return mode
+
+
+def stopped(mode: Mode) -> Mode:
+    mode.__exit__(None, None, None)
+    return mode
+
+
 class Lookup(torch.overrides.TorchFunctionMode):
     """While active (during the forward of a ``Use.lookup`` embedding), keeps the ids of each
     ``F.embedding`` call on ``weight``: the ids ``[rows, length]`` the module derived."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.weight = weight
+        self.weight = module.weight
         self.ids: list[torch.Tensor] = []
-
-    @classmethod
-    def start(cls, module: nn.Module) -> Lookup:
-        """A Lookup of ``module``'s table, active until ``stop`` (a forward pre-hook's work)."""
-        mode = cls(module.weight)
-        mode.__enter__()
-        return mode
-
-    def stop(self) -> Lookup:
-        self.__exit__(None, None, None)
-        return self
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -759,6 +824,15 @@ METADATA_GETS = frozenset(
 """Tensor attributes that are metadata, not values (``.T`` and ``.data`` are not)."""
 
 
+def value_read(func) -> str | None:
+    """What torch call ``func`` on a tensor reads of its values (None: metadata only)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        what = getattr(getattr(func, "__self__", None), "__name__", "")
+        return None if what in METADATA_GETS else f".{what}"
+    return None if name in METADATA_CALLS else getattr(func, "__qualname__", None) or repr(func)
+
+
 class LinearCall(torch.overrides.TorchFunctionMode):
     """While active (during the forward of a ``Use.call`` module, e.g. a mixture-of-experts
     router: ``F.linear(x.float(), self.weight.float())``), finds the ``F.linear`` calls on the
@@ -776,16 +850,6 @@ class LinearCall(torch.overrides.TorchFunctionMode):
         self.adjust = adjust
         self.inputs: list[torch.Tensor] = []
         self.strays: list[str] = []
-
-    @classmethod
-    def start(cls, module: nn.Module, adjust=None) -> LinearCall:
-        mode = cls(module, adjust)
-        mode.__enter__()
-        return mode
-
-    def stop(self) -> LinearCall:
-        self.__exit__(None, None, None)
-        return self
 
     def which(self, t) -> str | None:
         hit = self.mine.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -810,14 +874,10 @@ class LinearCall(torch.overrides.TorchFunctionMode):
         out = func(*args, **kwargs)
         if not reads:
             return out
-        if name == "__get__":
-            what = getattr(getattr(func, "__self__", None), "__name__", "")
-            if what not in METADATA_GETS:
-                self.strays.append(f".{what}")
-        elif name in CASTS and isinstance(out, torch.Tensor) and len(reads) == 1:
+        if name in CASTS and isinstance(out, torch.Tensor) and len(reads) == 1:
             self.mine[id(out)] = (reads[0], out)  # the same parameter, in another dtype
-        elif name not in METADATA_CALLS:
-            self.strays.append(getattr(func, "__qualname__", None) or repr(func))
+        elif what := value_read(func):
+            self.strays.append(what)
         return out
 
     def found(self, use: Use) -> tuple[torch.Tensor | None, str | None]:
@@ -838,6 +898,52 @@ class LinearCall(torch.overrides.TorchFunctionMode):
         )
 
 
+class SinkCall(torch.overrides.TorchFunctionMode):
+    """While active (during the forward of an attention module holding attention ``sinks``
+    ``[H]``, GPT-OSS's), finds the view of its sinks as ``[1, H, ...]`` that its attention
+    broadcasts over the rows (``module.sinks.reshape(1, -1, 1, 1)``) and returns ``per_row(out)``
+    (``[rows, H, ...]``: each row its task's sinks) instead; any other read of the sinks goes
+    into ``strays``."""
+
+    def __init__(self, module: nn.Module, per_row=None):
+        super().__init__()
+        self.sinks = module.sinks
+        self.per_row = per_row
+        self.views = 0
+        self.strays: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not any(t is self.sinks for t in leaves):
+            return out
+        name = getattr(func, "__name__", "")
+        heads = self.sinks.shape[0]
+        if name in ("reshape", "view") and args[0] is self.sinks and out.shape[:2] == (1, heads):
+            self.views += 1
+            return self.per_row(out) if self.per_row and self.views == 1 else out
+        if what := value_read(func):
+            self.strays.append(what)
+        return out
+
+    def found(self, use: Use) -> str | None:
+        """Why the module's sinks cannot be adapted (None: they can)."""
+        if self.views == 1 and not self.strays:
+            return None
+        how = (
+            f"reads its sinks by {self.strays[0]}"
+            if self.strays
+            else "never views its sinks as [1, H, ...]"
+            if not self.views
+            else f"views its sinks {self.views} times in one call"
+        )
+        return (
+            f"module {use.path} ({type(use.module).__name__}) {how}: the engine adapts attention "
+            "sinks only where the forward broadcasts one [1, H, ...] view of them over the rows"
+        )
+
+
 class Hooks:
     """Forward hooks adding ``terms``' corrections during one forward of ``rows`` × ``length`` tokens.
 
@@ -853,7 +959,7 @@ class Hooks:
         self.busy = False
         self.lookups: dict[int, Lookup] = {}  # a Use.lookup module's, while it runs
         self.looks: dict[int, Lookup] = {}  # its finished Lookup, until ``hook`` takes it
-        self.calls: dict[int, LinearCall] = {}  # a Use.call module's, while it runs
+        self.calls: dict[int, LinearCall | SinkCall] = {}  # a Use.call / sinks module's
         self.patched: list[tuple[nn.Module, object]] = []  # experts: (module, its own forward)
 
     def __enter__(self):
@@ -863,7 +969,7 @@ class Hooks:
                 self.patched.append((m, m.__dict__.get("forward")))
                 m.forward = functools.partial(self.experts, use, m.forward)
                 continue
-            if use.call:  # the update acts on its F.linear call
+            if use.call or use.kind == "sinks":  # the update acts on its F.linear call / sinks
                 self.handles.append(m.register_forward_pre_hook(self.call_started))
                 self.handles.append(m.register_forward_hook(self.call_ended, always_call=True))
                 continue
@@ -920,19 +1026,38 @@ class Hooks:
         return x.reshape(self.tasks, -1, *shape[2:])
 
     def look(self, module, inputs):
-        self.lookups[id(module)] = Lookup.start(module)
+        self.lookups[id(module)] = started(Lookup(module))
 
     def looked(self, module, inputs, output):
-        self.looks[id(module)] = self.lookups.pop(id(module)).stop()
+        self.looks[id(module)] = stopped(self.lookups.pop(id(module)))
 
     def call_started(self, module, inputs):
         use = next(u for u in self.uses if u.module is module)
-        self.calls[id(module)] = LinearCall.start(module, functools.partial(self.adjusted, use))
+        if use.kind == "sinks":
+            self.calls[id(module)] = started(SinkCall(module, functools.partial(self.sunk, use)))
+        else:
+            adjust = functools.partial(self.adjusted, use)
+            self.calls[id(module)] = started(LinearCall(module, adjust))
 
     def call_ended(self, module, inputs, output):
         use = next(u for u in self.uses if u.module is module)
-        if (problem := self.calls.pop(id(module)).stop().found(use)[1]) and not self.busy:
+        found = stopped(self.calls.pop(id(module))).found(use)
+        problem = found if use.kind == "sinks" else found[1]
+        if problem and not self.busy:
             raise RuntimeError(f"fast-weights: {problem}")
+
+    def sunk(self, use: Use, out: torch.Tensor) -> torch.Tensor:
+        """An attention's sinks viewed as ``out`` ``[1, H, ...]``, made ``[rows, H, ...]``:
+        each row its task's adapted sinks."""
+        if self.busy:
+            return out
+        per_row = out.expand(self.rows, *out.shape[1:])
+        g = vector_delta(self.terms.get(use.parts["sinks"], []))  # [B, H]
+        if g is not None:
+            g = g.repeat_interleave(self.rows // self.tasks, 0)
+            per_row = per_row + g.view(self.rows, *out.shape[1:]).to(out.dtype)
+        grouped = per_row.reshape(self.tasks, -1, out.shape[1])  # [B, rows per task, H]
+        return self.kept(use, grouped, None, per_row)
 
     def adjusted(self, use: Use, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A ``Use.call`` module's ``F.linear`` output ``out`` on x, adapted."""
@@ -1070,6 +1195,8 @@ def per_task(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def new_terms(rec: Record, d: torch.Tensor):
     """(name, term) pairs of one hooked call's ``-η G`` given d = -η dL/d(out) ``[rows, length, out]``."""
     use = rec.use
+    if use.kind == "sinks":  # d [rows, H, ...] → the task's sum [B, H]
+        return [(use.parts["sinks"], Dense(d.reshape(rec.x.shape[0], -1, d.shape[1]).sum(1)))]
     if use.kind == "experts":  # d [B, P, out] at pairs routed to experts rec.experts [B, P]
         w, b = use.parts.get(rec.part), use.parts.get(f"{rec.part}_bias")
         out = [(w, Routed(d, rec.x, rec.experts))] if w else []

@@ -222,21 +222,14 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     preparation, and an earlier run's results stay where they were; auto falls back."""
     out = tmp_path / "out"
     earlier = write_earlier_results(out)
-    # GPT-OSS: its attention's sinks are a parameter of a module kind the engine does not know
-    model = save_tiny(
-        tmp_path / "gpt_oss",
-        WORDS,
-        "gpt_oss",
-        attn="eager",
-        num_local_experts=2,
-        num_experts_per_tok=2,
-    )
+    # DiffLlama: its attention's lambda vectors are parameters of a kind the engine does not know
+    model = save_tiny(tmp_path / "diffllama", WORDS, "diffllama")
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.engine=fastweights")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: meta.engine=fastweights cannot run exactly here: "), last
-    assert "GptOssAttention" in last and "meta.engine=auto" in last, last
+    assert "DiffLlamaAttention" in last and "meta.engine=auto" in last, last
     assert "[prepare" not in proc.stdout and "[eval" not in proc.stdout, proc.stdout[-2000:]
     assert not (out / "previous").exists()
     for name, text in earlier.items():
@@ -245,7 +238,7 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     proc = run_job(out, tmp_path, f"model.name_or_path={model}", "meta.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     why = "[engine] meta.engine=auto: using the reference engine because "
-    assert proc.stderr.count(why) == 1 and "GptOssAttention" in proc.stderr
+    assert proc.stderr.count(why) == 1 and "DiffLlamaAttention" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"] == {"BM": "reference", "LG": "reference", "LC": "reference"}
     assert "[eval LG] (reference engine)" in proc.stdout

@@ -274,8 +274,8 @@ def qwen2_moe():
 def gpt_oss():
     """GPT-OSS: experts stored transposed (``[E, in, out]``) with biases, gate and up
     interleaved and gated by its own clamped ``_apply_gate``, a router with a bias, eager
-    attention with sinks (refused: a parameter of the attention module, left out of the inner
-    set by ``no_sinks``)."""
+    attention with a learned sink logit per head (``sinks [H]``, broadcast over the rows as
+    ``[1, H, 1, 1]``: ``SinkCall`` gives each row its task's)."""
     return perturb(moe("gpt_oss", attn="eager", num_local_experts=4), "bias")
 
 
@@ -293,10 +293,6 @@ def roberta():
         attention_probs_dropout_prob=0.0,
     )
     return perturb(model, "bias")
-
-
-def no_sinks(model):
-    return tuple(n for n in all_names(model) if not n.endswith(".sinks"))
 
 
 MODELS = {
@@ -322,7 +318,7 @@ MODELS = {
     "falcon": (falcon, all_names),
     "mixtral": (mixtral, all_names),
     "qwen2_moe": (qwen2_moe, all_names),
-    "gpt_oss": (gpt_oss, no_sinks),
+    "gpt_oss": (gpt_oss, all_names),
     "roberta": (roberta, all_names),
     "lora_adapter": (lora, lambda m: tuple(resolve_inner_params(m, ["all"]))),
     "lora_outer_full_inner": (
@@ -1069,6 +1065,83 @@ def test_experts_with_a_norm_after_each_expert_are_refused():
     reason = fastweights.ineligibility(model, InnerSpec(lr=0.5, names=all_names(model)))
     assert reason is not None and "model.layers.0.mlp.experts" in reason, reason
     assert "does not know" in reason
+
+
+def sink_attention(sinks_of):
+    """GPT-OSS's eager attention with its sink logits ``[rows, H, T, 1]`` taken by
+    ``sinks_of(module, query)`` (GPT-OSS's own: ``module.sinks.reshape(1, -1, 1, 1)`` expanded)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import repeat_kv
+
+    def forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask
+        logits = torch.cat([logits, sinks_of(module, query)], dim=-1)
+        probs = F.softmax(logits - logits.max(-1, keepdim=True).values, dim=-1)[..., :-1]
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+    return forward
+
+
+SINK_TWISTS = {
+    "sinks averaged over the rows": (
+        lambda m, q: (
+            m.sinks.reshape(1, -1, 1, 1)
+            .mean(0, keepdim=True)
+            .expand(q.shape[0], -1, q.shape[-2], -1)
+        ),
+        "does not give each row the output of its own sinks",
+    ),
+    "sinks read twice": (
+        lambda m, q: (
+            m.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1) + 0 * m.sinks.sum()
+        ),
+        "reads its sinks by",
+    ),
+}
+
+
+@pytest.mark.parametrize("twist", list(SINK_TWISTS))
+def test_attention_sinks_the_engine_cannot_follow_make_it_refuse(twist, monkeypatch, caplog):
+    """Attention sinks are adapted where the forward broadcasts one ``[1, H, ...]`` view of
+    them over the rows (``SinkCall``), which the probe checks by giving the last row other
+    sinks: that row's output alone must change. Sinks mixed across rows, or read twice, are
+    refused, ``auto`` runs the reference, and run anyway the engine would be wrong."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    sinks_of, words = SINK_TWISTS[twist]
+    monkeypatch.setattr(modeling_gpt_oss, "eager_attention_forward", sink_attention(sinks_of))
+    model = gpt_oss()
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and "model.layers.0.self_attn" in reason and words in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    ctx, q = batch(3)
+    lr, _, gr = run(reference, model, spec, ctx, q)
+    try:
+        lf, _, gf = run(fastweights, model, spec, ctx, q)
+    except RuntimeError as e:  # it stops (the sinks read twice; an input it did not check)
+        assert str(e).startswith("fast-weights:"), e
+    else:
+        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+
+
+def test_attention_sinks_viewed_another_way_are_adapted(monkeypatch):
+    """Another model's form of the same broadcast (Flint's: ``view`` and an expand to the
+    scores' shape) is adapted too, exactly."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    def flint(m, q):
+        return m.sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], 1)
+
+    monkeypatch.setattr(modeling_gpt_oss, "eager_attention_forward", sink_attention(flint))
+    model = gpt_oss()
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    assert fastweights.ineligibility(model, spec) is None
+    compare(model, spec, *batch(3))
 
 
 def plain_logits(model, q):

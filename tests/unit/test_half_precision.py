@@ -25,6 +25,7 @@ from tests.unit.test_fastweights import (
     gemma2,
     gemma3,
     gpt2,
+    gpt_oss,
     llama_tied,
     mixtral,
     nemotron,
@@ -56,7 +57,19 @@ def opt_gelu():
 
 BUILDS = {
     f.__name__: f
-    for f in (llama_tied, gpt2, gemma, gemma2, gemma3, olmo2, opt_gelu, cohere, nemotron, mixtral)
+    for f in (
+        llama_tied,
+        gpt2,
+        gemma,
+        gemma2,
+        gemma3,
+        olmo2,
+        opt_gelu,
+        cohere,
+        nemotron,
+        mixtral,
+        gpt_oss,
+    )
 }
 """Gemma's, OLMo-2's and Cohere's norms scale in float32 and round once: an engine that rounded
 ``1 + weight`` or the normalisation to bf16 first was up to 4x less accurate on Gemma 3. The
