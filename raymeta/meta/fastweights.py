@@ -1068,13 +1068,13 @@ class Hooks:
         out = out if delta is None else out + delta.reshape(out.shape).to(out.dtype)
         return self.kept(use, x, None, out)
 
-    def experts(self, use: Use, own, hidden, top_k_index, top_k_weights, *rest, **kwargs):
+    def experts(self, use: Use, own, hidden_states, top_k_index, top_k_weights, *rest, **kwargs):
         """An experts module's forward (``experts.run_experts``), each projection adapted."""
         if self.busy:
-            return own(hidden, top_k_index, top_k_weights, *rest, **kwargs)
+            return own(hidden_states, top_k_index, top_k_weights, *rest, **kwargs)
         if rest or kwargs:
             raise RuntimeError(f"fast-weights: experts module {use.path} called with more inputs")
-        x = self.group(use, hidden)
+        x = self.group(use, hidden_states)
         return run_experts(
             use.module, x, top_k_index, top_k_weights, functools.partial(self.routed, use)
         )

@@ -664,6 +664,25 @@ def test_unknown_module_kind_falls_back(caplog):
     assert select_engine("auto", model, ok).name == "fastweights"
 
 
+def refused_and_unsafe(model, culprit: str, words: str, caplog):
+    """The probe refuses ``model`` (every parameter inner, k = 2) with a reason naming
+    ``culprit`` and saying ``words``, ``auto`` runs the reference, and run anyway the engine
+    stops (e.g. at an input whose row order the refused probe did not check) or is wrong."""
+    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
+    reason = fastweights.ineligibility(model, spec)
+    assert reason is not None and culprit in reason and words in reason, reason
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        assert select_engine("auto", model, spec).name == "reference"
+    ctx, q = batch(3)
+    lr, _, gr = run(reference, model, spec, ctx, q)
+    try:
+        lf, _, gf = run(fastweights, model, spec, ctx, q)
+    except RuntimeError as e:
+        assert str(e).startswith("fast-weights:"), e
+    else:
+        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+
+
 def test_a_holder_the_engine_does_not_know_may_not_read_what_it_holds(caplog):
     """RoBERTa's head holds the output bias that its decoder reads (``MODELS["roberta"]``:
     exact). A head that also adds the bias itself reads it where no update reaches: refused,
@@ -675,15 +694,7 @@ def test_a_holder_the_engine_does_not_know_may_not_read_what_it_holds(caplog):
         return head.decoder(head.layer_norm(F.gelu(head.dense(features)))) + head.bias
 
     head.forward = forward
-    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
-    reason = fastweights.ineligibility(model, spec)
-    assert reason is not None and "lm_head.bias is read outside the module" in reason, reason
-    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
-        assert select_engine("auto", model, spec).name == "reference"
-    ctx, q = batch(3)
-    lr, _, gr = run(reference, model, spec, ctx, q)
-    lf, _, gf = run(fastweights, model, spec, ctx, q)
-    assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+    refused_and_unsafe(model, "lm_head.bias", "is read outside the module", caplog)
 
 
 def test_linear_subclasses_are_adapted_at_their_f_linear_call():
@@ -1029,20 +1040,7 @@ def test_moe_layers_the_engine_cannot_follow_make_it_refuse(twist, caplog):
     weight otherwise, or experts whose forward is not their class's, are refused, ``auto`` runs
     the reference, and run anyway the engine would be wrong or stops."""
     make, words = MOE_TWISTS[twist]
-    model, culprit = make(mixtral())
-    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
-    reason = fastweights.ineligibility(model, spec)
-    assert reason is not None and culprit in reason and words in reason, reason
-    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
-        assert select_engine("auto", model, spec).name == "reference"
-    ctx, q = batch(3)
-    lr, _, gr = run(reference, model, spec, ctx, q)
-    try:
-        lf, _, gf = run(fastweights, model, spec, ctx, q)
-    except RuntimeError as e:  # it stops: e.g. at an input whose row order it did not check
-        assert str(e).startswith("fast-weights:"), e
-    else:
-        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+    refused_and_unsafe(*make(mixtral()), words, caplog)
 
 
 def test_router_reading_a_copy_of_its_weight_in_another_dtype_is_adapted():
@@ -1113,20 +1111,7 @@ def test_attention_sinks_the_engine_cannot_follow_make_it_refuse(twist, monkeypa
 
     sinks_of, words = SINK_TWISTS[twist]
     monkeypatch.setattr(modeling_gpt_oss, "eager_attention_forward", sink_attention(sinks_of))
-    model = gpt_oss()
-    spec = InnerSpec(lr=0.5, names=all_names(model), steps=2)
-    reason = fastweights.ineligibility(model, spec)
-    assert reason is not None and "model.layers.0.self_attn" in reason and words in reason, reason
-    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
-        assert select_engine("auto", model, spec).name == "reference"
-    ctx, q = batch(3)
-    lr, _, gr = run(reference, model, spec, ctx, q)
-    try:
-        lf, _, gf = run(fastweights, model, spec, ctx, q)
-    except RuntimeError as e:  # it stops (the sinks read twice; an input it did not check)
-        assert str(e).startswith("fast-weights:"), e
-    else:
-        assert abs(lf - lr) > 1e-6 * abs(lr) or max_rel_error(gr, gf) > 1e-6
+    refused_and_unsafe(gpt_oss(), "model.layers.0.self_attn", words, caplog)
 
 
 def test_attention_sinks_viewed_another_way_are_adapted(monkeypatch):
