@@ -1043,7 +1043,7 @@ class Hooks:
         use = next(u for u in self.uses if u.module is module)
         found = stopped(self.calls.pop(id(module))).found(use)
         problem = found if use.kind == "sinks" else found[1]
-        if problem and not self.busy:
+        if problem and not self.busy and output is not None:  # (None: the forward raised)
             raise RuntimeError(f"fast-weights: {problem}")
 
     def sunk(self, use: Use, out: torch.Tensor) -> torch.Tensor:

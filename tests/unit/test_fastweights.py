@@ -1055,6 +1055,23 @@ def test_router_reading_a_copy_of_its_weight_in_another_dtype_is_adapted():
     assert reason is not None and culprit in reason and "clone" in reason, reason
 
 
+def test_router_adding_its_bias_outside_f_linear_is_refused(caplog):
+    """GPT-OSS's router passes its bias to ``F.linear``; one that adds it afterwards reads it
+    where the call's update does not reach: refused."""
+    model = gpt_oss()
+    router = model.model.layers[0].mlp.router
+
+    def forward(hidden_states):
+        logits = F.linear(hidden_states, router.weight) + router.bias
+        top, index = torch.topk(logits, router.top_k, dim=-1)
+        return logits, torch.softmax(top, dim=1), index
+
+    router.forward = forward
+    refused_and_unsafe(
+        model, "model.layers.0.mlp.router", "F.linear without the module's bias", caplog
+    )
+
+
 def test_experts_with_a_norm_after_each_expert_are_refused():
     """``has_post_expert_norm`` experts (a norm inside each expert): not a layout the engine
     runs, so they are an unknown module kind."""
