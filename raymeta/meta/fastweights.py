@@ -470,7 +470,7 @@ def probe(model, uses: list[Use]) -> Findings:
         use = used.get(id(m))
         x, problem = args[0] if args else None, None
         if use is not None and use.kind == "sinks" and not algebra.busy:
-            problem = stopped(lookups.pop(id(m))).found(use)
+            _, problem = stopped(lookups.pop(id(m))).found(use)
             call_args, call_kwargs = sink_calls.pop(id(m))
             if not problem and not problems:
                 problem = sink_problem(algebra, use, call_args, call_kwargs, out)
@@ -927,10 +927,10 @@ class SinkCall(torch.overrides.TorchFunctionMode):
             self.strays.append(what)
         return out
 
-    def found(self, use: Use) -> str | None:
-        """Why the module's sinks cannot be adapted (None: they can)."""
+    def found(self, use: Use) -> tuple[None, str | None]:
+        """(None, why the module's sinks cannot be adapted, or None where they can)."""
         if self.views == 1 and not self.strays:
-            return None
+            return None, None
         how = (
             f"reads its sinks by {self.strays[0]}"
             if self.strays
@@ -938,7 +938,7 @@ class SinkCall(torch.overrides.TorchFunctionMode):
             if not self.views
             else f"views its sinks {self.views} times in one call"
         )
-        return (
+        return None, (
             f"module {use.path} ({type(use.module).__name__}) {how}: the engine adapts attention "
             "sinks only where the forward broadcasts one [1, H, ...] view of them over the rows"
         )
@@ -970,8 +970,10 @@ class Hooks:
                 m.forward = functools.partial(self.experts, use, m.forward)
                 continue
             if use.call or use.kind == "sinks":  # the update acts on its F.linear call / sinks
-                self.handles.append(m.register_forward_pre_hook(self.call_started))
-                self.handles.append(m.register_forward_hook(self.call_ended, always_call=True))
+                started_hook = functools.partial(self.call_started, use)
+                ended_hook = functools.partial(self.call_ended, use)
+                self.handles.append(m.register_forward_pre_hook(started_hook))
+                self.handles.append(m.register_forward_hook(ended_hook, always_call=True))
                 continue
             if use.lookup:  # registered first: its ids are there when ``hook`` runs
                 self.handles.append(m.register_forward_pre_hook(self.look))
@@ -1031,18 +1033,15 @@ class Hooks:
     def looked(self, module, inputs, output):
         self.looks[id(module)] = stopped(self.lookups.pop(id(module)))
 
-    def call_started(self, module, inputs):
-        use = next(u for u in self.uses if u.module is module)
+    def call_started(self, use: Use, module, inputs):
         if use.kind == "sinks":
             self.calls[id(module)] = started(SinkCall(module, functools.partial(self.sunk, use)))
         else:
             adjust = functools.partial(self.adjusted, use)
             self.calls[id(module)] = started(LinearCall(module, adjust))
 
-    def call_ended(self, module, inputs, output):
-        use = next(u for u in self.uses if u.module is module)
-        found = stopped(self.calls.pop(id(module))).found(use)
-        problem = found if use.kind == "sinks" else found[1]
+    def call_ended(self, use: Use, module, inputs, output):
+        _, problem = stopped(self.calls.pop(id(module))).found(use)
         if problem and not self.busy and output is not None:  # (None: the forward raised)
             raise RuntimeError(f"fast-weights: {problem}")
 
