@@ -91,12 +91,19 @@ def lm_sampler(
 
 
 class MetaTrainingDiverged(RuntimeError):
-    """A meta-training step gave a non-finite loss or gradient norm (jobs exit 4 on it)."""
+    """A meta-training step gave a non-finite loss or gradient norm (jobs exit 4 on it).
+    ``history``: the records of the steps before it (as the meta-trainers return them), so the
+    job's summary and figure still show the run up to the step that diverged."""
+
+    def __init__(self, message: str, history: Sequence[dict] = ()):
+        super().__init__(message)
+        self.history = list(history)
 
 
-def check_finite(stats: dict, step: int) -> None:
-    """Raise MetaTrainingDiverged when a loss or the gradient norm in ``stats`` is nan or inf:
-    later steps would only spread it through the weights."""
+def check_finite(stats: dict, step: int, history: Sequence[dict] = ()) -> None:
+    """Raise MetaTrainingDiverged (carrying ``history``, the steps before) when a loss or the
+    gradient norm in ``stats`` is nan or inf: later steps would only spread it through the
+    weights."""
     bad = [
         f"{k}={stats[k]}"
         for k in ("outer_loss", "inner_loss", "lm_loss", "grad_norm")
@@ -105,7 +112,8 @@ def check_finite(stats: dict, step: int) -> None:
     if bad:
         raise MetaTrainingDiverged(
             f"meta-training diverged at step {step}: {', '.join(bad)}. Lower meta.outer_lr or "
-            "meta.inner_lr, or keep meta.clip_norm > 0; float32 is safer than bfloat16"
+            "meta.inner_lr, or keep meta.clip_norm > 0; float32 is safer than bfloat16",
+            history,
         )
 
 
@@ -225,7 +233,8 @@ def meta_train_local(
             params, meta.clip_norm if meta.clip_norm > 0 else float("inf")
         )
         stats["grad_norm"] = float(norm)
-        check_finite(stats, step)  # before the update: the model keeps its last finite weights
+        check_finite(stats, step, history)  # before the update: the model keeps its last finite
+        # weights
         opt.step()
         pos = advance(pos, len(groups), meta.meta_batch_size)
         record = {"step": step, **stats}  # every step, as the Ray workers log it

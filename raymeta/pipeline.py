@@ -22,7 +22,7 @@ from raymeta.errors import InputError
 from raymeta.evaluate import SETTINGS, eval_triples, evaluate
 from raymeta.finetune import prepare
 from raymeta.meta.engines import select_engine
-from raymeta.outer import inner_spec, lm_sampler, meta_train_local
+from raymeta.outer import MetaTrainingDiverged, inner_spec, lm_sampler, meta_train_local
 
 
 def setup_torch(cfg: RunConfig) -> None:
@@ -348,18 +348,23 @@ def write_figure_and_summary(out: Path, results: dict, histories: dict, summary:
     ``summary.json``, each replaced whole."""
     from raymeta.plots import plot_results
 
-    plot_results(results, histories, out / ".results.tmp.png")
+    plot_results(results, histories, out / ".results.tmp.png", summary.get("diverged", ()))
     (out / ".results.tmp.png").replace(out / "results.png")
     write_whole(out / "summary.json", json.dumps(summary, indent=1))
 
 
-def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_result=None) -> dict:
+def run_pipeline(
+    cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_result=None, on_ready=None
+) -> dict:
     """Run the whole job; returns results (also written to ``output_dir/results.json``).
 
     ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher) -> history`` replaces
-    the in-process meta-training loop (the Ray Train path passes its own). Each model's results
-    are written (results.json, results.md, records) and passed to ``on_result(name, metrics)``
-    as soon as it is evaluated, so a job that stops later keeps them."""
+    the in-process meta-training loop (the Ray Train path passes its own). ``on_ready()`` is
+    called once the data and the model have loaded and passed their checks, before anything is
+    written to ``output_dir`` (the job opens its MLflow run there, so that bad input opens
+    none). Each model's results are written (results.json, results.md, records) and passed to
+    ``on_result(name, metrics)`` as soon as it is evaluated, so a job that stops later keeps
+    them."""
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,13 +376,15 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     check_sizes(cfg, train, test)
     model, tok, path = load_base_model(cfg, train, test, device)
     print(f"[model] {path}", flush=True)
+    if on_ready is not None:
+        on_ready()
     # only once data and model have loaded: a re-run with bad inputs leaves the results in place
     source = model_source(path, out, keep_previous(out))
     dump_config(cfg, out / "config.yaml")
     save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
-    results, histories, saved, engines = {}, {}, {}, {}
+    results, histories, saved, engines, diverged = {}, {}, {}, {}, {}
 
     def write_summary(complete: bool) -> dict:
         summary = {
@@ -388,6 +395,7 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
             "models": saved,
             "engines": engines,
             "history": histories,
+            "diverged": diverged,
         }
         write_figure_and_summary(out, results, histories, summary)
         return summary
@@ -415,7 +423,12 @@ def run_pipeline(cfg: RunConfig, output_dir: str | Path, meta_trainer=None, on_r
     for objective in cfg.meta.objectives:
         m = copy.deepcopy(base)
         lc_teacher = teacher if objective == "LC" else None
-        histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
+        try:
+            histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
+        except MetaTrainingDiverged as e:  # its steps up to there: in the summary and figure
+            histories[objective], diverged[objective] = e.history, str(e)
+            write_summary(complete=False)
+            raise
         if cfg.save_models:
             saved[objective] = save_trained(m, tok, out, objective, source, cfg)
         summary = run_eval(objective, m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from raymeta.evaluate import SETTINGS
@@ -13,11 +14,13 @@ def model_colours(results: dict, histories: dict) -> dict[str, str]:
     return {name: f"C{i}" for i, name in enumerate(names)}
 
 
-def draw_results(results: dict, histories: dict):
+def draw_results(results: dict, histories: dict, diverged: Collection[str] = ()):
     """The results figure: left, accuracy of each model (BM, LG, LC) per setting (solid), with
     the leak of the control settings (answers that are the partner's response) hatched on top
     of it, so a leak shows whatever its size; right, outer loss against step for each objective
-    (left out when nothing was meta-trained). Each model keeps its colour in both panels."""
+    (left out when nothing was meta-trained), labelled with the step at which the objectives
+    in ``diverged`` diverged (their histories end before it). Each model keeps its colour in
+    both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,21 +57,37 @@ def draw_results(results: dict, histories: dict):
         return fig
     for objective, hist in histories.items():
         steps = [h["step"] for h in hist if "outer_loss" in h]
-        if steps:
-            losses = [h["outer_loss"] for h in hist if "outer_loss" in h]
-            bx.plot(steps, losses, label=objective, color=colours[objective])
+        losses = [h["outer_loss"] for h in hist if "outer_loss" in h]
+        label = objective
+        if objective in diverged:  # (its history holds every step before the one that diverged)
+            label += f" (diverged at step {steps[-1] + 1 if steps else 1})"
+        elif not steps:
+            continue
+        marker = "o" if len(steps) == 1 else None  # a single step still shows
+        bx.plot(steps, losses, label=label, color=colours[objective], marker=marker)
+    from matplotlib.ticker import MaxNLocator
+
+    bx.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    lo, hi = bx.get_xlim()
+    if hi - lo < 2:  # a single step: room for whole-step ticks either side
+        bx.set_xlim(max(lo - 1, 0), hi + 1)
     bx.set_xlabel("outer step")
     bx.set_ylabel("outer loss (LG: answer NLL, LC: KL to the teacher)")
-    bx.set_yscale("log")
+    if any(len(line.get_xdata()) for line in bx.get_lines()):
+        bx.set_yscale("log")
+    else:  # every objective diverged at its first step: no loss to scale
+        bx.set_yticks([])
     bx.legend()
     bx.set_title("meta-training")
     fig.tight_layout()
     return fig
 
 
-def plot_results(results: dict, histories: dict, path: str | Path) -> Path:
+def plot_results(
+    results: dict, histories: dict, path: str | Path, diverged: Collection[str] = ()
+) -> Path:
     """Write :func:`draw_results`'s figure as a PNG at ``path``."""
-    fig = draw_results(results, histories)
+    fig = draw_results(results, histories, diverged)
     import matplotlib.pyplot as plt
 
     path = Path(path)

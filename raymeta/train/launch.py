@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -364,7 +363,7 @@ def fit_objective(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raymeta.train.worker import DIVERGED, train_loop
+    from raymeta.train.worker import DIVERGED, read_history, train_loop
 
     check_launchable(cfg)
     start_ray(cfg.train)
@@ -398,7 +397,8 @@ def fit_objective(
     if result.checkpoint is not None and (Path(result.checkpoint.path) / DIVERGED).is_file():
         from raymeta.outer import MetaTrainingDiverged
 
-        raise MetaTrainingDiverged((Path(result.checkpoint.path) / DIVERGED).read_text())
+        ckpt = Path(result.checkpoint.path)
+        raise MetaTrainingDiverged((ckpt / DIVERGED).read_text(), read_history(ckpt))
     if result.checkpoint is None:
         raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
     from raymeta.models import point_adapter_at_base
@@ -406,8 +406,7 @@ def fit_objective(
     ckpt = Path(result.checkpoint.path)
     point_adapter_at_base(ckpt / MODEL_DIR)  # it was written in a worker's temporary folder
     state = read_state(ckpt)
-    history = json.loads((ckpt / "history.json").read_text())
-    return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)
+    return FitResult(ckpt / MODEL_DIR, ckpt, read_history(ckpt), state.steps_log)
 
 
 def fit_off_main_thread(trainer):
@@ -481,8 +480,8 @@ class JobRuns:
     model is evaluated (:meth:`log_result`), so it holds that model's eval metrics beside its
     per-step curves, and child runs of LG and LC compare column for column in the MLflow UI."""
 
-    parent: Tracker
-    """The job's run."""
+    parent: Tracker | None
+    """The job's run (None until it opens, once the job's inputs have passed their checks)."""
     tags: dict[str, str]
     """Tags every run of the job carries (the command line's overrides, the output directory)."""
     children: dict[str, Tracker] = field(default_factory=dict)
@@ -525,7 +524,7 @@ def child_run(cfg: RunConfig, objective: str, out: Path, runs: JobRuns | None):
     metrics (:meth:`JobRuns.log_result` ends it)."""
     from raymeta.train.tracking import Tracker, end_status, source_tags, start_run
 
-    if runs is None or runs.parent.run_id is None:
+    if runs is None or runs.parent is None or runs.parent.run_id is None:
         yield Tracker(), None
         return
     child = start_run(
@@ -642,35 +641,39 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
     ``overrides`` (the command line's dotted overrides) and the output directory are tagged
     on the MLflow run, so runs of one config (one run name) can be told apart and repeated.
 
-    The MLflow run ends FINISHED, KILLED when interrupted (Ctrl-C, or SIGTERM made into
-    SystemExit by the job), else FAILED; each model's eval metrics are logged as soon as it is
-    evaluated, and a run that ends early still gets the result files written by then."""
+    The MLflow run opens once the data and the model have loaded and passed their checks (bad
+    input stops the job with no run in the store; a tracking server that does not answer
+    stops it before anything loads). It ends FINISHED, KILLED when interrupted (Ctrl-C, or
+    SIGTERM made into SystemExit by the job), else FAILED; each model's eval metrics are logged
+    as soon as it is evaluated, and a run that ends early still gets the result files written
+    by then."""
     from raymeta.pipeline import run_pipeline
     from raymeta.train.tracking import check_server, end_status, source_tags, start_run
 
     name_deepspeed_accelerator()
     out = Path(output_dir).expanduser().resolve()
     check_inputs(cfg, out)
+    check_server(cfg.tracking, out)  # a server that does not answer: before Ray, before loading
     if cfg.train.launcher == "ray":
         check_launchable(cfg)
         if cfg.meta.objectives:
-            check_server(cfg.tracking, out)  # a server that does not answer: before Ray
-            start_ray(cfg.train)  # and a cluster the workers cannot fit before any MLflow run
+            start_ray(cfg.train)  # a cluster the workers cannot fit: before any MLflow run
     kinds = ",".join(["BM", *cfg.meta.objectives])
-    job_tags = {"overrides": " ".join(overrides), "output_dir": str(out)}
-    tracker = start_run(
-        cfg.tracking,
-        default_dir=out,
-        run_name=cfg.name,
-        params=to_dict(cfg),
-        tags={
-            **run_tags(cfg, kinds),
-            **source_tags(sys.argv[0] or "jobs/metatrain.py"),
-            **job_tags,
-        },
-    )
-    runs = JobRuns(tracker, job_tags)
+    runs = JobRuns(None, {"overrides": " ".join(overrides), "output_dir": str(out)})
     evaluated: list[str] = []
+
+    def open_run() -> None:
+        runs.parent = start_run(
+            cfg.tracking,
+            default_dir=out,
+            run_name=cfg.name,
+            params=to_dict(cfg),
+            tags={
+                **run_tags(cfg, kinds),
+                **source_tags(sys.argv[0] or "jobs/metatrain.py"),
+                **runs.tags,
+            },
+        )
 
     def on_result(name: str, metrics: dict) -> None:
         evaluated.append(name)
@@ -693,12 +696,15 @@ def run_job(cfg: RunConfig, output_dir: str | Path, overrides: Sequence[str] = (
                 + ", ".join(unused),
                 flush=True,
             )
-        results = run_pipeline(cfg, out, meta_trainer=trainer, on_result=on_result)
-        log_artifacts(tracker, out)
+        results = run_pipeline(
+            cfg, out, meta_trainer=trainer, on_result=on_result, on_ready=open_run
+        )
+        log_artifacts(runs.parent, out)
     except BaseException as e:
-        if evaluated:  # this job's files (an earlier job's were moved to previous/ by then)
-            log_artifacts(tracker, out)
-        runs.end(end_status(e))
+        if runs.parent is not None:  # (none yet: the inputs were refused, nothing was written)
+            if evaluated:  # this job's files (an earlier job's were moved to previous/ by then)
+                log_artifacts(runs.parent, out)
+            runs.end(end_status(e))
         raise
     runs.end()
     return results

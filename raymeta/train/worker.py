@@ -95,7 +95,7 @@ def train_loop(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(ds, d)
-            history = _read_history(d)
+            history = read_history(d)
         state.attempt += 1
         if rank == 0:
             print(
@@ -147,11 +147,11 @@ def train_loop(config: dict) -> None:
         stats = _mean_over_workers(stats, world)
         stats["grad_norm"] = norm0 if norm0 is not None else _grad_norm(ds)
         try:
-            check_finite(stats, step)  # the same figures on every rank: all stop together
+            check_finite(stats, step, history)  # the same figures on every rank: all stop together
         except MetaTrainingDiverged as e:  # reported, not raised: a retry would diverge again
             if tracker is not None:
                 tracker.finish("FAILED")
-            _report_divergence(str(e), step, rank)
+            _report_divergence(str(e), step, rank, e.history)
             return
         state.step, state.position = (
             step,
@@ -299,19 +299,24 @@ DIVERGED = "diverged.txt"
 """The file of a checkpoint that reports a divergence (its text: the error)."""
 
 
-def _report_divergence(message: str, step: int, rank: int) -> None:
-    """Report the divergence as a checkpoint holding only its message (the driver's Result
-    keeps checkpoints' reports, not plain ones), so fit_objective raises it."""
+def _report_divergence(message: str, step: int, rank: int, history: list[dict]) -> None:
+    """Report the divergence as a checkpoint holding only its message and the history of the
+    steps before it (the driver's Result keeps checkpoints' reports, not plain ones), so
+    fit_objective raises it."""
+    import json
+
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raymeta-diverged-") as d:
         if rank == 0:
             Path(d, DIVERGED).write_text(message)
+            Path(d, "history.json").write_text(json.dumps(history))
         checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
-def _read_history(directory) -> list[dict]:
+def read_history(directory) -> list[dict]:
+    """The step records a checkpoint's ``history.json`` holds ([] without one)."""
     import json
 
     path = Path(directory) / "history.json"

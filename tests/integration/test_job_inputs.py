@@ -11,6 +11,7 @@ the real local sqlite MLflow store):
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -244,14 +245,20 @@ def test_a_model_fastweights_refuses_stops_before_anything_runs(tmp_path):
     assert "[eval LG] (reference engine)" in proc.stdout
 
 
-def test_a_malformed_data_file_opens_no_mlflow_run(tmp_path):
+@pytest.mark.parametrize("case", ["not_utf8", "lora_target", "inner_params"])
+def test_bad_input_opens_no_mlflow_run(tmp_path, case):
+    """Input refused before the job starts (a malformed data file) or once the data and model
+    have loaded (a LoRA target or inner-parameter pattern that matches nothing in the model):
+    the store holds no run of the job."""
     out = tmp_path / "out"
-    overrides, _ = bad_inputs(tmp_path)["not_utf8"]
+    overrides, expected = bad_inputs(tmp_path)[case]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = job_command(out, tmp_path, *overrides)  # tracking on
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    assert "MLflow run " not in proc.stdout + proc.stderr
     assert not (out / "mlflow.db").exists() or not mlflow_runs(out)
 
 
@@ -328,7 +335,8 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
 def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tmp_path, launcher):
     """A nan loss stops the job (exit 4) at its step; the base model's evaluation, done before,
     stays in results.json, records/, results.png, summary.json (``complete`` false) and the
-    MLflow run (logged as it finished)."""
+    MLflow run (logged as it finished); the summary also holds LG's steps before the one that
+    diverged, and its error line."""
     out = tmp_path / "out"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -337,7 +345,7 @@ def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tm
         out,
         tmp_path,
         "meta.steps=5",
-        "meta.inner_lr=1e30",  # the inner step overflows: nan at step 1
+        "meta.outer_lr=1e30",  # step 1 is finite; its update makes step 2's losses overflow
         "eval.inner_lr=1e-3",
         f"train.launcher={launcher}",
         "train.num_workers=1",
@@ -346,13 +354,16 @@ def test_diverged_meta_training_stops_with_one_line_and_keeps_earlier_results(tm
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 4, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]  # (after Ray's streamed worker lines)
-    assert last.startswith("error: meta-training diverged at step 1: "), proc.stderr[-3000:]
-    assert "meta.inner_lr" in last
+    assert last.startswith("error: meta-training diverged at step 2: "), proc.stderr[-3000:]
+    assert "meta.outer_lr" in last
     assert proc.stdout.count("Attempting to start training worker group") <= 1
     assert list(json.loads((out / "results.json").read_text())) == ["BM"]
     assert (out / "records" / "BM.jsonl").is_file()
     summary = json.loads((out / "summary.json").read_text())  # as it stood after BM
-    assert summary["complete"] is False and summary["history"] == {}, summary
+    assert summary["complete"] is False, summary
+    (step,) = summary["history"]["LG"]  # the step before the nan, as a finished run keeps it
+    assert step["step"] == 1 and math.isfinite(step["outer_loss"]), summary
+    assert summary["diverged"] == {"LG": last.removeprefix("error: ")}, summary
     assert summary["engines"] == {"BM": "fastweights"}
     assert (out / "results.png").stat().st_size > 10_000
     assert not list(out.glob(".*.tmp*"))

@@ -3,6 +3,7 @@ benchmark's help text."""
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -65,6 +66,33 @@ def test_each_model_has_one_colour_in_both_panels():
     assert hatched == set(bars.values())
     only = draw_results({"BM": metrics}, {})  # an evaluation-only job: no empty curve panel
     assert len(only.axes) == 1 and only.axes[0].get_title() == "evaluation"
+
+
+def test_a_diverged_objective_keeps_its_curve_and_says_where_it_stopped():
+    """LG diverged at step 3 (its history: steps 1-2), LC at step 1 (no steps), a third at
+    step 2 (one step, drawn with a marker to be seen); a finished one is labelled plainly."""
+    metrics = {"NC": {"accuracy": 0.5, "nll": 1.0}}
+    two = [{"step": 1, "outer_loss": 2.0}, {"step": 2, "outer_loss": 1.0}]
+    histories = {"LG": two, "LC": [], "XX": two[:1], "YY": two}
+    results = {"BM": metrics}
+    _, bx = draw_results(results, histories, diverged={"LG", "LC", "XX"}).axes
+    lines = {line.get_label(): line for line in bx.get_lines()}
+    assert set(lines) == {
+        "LG (diverged at step 3)",
+        "LC (diverged at step 1)",
+        "XX (diverged at step 2)",
+        "YY",
+    }
+    assert list(lines["LG (diverged at step 3)"].get_xdata()) == [1, 2]
+    assert lines["XX (diverged at step 2)"].get_marker() == "o"
+    assert lines["YY"].get_marker() in ("None", None, "")
+    assert [t.get_text() for t in bx.get_legend().get_texts()] == list(lines)
+    assert bx.get_yscale() == "log"
+    # diverged at its first step: no curve, the label alone; the figure still renders
+    fig = draw_results(results, {"LG": []}, diverged={"LG"})
+    fig.savefig(io.BytesIO(), format="png")
+    (line,) = fig.axes[1].get_lines()
+    assert line.get_label() == "LG (diverged at step 1)" and len(line.get_xdata()) == 0
 
 
 def test_a_leak_shows_on_top_of_the_accuracy_whatever_its_size():
