@@ -80,8 +80,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 FAMILIES = ("llama", "gemma", "opt", "mixtral")
 """Model families a shape is built as: Llama (fused attention, SwiGLU and RMS normalisation in
-the fast engine's passes), Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP
-and its own SDPA attention, which the fast engine runs under the math kernel) or OPT (learned
+the fast engine's passes), Gemma (a scaled embedding, ``1 + weight`` norms, a GELU-gated MLP;
+its attention and MLP are Llama's code, fused as Llama's) or OPT (learned
 positions, LayerNorms, a ReLU MLP on flattened tokens, biases, its own SDPA attention; no
 grouped-query attention, no dropout) or Mixtral (Llama's layers with a mixture of 8 experts of
 the shape's MLP width, 2 per token, for the MLP: a router and the experts' stacked weights)."""
@@ -558,7 +558,7 @@ def parse(argv=None):
     p.add_argument(
         "--unfused-ops",
         action="store_true",
-        help="fastweights: torch's own SwiGLU and RMS normalisation instead of the fused ones",
+        help="fastweights: torch's own gated MLPs and RMS normalisation instead of the fused ones",
     )
     p.add_argument(
         "--compile-ops",

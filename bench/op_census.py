@@ -19,6 +19,7 @@ GPU is at hand (RESULTS.md relates it to the H100 profile).
 
     python bench/op_census.py --shape llama-1b --meta-batch 16 --ctx 192 --query 32
     python bench/op_census.py ... --variants fused,unfused,vjp --top 15
+    python bench/op_census.py ... --family gemma --variants fused,unfused
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from meta_step import (  # noqa: E402
 from raymeta.meta import fastweights  # noqa: E402
 from raymeta.meta.engines import select_engine  # noqa: E402
 from raymeta.meta.inner import InnerSpec  # noqa: E402
+
+CENSUS_FAMILIES = ("llama", "gemma")
+"""The bench's model families (``meta_step.FAMILIES``) the census can run on fake tensors."""
 
 MATMULS = frozenset({"mm", "bmm", "addmm", "baddbmm"})
 FREE = frozenset(
@@ -103,14 +107,15 @@ class Census(TorchDispatchMode):
         return out
 
 
-def build_fake_model(shape: str, dtype):
-    """The bench's random Llama of ``shape`` on fake tensors (no memory, no init cost)."""
-    from transformers import LlamaForCausalLM
+def build_fake_model(shape: str, dtype, family: str = "llama"):
+    """The bench's random model of ``shape`` and ``family`` on fake tensors (no memory, no init
+    cost)."""
+    from transformers import AutoModelForCausalLM
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # fake tensors cannot be cast with .to() afterwards
     try:
-        return LlamaForCausalLM(model_config(shape)).train()
+        return AutoModelForCausalLM.from_config(model_config(shape, family)).train()
     finally:
         torch.set_default_dtype(default)
 
@@ -135,7 +140,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     with FakeTensorMode() if fake else contextlib.nullcontext(), switches(values):
-        model = build_fake_model(args.shape, DTYPES[args.dtype])
+        model = build_fake_model(args.shape, DTYPES[args.dtype], args.family)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         spec = InnerSpec(lr=1e-3, names=inner_names(model, args.inner), checkpoint_inner=ckpt)
         engine = select_engine(engine_name, model, spec)
@@ -154,6 +159,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
     calls, flops, total = counted.totals()
     return {
         "variant": variant,
+        "family": args.family,
         "shape": args.shape,
         "dtype": args.dtype,
         "ctx": args.ctx,
@@ -178,6 +184,7 @@ def figure(v: float) -> str:
 def table(rows: list[dict]) -> str:
     head = [
         "variant",
+        "family",
         "shape",
         "ctx",
         "n",
@@ -193,6 +200,7 @@ def table(rows: list[dict]) -> str:
         top = ", ".join(f"{k} {figure(v)}" for k, v in r["top"].items())
         cells = [
             r["variant"],
+            r["family"],
             r["shape"],
             r["ctx"],
             r["contexts"],
@@ -212,6 +220,13 @@ def parse(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument(
+        "--family",
+        choices=CENSUS_FAMILIES,
+        default="llama",
+        help="as meta_step.py's (FAMILIES there); not OPT or Mixtral, whose layers see tokens "
+        "flattened, an order the engine's probe checks on real values (fake tensors have none)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--meta-batch", type=positive, default=16)
     p.add_argument("--ctx", type=positive, default=192)

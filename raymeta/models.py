@@ -358,7 +358,7 @@ def norm_style(module, weighted: bool = True) -> NormStyle | None:
     if weighted and not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
     for style in NORMS:
-        if _copies(type(module), style.where, style.name, style.methods):
+        if copies_code(type(module), style.where, style.name, style.methods):
             return style if isinstance(getattr(module, style.eps, None), float) else None
     return None
 
@@ -390,8 +390,13 @@ def _code(f) -> tuple | None:
     return None if c is None else (c.co_code, c.co_names, c.co_consts, c.co_varnames)
 
 
+def same_code(f, g) -> bool:
+    """Whether functions ``f`` and ``g`` have the same code (False if either is not one)."""
+    return _code(f) is not None and _code(f) == _code(g)
+
+
 @functools.cache
-def _copies(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
+def copies_code(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
     """Whether class ``t``'s ``methods`` have the code of transformers' ``where.name``'s (False
     when that class does not exist in the installed transformers)."""
     try:
@@ -413,7 +418,7 @@ def is_linear(module) -> bool:
     if t is torch.nn.Linear:
         return True
     return isinstance(module, torch.nn.Linear) and any(
-        _copies(t, where, name, ("forward",)) for where, name in LINEARS
+        copies_code(t, where, name, ("forward",)) for where, name in LINEARS
     )
 
 
@@ -433,7 +438,7 @@ def embedding_scale(module) -> torch.Tensor | float | None:
     if not isinstance(module, torch.nn.Embedding):
         return None
     t = type(module)
-    if not any(_copies(t, where, name, ("forward",)) for where, name in SCALED_EMBEDDINGS):
+    if not any(copies_code(t, where, name, ("forward",)) for where, name in SCALED_EMBEDDINGS):
         return None
     scale = getattr(module, "embed_scale", None)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:

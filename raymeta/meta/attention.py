@@ -1,6 +1,6 @@
 """Softmax attention with hand-written first and second derivatives, for the fast-weights passes.
 
-``o = softmax(s · q kᵀ + mask) v`` per head. As for ``fused.SwiGLU``, the Function's backward
+``o = softmax(s · q kᵀ + mask) v`` per head. As for ``fused.GatedUnit``, the Function's backward
 is a second Function (``AttentionGrad``) whose own backward is written out, so the second-order
 graph the engine builds holds one node per attention call (its inputs, the probabilities and
 the score gradient) instead of the decomposition of a matmul-softmax-matmul and its backward.
@@ -178,11 +178,38 @@ def _mm_sum(a1, b1, a2, b2, scale: float):
     return out if out is None or scale == 1.0 else out.mul_(scale)
 
 
-ATTENTION_CLASSES = frozenset(
-    {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+ATTENTION_CODES = (
+    ("llama.modeling_llama", "LlamaAttention"),
+    ("mistral.modeling_mistral", "MistralAttention"),
+    ("qwen2.modeling_qwen2", "Qwen2Attention"),
+    ("qwen3.modeling_qwen3", "Qwen3Attention"),
 )
 """Attention modules that call their interface as ``f(self, q, k, v, mask, scaling=..., ...)``
-with q ``[B, H, T, D]`` and k, v ``[B, H_kv, S, D]`` (``num_key_value_groups`` = H / H_kv)."""
+with q ``[B, H, T, D]`` and k, v ``[B, H_kv, S, D]`` (``num_key_value_groups`` = H / H_kv)
+after Llama's rotary embedding. transformers copies them into 40 classes (Gemma, Granite,
+Mixtral, Qwen2/3-MoE, PhiMoE, MiniMax, ...: a scan of transformers 5.23); see
+:func:`fused_attention_class`."""
+
+
+@functools.cache
+def fused_attention_class(cls: type) -> bool:
+    """Whether ``attention_forward`` computes attention class ``cls``: its forward has the code
+    of one of the ``ATTENTION_CODES``, and its modeling module's ``apply_rotary_pos_emb`` and
+    ``rotate_half`` have Llama's (``rotary`` replaces the first) and it has an
+    ``eager_attention_forward`` (the fallback)."""
+    from transformers.models.llama import modeling_llama
+
+    from raymeta.models import copies_code, same_code
+
+    mod = sys.modules.get(cls.__module__)
+    return (
+        any(copies_code(cls, where, name, ("forward",)) for where, name in ATTENTION_CODES)
+        and all(
+            same_code(getattr(mod, f, None), getattr(modeling_llama, f))
+            for f in ("apply_rotary_pos_emb", "rotate_half")
+        )
+        and callable(getattr(mod, "eager_attention_forward", None))
+    )
 
 
 def attention(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -196,7 +223,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     Falls back to the module's own eager attention for what ``attention`` does not model."""
     # a sliding window is in the mask (as for HF's eager attention, which ignores the argument)
     exotic = dropout or kw.get("softcap") or kw.get("s_aux")
-    if exotic or type(module).__name__ not in ATTENTION_CLASSES or scaling is None:
+    if exotic or not fused_attention_class(type(module)) or scaling is None:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -213,7 +240,7 @@ def modeling_modules(model) -> frozenset[str]:
     ``attention_forward`` computes (their rotary function is ``rotary``'s to replace); empty
     when the model has other attention modules, or none."""
     kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
-    if not kinds or any(k.__name__ not in ATTENTION_CLASSES for k in kinds):
+    if not kinds or not all(fused_attention_class(k) for k in kinds):
         return frozenset()
     return frozenset(k.__module__ for k in kinds)
 

@@ -27,7 +27,7 @@ return a reason. Inputs are
 grouped by task from ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's
 MLP), which ``probe`` verifies (``ROW_MAJOR``).
 
-The engine's passes run SwiGLU MLPs and the RMS normalisation through ``fused``, and
+The engine's passes run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through ``fused``, and
 Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
 (Functions with hand-written first and second derivatives: a leaner second-order graph;
 ``ATTENTION`` selects the attention). Norms whose output a hook rebuilds from the input skip
@@ -77,7 +77,7 @@ the only one with double backward)."""
 
 
 FUSED_OPS = True
-"""Run SwiGLU MLPs and the RMS normalisation through ``fused`` in the engine's passes (False:
+"""Run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through ``fused`` in the engine's passes (False:
 torch's own ops, for comparisons)."""
 
 

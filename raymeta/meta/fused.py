@@ -1,11 +1,11 @@
-"""Fused SwiGLU and RMS normalisation with hand-written first and second derivatives.
+"""Fused gated MLP units and RMS normalisation with hand-written first and second derivatives.
 
 The fast-weights engine takes its inner step with ``create_graph`` and differentiates that
-backward once more in the outer backward. Left to autograd, ``silu(g) * u`` and an RMSNorm's
-``x * rsqrt(mean(x²) + eps)`` (float32 casts included) record their backward as chains of
+backward once more in the outer backward. Left to autograd, ``silu(g) * u`` (or GELU's) and an
+RMSNorm's ``x * rsqrt(mean(x²) + eps)`` (float32 casts included) record their backward as chains of
 generic elementwise nodes (with grad mode on, silu's backward is its "infinitely
 differentiable" decomposition), each differentiated again in the outer backward. Here each op
-is a Function whose backward is a second Function (``SwiGLUGrad``, ``RMSNormaliseGrad``) with a
+is a Function whose backward is a second Function (``GatedUnitGrad``, ``RMSNormaliseGrad``) with a
 hand-written backward: the second-order graph is one node per op, holding only its inputs.
 
 No third derivative is ever taken, so the ``*Grad`` backwards are ``once_differentiable``:
@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from raymeta.models import norm_full_precision
+from raymeta.models import copies_code, norm_full_precision
 
-SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
-"""MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
-
-SILU_ACTIVATIONS = frozenset({"SiLUActivation", "SiLU"})
-"""Activation classes computing ``silu`` (transformers' ``SiLUActivation``, ``nn.SiLU``)."""
+GATED_MLP = ("llama.modeling_llama", "LlamaMLP")
+"""The MLP whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; transformers
+copies it into 125 classes (Mistral, Qwen, Gemma 1-4, Granite, OLMo, Cohere, MoE models' shared
+experts, ...: a scan of transformers 5.23), each fused when its forward has this one's code."""
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -74,118 +74,181 @@ def compilable(fn):
 
 
 # ---------------------------------------------------------------------------
-# SwiGLU: z = silu(g) · u
+# Gated units: z = f(g) · u, f one of silu ("silu"), GELU ("none") or its tanh form ("tanh")
 # ---------------------------------------------------------------------------
 
+GELU_K = math.sqrt(2.0 / math.pi)
+GELU_C = 0.044715
+"""The constants of GELU's tanh form, ``0.5 g (1 + tanh(K (g + C g³)))`` (torch's)."""
+
+
+def activation(g, kind: str):
+    """``f(g)`` by torch's own kernel (``F.silu``, ``F.gelu``)."""
+    return F.silu(g) if kind == "silu" else F.gelu(g, approximate=kind)
+
+
+def activation_vjp(dy, g, kind: str):
+    """``dy · f'(g)`` by torch's own backward kernel (``silu_backward``, ``gelu_backward``)."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(dy, g)
+    return torch.ops.aten.gelu_backward(dy, g, approximate=kind)
+
+
+def activation_curve(g, f, kind: str):
+    """``f''(g)``; ``f``: ``f(g)`` where the caller has it (silu reuses it), else None."""
+    if kind == "silu":  # σ (1 - σ) (2 + g - 2 silu)
+        s = torch.sigmoid(g)
+        curve = torch.add(g, g * s if f is None else f, alpha=-2).add_(2)
+        return s.addcmul_(s, s, value=-1).mul_(curve)
+    x2 = g * g
+    if kind == "none":  # φ (2 - g²), φ(g) = exp(-g²/2) / √(2π)
+        c = 1 / math.sqrt(2 * math.pi)
+        return torch.exp(x2 * -0.5).mul_(x2.mul_(-c).add_(2 * c))
+    # tanh form: with v = K (g + C g³), t = tanh(v), v' = K (1 + 3 C g²), v'' = 6 K C g:
+    # f'' = (1 - t²) (v' + ½ g (v'' - 2 t v'²)) = (1 - t²) (K + 6 K C g² - g t v'²)
+    kc = GELU_K * GELU_C
+    t = torch.tanh(x2.mul(kc).add_(GELU_K).mul_(g))
+    slope = x2.mul(3 * kc).add_(GELU_K)
+    inner = x2.mul_(6 * kc).add_(GELU_K).addcmul_(slope.square_().mul_(g), t, value=-1)
+    return t.square_().sub_(1).mul_(inner).neg_()
+
 
 @compilable
-def swiglu_value(g, u):
-    """``silu(g) · u``."""
-    return F.silu(g).mul_(u)
+def gated_value(g, u, kind: str):
+    """``f(g) · u``."""
+    return activation(g, kind).mul_(u)
 
 
 @compilable
-def swiglu_grads(g, u, dz):
-    """``(dz · u · silu'(g), dz · silu(g))``."""
-    return torch.ops.aten.silu_backward(dz * u, g), F.silu(g).mul_(dz)
+def gated_grads(g, u, dz, kind: str):
+    """``(dz · u · f'(g), dz · f(g))``."""
+    return activation_vjp(dz * u, g, kind), activation(g, kind).mul_(dz)
 
 
 @compilable
-def swiglu_second(g, u, dz, a, b, need_g: bool, need_u: bool, need_dz: bool):
-    """``SwiGLUGrad``'s backward: gradients of g, u, dz for those a, b of (dg, du) (or None)."""
-    s = torch.sigmoid(g)  # the one transcendental pass
-    silu = g * s
-    d1 = torch.addcmul(silu, silu, s, value=-1).add_(s)  # silu' = s + silu (1 - s)
-    gg = gu = gdz = None
+def gated_second(g, u, dz, a, b, kind: str, need_g: bool, need_u: bool, need_dz: bool):
+    """``GatedUnitGrad``'s backward: gradients of g, u, dz for those a, b of (dg, du) (or
+    None). The products with f' are torch's backward kernels (``activation_vjp``)."""
+    gg = gu = gdz = f = None
     if a is not None and (need_u or need_dz):
-        p = a * d1
+        p = activation_vjp(a, g, kind)  # a f'
         gdz = p * u if need_dz else None
         gu = p.mul_(dz) if need_u else None
     if b is not None and need_dz:
-        gdz = b * silu if gdz is None else gdz.addcmul_(b, silu)
+        f = activation(g, kind)
+        gdz = f.mul(b) if gdz is None else gdz.addcmul_(b, f)
     if need_g and a is not None:
-        curve = torch.add(g, silu, alpha=-2).add_(2)  # 2 + g - 2 silu
-        gg = s.addcmul_(s, s, value=-1).mul_(curve).mul_(a).mul_(u)  # a u silu''
+        gg = activation_curve(g, f, kind).mul_(a).mul_(u)  # a u f''
         if b is not None:
-            gg.addcmul_(b, d1)
+            gg.add_(activation_vjp(b, g, kind))
     elif need_g and b is not None:
-        gg = b * d1
+        gg = activation_vjp(b, g, kind)
     return None if gg is None else gg.mul_(dz), gu, gdz
 
 
-class SwiGLU(torch.autograd.Function):
-    """``z = silu(g) · u`` for g, u ``[..., I]`` (same shape and dtype); saves g and u only.
+class GatedUnit(torch.autograd.Function):
+    """``z = f(g) · u`` for g, u ``[..., I]`` (same shape and dtype), f named by ``kind``
+    (:func:`activation`); saves g and u only.
 
     Computed with torch's own kernels in the input dtype (which take bf16/fp16 through float32
-    internally, as ``F.silu`` does), so the value and its first derivative are those of the
-    unfused ops. The backward is ``SwiGLUGrad``, itself differentiable (create_graph)."""
+    internally, as ``F.silu`` and ``F.gelu`` do), so the value and its first derivative are
+    those of the unfused ops. The backward is ``GatedUnitGrad``, itself differentiable
+    (create_graph)."""
 
     @staticmethod
-    def forward(ctx, g, u):
+    def forward(ctx, g, u, kind: str):
         ctx.save_for_backward(g, u)
-        return swiglu_value(g, u)
+        ctx.kind = kind
+        return gated_value(g, u, kind)
 
     @staticmethod
     def backward(ctx, dz):
         g, u = ctx.saved_tensors
-        return SwiGLUGrad.apply(g, u, dz)
+        return *GatedUnitGrad.apply(g, u, dz, ctx.kind), None
 
 
-class SwiGLUGrad(torch.autograd.Function):
-    """``(dg, du) = (dz · u · silu'(g), dz · silu(g))``, all ``[..., I]``; saves g, u, dz.
+class GatedUnitGrad(torch.autograd.Function):
+    """``(dg, du) = (dz · u · f'(g), dz · f(g))``, all ``[..., I]``; saves g, u, dz.
 
-    Backward, for the gradients a, b of dg, du (with s = σ(g), silu' = s (1 + g (1 - s)),
-    silu'' = s (1 - s) (2 + g - 2 g s)):
-    ``∂/∂g = dz (a u silu'' + b silu')``, ``∂/∂u = a dz silu'``, ``∂/∂dz = a u silu' + b silu``.
+    Backward, for the gradients a, b of dg, du:
+    ``∂/∂g = dz (a u f'' + b f')``, ``∂/∂u = a dz f'``, ``∂/∂dz = a u f' + b f``, with
+    silu' = σ (1 + g (1 - σ)), silu'' = σ (1 - σ) (2 + g - 2 g σ); GELU' = Φ + g φ,
+    GELU'' = φ (2 - g²); and for the tanh form, with u = K (g + C g³), t = tanh(u):
+    f' = ½ (1 + t) + ½ g (1 - t²) u', f'' = (1 - t²) (u' + ½ g (u'' - 2 t u'²)).
     Eager torch ops in the input dtype, in place where they can be (one pass each)."""
 
     @staticmethod
-    def forward(ctx, g, u, dz):
+    def forward(ctx, g, u, dz, kind: str):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(g, u, dz)
-        return swiglu_grads(g, u, dz)
+        ctx.kind = kind
+        return gated_grads(g, u, dz, kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, b):
-        return swiglu_second(*ctx.saved_tensors, a, b, *ctx.needs_input_grad)
+        need = ctx.needs_input_grad[:3]
+        return *gated_second(*ctx.saved_tensors, a, b, ctx.kind, *need), None
 
 
-def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) · u`` ``[..., I]`` with fused first and second derivatives."""
-    return SwiGLU.apply(g, u)
+def gated(g: torch.Tensor, u: torch.Tensor, kind: str = "silu") -> torch.Tensor:
+    """``f(g) · u`` ``[..., I]`` with fused first and second derivatives (``kind``: "silu",
+    "none" for GELU, "tanh" for its tanh form)."""
+    return GatedUnit.apply(g, u, kind)
 
 
-def is_swiglu_mlp(module: nn.Module) -> bool:
-    """Whether ``module`` is an unpatched Llama-style MLP with a SiLU activation."""
-    cfg = getattr(module, "config", None)
-    return (
-        type(module).__name__ in SWIGLU_MLPS
-        and "forward" not in module.__dict__
-        and type(getattr(module, "act_fn", None)).__name__ in SILU_ACTIVATIONS
-        and getattr(cfg, "hidden_act", None) in ("silu", "swish")
-        and all(isinstance(getattr(module, k, None), nn.Module) for k in PROJECTIONS)
-    )
+def activation_kind(act) -> str | None:
+    """The :func:`gated` kind of activation module ``act``: "silu" for transformers'
+    ``SiLUActivation`` and ``nn.SiLU``; "none" / "tanh" for ``nn.GELU`` and for transformers'
+    ``GELUActivation`` / ``GELUTanh`` where they call ``F.gelu`` (not their Python formulas,
+    which round differently); None for any other (its MLP keeps torch's ops)."""
+    from transformers import activations
+
+    t = type(act)
+    if not isinstance(act, nn.Module) or "forward" in vars(act):
+        return None
+    if t in (activations.SiLUActivation, nn.SiLU):
+        return "silu"
+    if t is nn.GELU:
+        return act.approximate
+    f = getattr(act, "act", None)
+    if t is activations.GELUActivation and f is F.gelu:
+        return "none"
+    if t is activations.GELUTanh and isinstance(f, functools.partial):
+        if f.func is F.gelu and not f.args and f.keywords == {"approximate": "tanh"}:
+            return "tanh"
+    return None
 
 
-def run_swiglu_mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's forward through ``swiglu``; calls the projections (their hooks fire)."""
-    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
+def gated_mlp_kind(module: nn.Module) -> str | None:
+    """The :func:`gated` kind of ``module`` when it is an unpatched MLP with the code of
+    ``GATED_MLP`` (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) and an activation
+    :func:`activation_kind` knows; None otherwise."""
+    if "forward" in module.__dict__ or not copies_code(type(module), *GATED_MLP, ("forward",)):
+        return None
+    if not all(isinstance(getattr(module, k, None), nn.Module) for k in PROJECTIONS):
+        return None
+    return activation_kind(getattr(module, "act_fn", None))
+
+
+def run_gated_mlp(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's forward through ``gated``; calls the projections (their hooks fire)."""
+    return module.down_proj(gated(module.gate_proj(x), module.up_proj(x), kind))
 
 
 @contextlib.contextmanager
 def fused_mlps(module: nn.Module):
-    """While active, every SwiGLU MLP in ``module`` (``is_swiglu_mlp``) runs ``run_swiglu_mlp``.
+    """While active, every gated MLP in ``module`` (``gated_mlp_kind``) runs ``run_gated_mlp``.
 
     Nests: an MLP already patched (``forward`` in its ``__dict__``, by this or anything else)
     is left alone, and on exit only this context's patches are removed."""
-    patched = [m for m in module.modules() if is_swiglu_mlp(m)]
-    for m in patched:
-        m.forward = functools.partial(run_swiglu_mlp, m)
+    patched = [(m, kind) for m in module.modules() if (kind := gated_mlp_kind(m)) is not None]
+    for m, kind in patched:
+        m.forward = functools.partial(run_gated_mlp, m, kind)
     try:
         yield
     finally:
-        for m in patched:
+        for m, _ in patched:
             del m.__dict__["forward"]
 
 

@@ -25,7 +25,8 @@ import torch
 from raymeta.meta.fused import compilable
 
 FUNCTION = "apply_rotary_pos_emb"
-"""The name the modeling modules of ``attention.ATTENTION_CLASSES`` call the rotation by."""
+"""The name the modeling modules of ``attention.ATTENTION_CODES``' copies call the rotation
+by."""
 
 
 @compilable

@@ -1266,7 +1266,17 @@ def unfused_rotary(x):
 
 
 OPS = {
-    "swiglu": (fused.swiglu, lambda g, u: nn.functional.silu(g) * u, 2),
+    "swiglu": (fused.gated, lambda g, u: nn.functional.silu(g) * u, 2),
+    "geglu": (
+        lambda g, u: fused.gated(g, u, "none"),
+        lambda g, u: nn.functional.gelu(g) * u,
+        2,
+    ),
+    "geglu_tanh": (
+        lambda g, u: fused.gated(g, u, "tanh"),
+        lambda g, u: nn.functional.gelu(g, approximate="tanh") * u,
+        2,
+    ),
     "rotary": (fused_rotary, unfused_rotary, 1),
     "rms": (fused_rms, unfused_rms, 1),
     "attention": (fused_attention, unfused_attention, 3),
@@ -1298,7 +1308,7 @@ def test_fused_op_matches_torch(op):
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(x[0].shape, generator=gen, dtype=torch.float64, requires_grad=True)
     w = [torch.randn(x[0].shape, generator=gen, dtype=torch.float64) for _ in x]
-    for used in {tuple(range(arity)), (0,), (arity - 1,)}:  # SwiGLUGrad: both or one output
+    for used in {tuple(range(arity)), (0,), (arity - 1,)}:  # GatedUnitGrad: both or one output
         results = []
         for f in (fn, plain):
             out = f(*x)
@@ -1438,10 +1448,68 @@ def test_norms_are_known_by_their_code_not_their_name():
     assert norm_style(no_scale) is None and fastweights.module_kind(no_scale) is None
 
 
+def test_gated_mlps_are_known_by_code_and_activation():
+    """Every MLP class with the code of Llama's forward (here Gemma's, OLMo-2's) is fused with
+    the activation it calls; the Python GELU formulas (other rounding), other activations and
+    a subclass with its own forward are not."""
+    from transformers import LlamaConfig
+    from transformers import activations as acts
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2MLP
+
+    kinds = [
+        (acts.SiLUActivation(), "silu"),
+        (nn.SiLU(), "silu"),
+        (nn.GELU(), "none"),
+        (nn.GELU(approximate="tanh"), "tanh"),
+        (acts.GELUActivation(), "none"),
+        (acts.GELUTanh(), "tanh"),
+        (acts.GELUActivation(use_gelu_python=True), None),
+        (acts.GELUTanh(use_gelu_tanh_python=True), None),
+        (acts.NewGELUActivation(), None),
+        (nn.ReLU(), None),
+        (None, None),
+    ]
+    for act, kind in kinds:
+        assert fused.activation_kind(act) == kind, act
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2)
+
+    class OwnForward(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+
+    assert fused.gated_mlp_kind(LlamaMLP(cfg)) == "silu"
+    assert fused.gated_mlp_kind(Olmo2MLP(cfg)) == "silu"
+    cfg.hidden_act = "gelu_pytorch_tanh"  # Gemma's
+    assert fused.gated_mlp_kind(GemmaMLP(cfg)) == "tanh"
+    assert fused.gated_mlp_kind(OwnForward(cfg)) is None
+
+
+def test_fused_attention_classes_are_known_by_code_and_rotation():
+    """Copies of Llama's, Mistral's, Qwen's attention run the fused attention; GLM's (its
+    forward is Llama's, its rotation partial and interleaved) and a subclass with its own
+    forward do not."""
+    from transformers.models.gemma.modeling_gemma import GemmaAttention
+    from transformers.models.glm.modeling_glm import GlmAttention
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.mixtral.modeling_mixtral import MixtralAttention
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
+
+    class OwnForward(LlamaAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    for cls in (LlamaAttention, GemmaAttention, MixtralAttention, Qwen3MoeAttention):
+        assert attention.fused_attention_class(cls), cls.__name__
+    for cls in (GlmAttention, OwnForward):
+        assert not attention.fused_attention_class(cls), cls.__name__
+
+
 def test_fused_mlps_patch_and_restore():
     model = tiny_llama(vocab=VOCAB)
     mlps = [blk.mlp for blk in model.model.layers]
-    model.model.layers[1].mlp.act_fn = nn.GELU()  # not a SiLU: left unfused
+    model.model.layers[1].mlp.act_fn = nn.Hardswish()  # an activation the unit lacks: unfused
     ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -1462,7 +1530,12 @@ def test_fused_mlps_patch_and_restore():
 def count_second_order_nodes(monkeypatch) -> Counter:
     """Counts of the fused ops' second-order backwards (by class name) from now on."""
     calls = Counter()
-    for cls in (fused.SwiGLUGrad, fused.RMSNormaliseGrad, attention.AttentionGrad, rotary.Rotate):
+    for cls in (
+        fused.GatedUnitGrad,
+        fused.RMSNormaliseGrad,
+        attention.AttentionGrad,
+        rotary.Rotate,
+    ):
         orig = cls.backward
 
         def counted(ctx, *grads, _orig=orig, _name=cls.__name__):
@@ -1488,7 +1561,7 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
     # "vjp" adds the recomputed forward and VJP of each block (2 × 4)
     rotations = (22 if mode is True else 14) * layers
     assert calls == {
-        "SwiGLUGrad": 2 * layers,
+        "GatedUnitGrad": 2 * layers,
         "RMSNormaliseGrad": 2 * (2 * layers + 1),
         "AttentionGrad": 2 * layers,
         "Rotate": rotations,
