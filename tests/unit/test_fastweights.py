@@ -1488,9 +1488,12 @@ def test_gated_mlps_are_known_by_code_and_activation():
 
 def test_fused_attention_classes_are_known_by_code_and_rotation():
     """Copies of Llama's, Mistral's, Qwen's attention run the fused attention; GLM's (its
-    forward is Llama's, its rotation partial and interleaved) and a subclass with its own
-    forward do not."""
+    forward is Llama's, its rotation partial and interleaved), Gemma 2's and 3's (their own
+    code: soft-capping; q/k norms after the transpose) and a subclass with its own forward do
+    not."""
     from transformers.models.gemma.modeling_gemma import GemmaAttention
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
     from transformers.models.glm.modeling_glm import GlmAttention
     from transformers.models.llama.modeling_llama import LlamaAttention
     from transformers.models.mixtral.modeling_mixtral import MixtralAttention
@@ -1502,7 +1505,7 @@ def test_fused_attention_classes_are_known_by_code_and_rotation():
 
     for cls in (LlamaAttention, GemmaAttention, MixtralAttention, Qwen3MoeAttention):
         assert attention.fused_attention_class(cls), cls.__name__
-    for cls in (GlmAttention, OwnForward):
+    for cls in (GlmAttention, Gemma2Attention, Gemma3Attention, OwnForward):
         assert not attention.fused_attention_class(cls), cls.__name__
 
 
