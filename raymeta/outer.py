@@ -233,8 +233,7 @@ def meta_train_local(
             params, meta.clip_norm if meta.clip_norm > 0 else float("inf")
         )
         stats["grad_norm"] = float(norm)
-        check_finite(stats, step, history)  # before the update: the model keeps its last finite
-        # weights
+        check_finite(stats, step, history)  # before the update: the last finite weights stay
         opt.step()
         pos = advance(pos, len(groups), meta.meta_batch_size)
         record = {"step": step, **stats}  # every step, as the Ray workers log it

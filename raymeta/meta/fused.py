@@ -1,9 +1,9 @@
 """Fused gated MLP units and RMS normalisation with hand-written first and second derivatives.
 
 The fast-weights engine takes its inner step with ``create_graph`` and differentiates that
-backward once more in the outer backward. Left to autograd, ``silu(g) * u`` (or GELU's) and an
-RMSNorm's ``x * rsqrt(mean(x²) + eps)`` (float32 casts included) record their backward as chains of
-generic elementwise nodes (with grad mode on, silu's backward is its "infinitely
+backward once more in the outer backward. Left to autograd, ``silu(g) * u`` (or GELU's) and
+an RMSNorm's ``x * rsqrt(mean(x²) + eps)`` (float32 casts included) record their backward as
+chains of generic elementwise nodes (with grad mode on, silu's backward is its "infinitely
 differentiable" decomposition), each differentiated again in the outer backward. Here each op
 is a Function whose backward is a second Function (``GatedUnitGrad``, ``RMSNormaliseGrad``) with a
 hand-written backward: the second-order graph is one node per op, holding only its inputs.
@@ -173,8 +173,8 @@ class GatedUnitGrad(torch.autograd.Function):
     Backward, for the gradients a, b of dg, du:
     ``∂/∂g = dz (a u f'' + b f')``, ``∂/∂u = a dz f'``, ``∂/∂dz = a u f' + b f``, with
     silu' = σ (1 + g (1 - σ)), silu'' = σ (1 - σ) (2 + g - 2 g σ); GELU' = Φ + g φ,
-    GELU'' = φ (2 - g²); and for the tanh form, with u = K (g + C g³), t = tanh(u):
-    f' = ½ (1 + t) + ½ g (1 - t²) u', f'' = (1 - t²) (u' + ½ g (u'' - 2 t u'²)).
+    GELU'' = φ (2 - g²); and for the tanh form, with v = K (g + C g³), t = tanh(v):
+    f' = ½ (1 + t) + ½ g (1 - t²) v', f'' = (1 - t²) (v' + ½ g (v'' - 2 t v'²)).
     Eager torch ops in the input dtype, in place where they can be (one pass each)."""
 
     @staticmethod
