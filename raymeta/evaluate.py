@@ -89,6 +89,14 @@ def partners(triples: Sequence[Triple], seed: int) -> list[int]:
     return out
 
 
+def eval_partners(triples: Sequence[Triple], cfg, seed: int) -> list[int] | None:
+    """:func:`partners` of the evaluated ``triples`` when ``cfg.settings`` (an EvalConfig's)
+    has a paired setting, else None (InputError as there)."""
+    if not any(s in PAIRED for s in cfg.settings):
+        return None
+    return partners(triples, seed + 12345)
+
+
 def eval_triples(triples: Sequence[Triple], cfg) -> list[Triple]:
     """The test triples evaluated: the first ``cfg.n_examples`` (0 = all) of ``triples``.
 
@@ -228,8 +236,7 @@ def evaluate(
     ``spec`` gives the FT settings' inner update (its lr, steps, parameters); the
     update is first order here since no outer gradient is taken."""
     triples = eval_triples(triples, cfg)
-    paired = any(s in PAIRED for s in cfg.settings)
-    partner = partners(triples, seed + 12345) if paired else None
+    partner = eval_partners(triples, cfg, seed)
     if spec is not None:
         spec = InnerSpec(lr=spec.lr, names=spec.names, steps=spec.steps, second_order=False)
     was_training = model.training

@@ -19,7 +19,7 @@ from raymeta.config import RunConfig, dump_config, to_dict
 from raymeta.data.sets import load_task_set, save_task_set
 from raymeta.data.tasks import check_task_count
 from raymeta.errors import InputError
-from raymeta.evaluate import SETTINGS, eval_triples, evaluate
+from raymeta.evaluate import SETTINGS, eval_partners, eval_triples, evaluate
 from raymeta.finetune import prepare
 from raymeta.meta.engines import select_engine
 from raymeta.outer import MetaTrainingDiverged, inner_spec, lm_sampler, meta_train_local
@@ -322,10 +322,11 @@ def keep_previous(out: Path) -> Path | None:
 
 def check_sizes(cfg: RunConfig, train, test) -> None:
     """InputError, before any training, when the triples fill no meta-batch of tasks (if any
-    objective is to be meta-trained) or are too few to evaluate in ``eval.settings``."""
+    objective is to be meta-trained) or are too few to evaluate in ``eval.settings`` (or a
+    test triple has no partner for its paired settings)."""
     if cfg.meta.objectives:
         check_task_count(len(train), cfg.meta.contexts_per_update, cfg.meta.meta_batch_size)
-    eval_triples(test, cfg.eval)
+    eval_partners(eval_triples(test, cfg.eval), cfg.eval, cfg.seed)
 
 
 def write_results(out: Path, results: dict) -> str:

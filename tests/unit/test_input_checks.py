@@ -178,6 +178,30 @@ def test_job_stops_on_too_few_tasks_before_building_a_model(tmp_path):
     assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "results.json").exists()
 
 
+def test_test_triples_without_partners_stop_the_job_before_a_model(tmp_path):
+    """Test triples that all share one response have no partner for FT_irrelevant / FT2: found
+    with the data (before the MLflow run opens), not in the base model's evaluation."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    write_triples(train, facts(40))
+    write_triples(
+        test,
+        [Triple(f"River {i} is called alba.", f"River {i} is called", "alba") for i in range(4)],
+    )
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=jsonl",
+            f"data.source={train},{test}",
+            f"model.tiny_cache_dir={tmp_path / 'models'}",
+        ],
+    )
+    with pytest.raises(
+        InputError, match=r"eval.settings: .* test triple \d .* has none among the 4"
+    ):
+        run_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "results.json").exists()
+
+
 # a jsonl source file that does not exist stops the job before its MLflow run or Ray start
 
 
