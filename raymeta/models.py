@@ -392,7 +392,8 @@ def _code(f) -> tuple | None:
 
 def same_code(f, g) -> bool:
     """Whether functions ``f`` and ``g`` have the same code (False if either is not one)."""
-    return _code(f) is not None and _code(f) == _code(g)
+    code = _code(f)
+    return code is not None and code == _code(g)
 
 
 @functools.cache

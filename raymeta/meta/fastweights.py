@@ -27,10 +27,10 @@ return a reason. Inputs are
 grouped by task from ``[rows, tokens, ...]``, or from tokens flattened row by row (OPT's
 MLP), which ``probe`` verifies (``ROW_MAJOR``).
 
-The engine's passes run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through ``fused``, and
-Llama-style attention through ``attention`` and its rotary embedding through ``rotary``
-(Functions with hand-written first and second derivatives: a leaner second-order graph;
-``ATTENTION`` selects the attention). Norms whose output a hook rebuilds from the input skip
+The engine's passes run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through
+``fused``, and Llama-style attention through ``attention`` and its rotary embedding through
+``rotary`` (Functions with hand-written first and second derivatives: a leaner second-order
+graph; ``ATTENTION`` selects the attention). Norms whose output a hook rebuilds from the input skip
 their own forward (``fused.skipped_norms``).
 """
 
@@ -77,8 +77,8 @@ the only one with double backward)."""
 
 
 FUSED_OPS = True
-"""Run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through ``fused`` in the engine's passes (False:
-torch's own ops, for comparisons)."""
+"""Run gated MLPs (SwiGLU, GeGLU) and the RMS normalisation through ``fused`` in the engine's
+passes (False: torch's own ops, for comparisons)."""
 
 
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -280,14 +280,12 @@ def _reportable(record: dict) -> dict:
 
 def _report_checkpoint(ds, state, history, record, tok, rank: int, final: bool) -> None:
     """Save the engine (all ranks) and loop state (rank 0), then ray.train.report it."""
-    import json
-
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raymeta-ckpt-") as d:
         save_checkpoint(ds, state, d, rank)
         if rank == 0:
-            Path(d, "history.json").write_text(json.dumps(history))
+            write_history(d, history)
             if final:
                 from raymeta.models import save_model
 
@@ -303,23 +301,32 @@ def _report_divergence(message: str, step: int, rank: int, history: list[dict]) 
     """Report the divergence as a checkpoint holding only its message and the history of the
     steps before it (the driver's Result keeps checkpoints' reports, not plain ones), so
     fit_objective raises it."""
-    import json
-
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raymeta-diverged-") as d:
         if rank == 0:
             Path(d, DIVERGED).write_text(message)
-            Path(d, "history.json").write_text(json.dumps(history))
+            write_history(d, history)
         checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
-def read_history(directory) -> list[dict]:
-    """The step records a checkpoint's ``history.json`` holds ([] without one)."""
+HISTORY = "history.json"
+"""The file of a checkpoint holding the step records up to it."""
+
+
+def write_history(directory, history: list[dict]) -> None:
+    """``history`` (the step records) into a checkpoint ``directory``."""
     import json
 
-    path = Path(directory) / "history.json"
+    Path(directory, HISTORY).write_text(json.dumps(history))
+
+
+def read_history(directory) -> list[dict]:
+    """The step records a checkpoint's ``HISTORY`` holds ([] without one)."""
+    import json
+
+    path = Path(directory) / HISTORY
     return json.loads(path.read_text()) if path.is_file() else []
 
 
