@@ -196,11 +196,14 @@ def meta_train_local(
     device="cpu",
     lm_next=None,
     on_log=None,
+    history: list[dict] | None = None,
 ) -> list[dict]:
     """Meta-train ``model`` in place in this process; returns the history, one record per step
     (passed to ``on_log(record, step)`` too), as the Ray workers keep it: the step's losses and
     gradient norm, and at every ``meta.log_every``-th step ``tasks_per_s``, the rate since the
-    previous one (the figure the progress line prints)."""
+    previous one (the figure the progress line prints). Given ``history`` (a list), the records
+    are appended to it as each step completes, so a caller whose run is stopped part-way (Ctrl-C,
+    SIGTERM) still holds the steps done."""
     meta = cfg.meta
     groups = group_facts(train, meta.contexts_per_update, cfg.seed)
     spec = inner_spec(model, meta, cfg.model.lora)
@@ -211,7 +214,8 @@ def meta_train_local(
     if note := steps_note(meta, len(groups), steps):
         print(note, flush=True)
     prog = Progress(train_label(objective, engine, spec), steps, every=meta.log_every)
-    pos, history = Position(), []
+    pos = Position()
+    history = [] if history is None else history
     model.train()
     for step in range(1, steps + 1):
         idx = shard_batch(len(groups), meta.meta_batch_size, 0, 1, cfg.seed, pos)

@@ -1,5 +1,5 @@
 """Telling a local path from a Hugging Face hub name, and a path in Ray's copy of a job's
-working dir from one that outlives the job."""
+working dir from one that outlives the job; writing a file whole."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def in_ray_working_dir(path: Path) -> bool:
     return any(
         a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:])
     )
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

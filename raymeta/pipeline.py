@@ -23,6 +23,7 @@ from raymeta.evaluate import SETTINGS, eval_partners, eval_triples, evaluate
 from raymeta.finetune import prepare
 from raymeta.meta.engines import select_engine
 from raymeta.outer import MetaTrainingDiverged, inner_spec, lm_sampler, meta_train_local
+from raymeta.paths import write_whole
 
 
 def setup_torch(cfg: RunConfig) -> None:
@@ -337,21 +338,26 @@ def write_results(out: Path, results: dict) -> str:
     return table
 
 
-def write_whole(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_figure_and_summary(out: Path, results: dict, histories: dict, summary: dict) -> None:
     """``results.png`` (the models evaluated so far, their meta-training curves) and
     ``summary.json``, each replaced whole."""
     from raymeta.plots import plot_results
 
-    plot_results(results, histories, out / ".results.tmp.png", summary.get("diverged", ()))
+    ended = {o: "diverged" for o in summary.get("diverged", {})}
+    ended.update({o: "stopped" for o in summary.get("stopped", {})})
+    plot_results(results, histories, out / ".results.tmp.png", ended)
     (out / ".results.tmp.png").replace(out / "results.png")
     write_whole(out / "summary.json", json.dumps(summary, indent=1))
+
+
+def describe_stop(error: BaseException, history: list[dict]) -> str:
+    """How a meta-training stopped before its end, for ``summary.json``: the exception and the
+    last step ``history`` holds, e.g. "KeyboardInterrupt after step 20", "SystemExit(143) after
+    step 20" (SIGTERM), "RuntimeError after step 3: <its message>"."""
+    done = f"after step {history[-1]['step']}" if history else "before a step's record"
+    if isinstance(error, SystemExit):
+        return f"SystemExit({error.code}) {done}"
+    return f"{type(error).__name__} {done}" + (f": {error}" if str(error) else "")
 
 
 def run_pipeline(
@@ -359,8 +365,11 @@ def run_pipeline(
 ) -> dict:
     """Run the whole job; returns results (also written to ``output_dir/results.json``).
 
-    ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher) -> history`` replaces
-    the in-process meta-training loop (the Ray Train path passes its own). ``on_ready()`` is
+    ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher, history)`` replaces
+    the in-process meta-training loop (the Ray Train path passes its own); it appends the step
+    records to the list ``history`` as the steps complete, so that a job stopped part-way (a
+    signal) still writes the curve so far into ``summary.json`` and ``results.png`` (with a
+    ``stopped`` entry; a divergence, ``MetaTrainingDiverged``, gives a ``diverged`` one). ``on_ready()`` is
     called once the data and the model have loaded and passed their checks, before anything is
     written to ``output_dir`` (the job opens its MLflow run there, so that bad input opens
     none). Each model's results are written (results.json, results.md, records) and passed to
@@ -385,7 +394,7 @@ def run_pipeline(
     save_task_set(out / "data", cfg.data, train, test)
     prep = prepare(model, tok, train, cfg.prepare, cfg.seed, device)
     eval_lr = cfg.eval.inner_lr or cfg.meta.inner_lr
-    results, histories, saved, engines, diverged = {}, {}, {}, {}, {}
+    results, histories, saved, engines, diverged, stopped = {}, {}, {}, {}, {}, {}
 
     def write_summary(complete: bool) -> dict:
         summary = {
@@ -397,6 +406,7 @@ def run_pipeline(
             "engines": engines,
             "history": histories,
             "diverged": diverged,
+            "stopped": stopped,
         }
         write_figure_and_summary(out, results, histories, summary)
         return summary
@@ -424,10 +434,15 @@ def run_pipeline(
     for objective in cfg.meta.objectives:
         m = copy.deepcopy(base)
         lc_teacher = teacher if objective == "LC" else None
+        histories[objective] = history = []
         try:
-            histories[objective] = trainer(m, tok, train, test, cfg, objective, lc_teacher)
+            trainer(m, tok, train, test, cfg, objective, lc_teacher, history)
         except MetaTrainingDiverged as e:  # its steps up to there: in the summary and figure
-            histories[objective], diverged[objective] = e.history, str(e)
+            history[:], diverged[objective] = e.history, str(e)
+            write_summary(complete=False)
+            raise
+        except BaseException as e:  # a signal (see jobs/metatrain.py) or an error
+            stopped[objective] = describe_stop(e, history)
             write_summary(complete=False)
             raise
         if cfg.save_models:
@@ -481,7 +496,9 @@ def save_trained(model, tokenizer, out: Path, objective: str, base: str, cfg: Ru
     return str(dest.relative_to(out))
 
 
-def local_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+def local_trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
     """Meta-train in this process (see raymeta.outer.meta_train_local)."""
     lm_next = lm_sampler(cfg, tokenizer, train, test)
-    return meta_train_local(model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next)
+    meta_train_local(
+        model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, history=history
+    )

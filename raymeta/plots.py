@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from pathlib import Path
 
 from raymeta.evaluate import SETTINGS
@@ -14,13 +14,14 @@ def model_colours(results: dict, histories: dict) -> dict[str, str]:
     return {name: f"C{i}" for i, name in enumerate(names)}
 
 
-def draw_results(results: dict, histories: dict, diverged: Collection[str] = ()):
+def draw_results(results: dict, histories: dict, ended: Mapping[str, str] | None = None):
     """The results figure: left, accuracy of each model (BM, LG, LC) per setting (solid), with
     the leak of the control settings (answers that are the partner's response) hatched on top
     of it, so a leak shows whatever its size; right, outer loss against step for each objective
-    (left out when nothing was meta-trained), labelled with the step at which the objectives
-    in ``diverged`` diverged (their histories end before it). Each model keeps its colour in
-    both panels."""
+    (left out when nothing was meta-trained). ``ended`` maps an objective that ended early to
+    how: "diverged" (labelled with the step that diverged; its history ends before it) or
+    "stopped" (by a signal; labelled with the last step its history holds). Each model keeps
+    its colour in both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +60,11 @@ def draw_results(results: dict, histories: dict, diverged: Collection[str] = ())
         steps = [h["step"] for h in hist if "outer_loss" in h]
         losses = [h["outer_loss"] for h in hist if "outer_loss" in h]
         label = objective
-        if objective in diverged:  # (its history holds every step before the one that diverged)
+        how = (ended or {}).get(objective)
+        if how == "diverged":  # (its history holds every step before the one that diverged)
             label += f" (diverged at step {steps[-1] + 1 if steps else 1})"
+        elif how == "stopped":  # (by a signal: its history, the steps recorded by then)
+            label += f" (stopped after step {steps[-1]})" if steps else " (stopped, no step)"
         elif not steps:
             continue
         marker = "o" if len(steps) == 1 else None  # a single step still shows
@@ -75,7 +79,7 @@ def draw_results(results: dict, histories: dict, diverged: Collection[str] = ())
     bx.set_ylabel("outer loss (LG: answer NLL, LC: KL to the teacher)")
     if any(len(line.get_xdata()) for line in bx.get_lines()):
         bx.set_yscale("log")
-    else:  # every objective diverged at its first step: no loss to scale
+    else:  # every objective ended at its first step: no loss to scale
         bx.set_yticks([])
     bx.legend()
     bx.set_title("meta-training")
@@ -84,10 +88,10 @@ def draw_results(results: dict, histories: dict, diverged: Collection[str] = ())
 
 
 def plot_results(
-    results: dict, histories: dict, path: str | Path, diverged: Collection[str] = ()
+    results: dict, histories: dict, path: str | Path, ended: Mapping[str, str] | None = None
 ) -> Path:
     """Write :func:`draw_results`'s figure as a PNG at ``path``."""
-    fig = draw_results(results, histories, diverged)
+    fig = draw_results(results, histories, ended)
     import matplotlib.pyplot as plt
 
     path = Path(path)

@@ -353,12 +353,16 @@ def fit_objective(
     tracking: dict | None = None,
     fault: dict | None = None,
     run_name: str | None = None,
+    history: list[dict] | None = None,
 ) -> FitResult:
     """Meta-train ``objective`` from ``model_dir`` on Ray workers; the trained weights' location.
 
     Checkpoints live under ``output_dir/ray/<run_name>`` (Ray's storage path; use a shared
     filesystem on a multi-node cluster). Ray resumes a run of the same name from its last
-    checkpoint, so every job gives its own ``run_name``. ``fault`` is a test hook (see worker)."""
+    checkpoint, so every job gives its own ``run_name``. ``fault`` is a test hook (see worker).
+    ``history`` (a list) receives the step records: the final checkpoint's, or, if the fit is
+    stopped (Ctrl-C, SIGTERM) or fails, those rank 0 appended beside the checkpoints as each
+    step ended."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -369,6 +373,9 @@ def fit_objective(
     start_ray(cfg.train)
     t = cfg.train
     storage = Path(output_dir).expanduser().resolve() / "ray"
+    name = run_name or f"{cfg.name}-{objective}"
+    steps_dir = storage / name  # rank 0's step records as it goes: read if the fit stops
+    history = [] if history is None else history
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -379,6 +386,7 @@ def fit_objective(
             "test": list(test),
             "tracking": tracking,
             "fault": fault,
+            "steps_dir": str(steps_dir),
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -387,26 +395,32 @@ def fit_objective(
             resources_per_worker={"CPU": t.cpus_per_worker},
         ),
         run_config=RayRunConfig(
-            name=run_name or f"{cfg.name}-{objective}",
+            name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         ),
     )
-    result = fit_off_main_thread(trainer)
-    if result.checkpoint is not None and (Path(result.checkpoint.path) / DIVERGED).is_file():
+    try:
+        result = fit_off_main_thread(trainer)
+        if result.checkpoint is None:
+            raise RuntimeError(
+                f"meta-training {objective} ended without a checkpoint: {result.error}"
+            )
+    except BaseException:
+        history[:] = read_history(steps_dir)
+        raise
+    ckpt = Path(result.checkpoint.path)
+    if (ckpt / DIVERGED).is_file():
         from raymeta.outer import MetaTrainingDiverged
 
-        ckpt = Path(result.checkpoint.path)
         raise MetaTrainingDiverged((ckpt / DIVERGED).read_text(), read_history(ckpt))
-    if result.checkpoint is None:
-        raise RuntimeError(f"meta-training {objective} ended without a checkpoint: {result.error}")
     from raymeta.models import point_adapter_at_base
 
-    ckpt = Path(result.checkpoint.path)
     point_adapter_at_base(ckpt / MODEL_DIR)  # it was written in a worker's temporary folder
     state = read_state(ckpt)
-    return FitResult(ckpt / MODEL_DIR, ckpt, read_history(ckpt), state.steps_log)
+    history[:] = read_history(ckpt)
+    return FitResult(ckpt / MODEL_DIR, ckpt, history, state.steps_log)
 
 
 def fit_off_main_thread(trainer):
@@ -451,7 +465,7 @@ def ray_trainer(output_dir: str | Path, runs: JobRuns | None = None):
     job = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     base_dir = out / "ray" / f"base_model-{job}"
 
-    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
         from raymeta.models import save_model
 
         if not (base_dir / "config.json").is_file():  # once per job: the base of every objective
@@ -466,10 +480,10 @@ def ray_trainer(output_dir: str | Path, runs: JobRuns | None = None):
                 out,
                 info,
                 run_name=f"{cfg.name}-{objective}-{job}",
+                history=history,
             )
             load_weights_into(model, result.model_dir, cfg)
         model.eval()
-        return result.history
 
     return meta_trainer
 
@@ -609,7 +623,7 @@ def local_trainer_logged(output_dir: Path, runs: JobRuns):
     of the job's run, as on the Ray launcher."""
     from raymeta.outer import lm_sampler, meta_train_local
 
-    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher):
+    def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
         lm_next = lm_sampler(cfg, tokenizer, train, test)
         with child_run(cfg, objective, output_dir, runs) as (child, _):
 
@@ -619,8 +633,17 @@ def local_trainer_logged(output_dir: Path, runs: JobRuns):
                     step,
                 )
 
-            return meta_train_local(
-                model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, on_log=on_log
+            meta_train_local(
+                model,
+                tokenizer,
+                train,
+                cfg,
+                objective,
+                teacher,
+                cfg.device,
+                lm_next,
+                on_log=on_log,
+                history=history,
             )
 
     return meta_trainer

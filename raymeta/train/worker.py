@@ -10,7 +10,8 @@ metrics to the run's MLflow child run, and evaluates on held-out data every
 ``train.eval_every`` steps. Metrics go to ``ray.train.report`` every
 ``train.report_every`` steps; checkpoints (engine + loop state) every
 ``train.checkpoint_every`` steps and at the end, where rank 0 also writes the
-trained model with ``save_pretrained``. A restarted worker group resumes from
+trained model with ``save_pretrained``. Rank 0 also appends each step's record to a history
+beside the checkpoints, for the driver to show the curve of a run that is stopped. A restarted worker group resumes from
 the last checkpoint at the same step and sampler position.
 """
 
@@ -104,6 +105,9 @@ def train_loop(config: dict) -> None:
                 f"attempt {state.attempt}",
                 flush=True,
             )
+    steps_dir = config.get("steps_dir") if rank == 0 else None  # the driver reads it if stopped
+    if steps_dir:
+        write_history(steps_dir, history)  # (a restart: the steps up to its checkpoint)
     tracker = _attach_tracker(config.get("tracking")) if rank == 0 else None
     # a restart replays the steps after its checkpoint: the store keeps the first attempt's
     logged = tracker.last_step("outer_loss") if tracker is not None and state.attempt else 0
@@ -177,6 +181,8 @@ def train_loop(config: dict) -> None:
         history.append(record)
         if tracker is not None and step > logged:
             tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
+        if steps_dir:
+            append_history(steps_dir, record)
         if ckpt_now:
             _report_checkpoint(ds, state, history, record, tok, rank, final=step == steps)
         elif report_now:
@@ -311,23 +317,40 @@ def _report_divergence(message: str, step: int, rank: int, history: list[dict]) 
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
-HISTORY = "history.json"
-"""The file of a checkpoint holding the step records up to it."""
+HISTORY = "history.jsonl"
+"""The file of a checkpoint holding the step records up to it, one JSON line per step (also
+rank 0's record of the steps so far beside the checkpoints, appended to as it goes)."""
 
 
 def write_history(directory, history: list[dict]) -> None:
-    """``history`` (the step records) into a checkpoint ``directory``."""
+    """``history`` (the step records) into ``directory``, replaced whole: a reader never sees
+    half of it."""
     import json
 
-    Path(directory, HISTORY).write_text(json.dumps(history))
+    from raymeta.paths import write_whole
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_whole(Path(directory, HISTORY), "".join(json.dumps(r) + "\n" for r in history))
+
+
+def append_history(directory, record: dict) -> None:
+    """One step's record appended to ``directory``'s history (written by :func:`write_history`)."""
+    import json
+
+    with open(Path(directory, HISTORY), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_history(directory) -> list[dict]:
-    """The step records a checkpoint's ``HISTORY`` holds ([] without one)."""
+    """The step records ``directory``'s ``HISTORY`` holds ([] without one; a last line still
+    being appended is left out)."""
     import json
 
     path = Path(directory) / HISTORY
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    return [json.loads(line) for line in lines[:-1]]  # (the text after the last newline)
 
 
 def _attach_tracker(info: dict | None):

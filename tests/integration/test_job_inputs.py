@@ -5,7 +5,7 @@ the real local sqlite MLflow store):
   dir gives one ``error:`` line and exit 2, no traceback;
 * a re-run that fails on its inputs leaves the earlier results where they were;
 * SIGTERM or Ctrl-C ends the MLflow runs (KILLED) and the process (exit 143 / 130, one line),
-  on either launcher.
+  on either launcher, and summary.json / results.png keep the meta-training curve so far.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,12 +293,16 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout_s: float = 18
     ],
 )
 def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, code):
+    """... and keeps the meta-training curve so far: summary.json (logged to the run) holds LG's
+    steps up to the signal (on Ray, as rank 0 last wrote them: every report) and a ``stopped``
+    entry, and results.png is drawn from it."""
     out = tmp_path / "out"
     log = tmp_path / "job.log"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    extra = ["train.num_workers=1", "train.checkpoint_every=0"] if launcher == "ray" else []
+    extra = ["train.num_workers=1", "train.checkpoint_every=0", "train.report_every=1"]
+    extra = extra if launcher == "ray" else []
     cmd = job_command(
         out,
         tmp_path,
@@ -314,7 +319,8 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
         wait_for(lambda: "MLflow run " in log.read_text(), proc, log)
         (run,) = [r for r in mlflow_runs(out) if "mlflow.parentRunId" not in r.data.tags]
         assert run.info.status == "RUNNING"
-        wait_for(lambda: "[meta-train LG" in log.read_text(), proc, log)  # in the thick of it
+        # in the thick of it: step 3 printed, so steps 1-2 are in the history (on Ray: written)
+        wait_for(lambda: re.search(r"\[meta-train LG.*\] step 3/", log.read_text()), proc, log)
         proc.send_signal(signum)
         assert proc.wait(timeout=90) == code, log.read_text()[-3000:]
     finally:
@@ -329,6 +335,15 @@ def test_a_signal_ends_the_mlflow_runs_and_the_job(tmp_path, launcher, signum, c
     assert len(runs) == 2  # the job's run and LG's child run
     assert {r.info.status for r in runs} == {"KILLED"}
     assert all(r.info.end_time is not None for r in runs)
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [h["step"] for h in summary["history"]["LG"]]
+    assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1)), summary["history"]
+    how = "KeyboardInterrupt" if signum == signal.SIGINT else f"SystemExit({code})"
+    assert summary["stopped"] == {"LG": f"{how} after step {steps[-1]}"}, summary
+    assert summary["complete"] is False and summary["diverged"] == {}
+    assert (out / "results.png").stat().st_size > 10_000
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert "summary.json" in {a.path for a in _artifacts(out, parent.info.run_id)}
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray"])

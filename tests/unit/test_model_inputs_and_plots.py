@@ -75,7 +75,8 @@ def test_a_diverged_objective_keeps_its_curve_and_says_where_it_stopped():
     two = [{"step": 1, "outer_loss": 2.0}, {"step": 2, "outer_loss": 1.0}]
     histories = {"LG": two, "LC": [], "XX": two[:1], "YY": two}
     results = {"BM": metrics}
-    _, bx = draw_results(results, histories, diverged={"LG", "LC", "XX"}).axes
+    diverged = {"LG": "diverged", "LC": "diverged", "XX": "diverged"}
+    _, bx = draw_results(results, histories, ended=diverged).axes
     lines = {line.get_label(): line for line in bx.get_lines()}
     assert set(lines) == {
         "LG (diverged at step 3)",
@@ -89,10 +90,24 @@ def test_a_diverged_objective_keeps_its_curve_and_says_where_it_stopped():
     assert [t.get_text() for t in bx.get_legend().get_texts()] == list(lines)
     assert bx.get_yscale() == "log"
     # diverged at its first step: no curve, the label alone; the figure still renders
-    fig = draw_results(results, {"LG": []}, diverged={"LG"})
+    fig = draw_results(results, {"LG": []}, ended={"LG": "diverged"})
     fig.savefig(io.BytesIO(), format="png")
     (line,) = fig.axes[1].get_lines()
     assert line.get_label() == "LG (diverged at step 1)" and len(line.get_xdata()) == 0
+
+
+def test_a_stopped_objective_keeps_its_curve_and_says_its_last_step():
+    """Stopped by a signal: labelled with the last step its history holds (a Ray run's history
+    may lag the step it was stopped in), or as having none."""
+    metrics = {"NC": {"accuracy": 0.5, "nll": 1.0}}
+    two = [{"step": 1, "outer_loss": 2.0}, {"step": 2, "outer_loss": 1.0}]
+    fig = draw_results(
+        {"BM": metrics}, {"LG": two, "LC": []}, ended={"LG": "stopped", "LC": "stopped"}
+    )
+    fig.savefig(io.BytesIO(), format="png")
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert set(lines) == {"LG (stopped after step 2)", "LC (stopped, no step)"}
+    assert list(lines["LG (stopped after step 2)"].get_xdata()) == [1, 2]
 
 
 def test_a_leak_shows_on_top_of_the_accuracy_whatever_its_size():
@@ -154,3 +169,63 @@ def test_a_tokenizer_that_loses_a_response_is_refused_and_one_that_garbles_is_na
         "responses (e.g. 'Xu' decodes as ''); answers are then scored on what it can represent"
     )
     assert line in capsys.readouterr().out
+
+
+def test_a_meta_training_that_stops_keeps_its_curve_in_the_summary(tmp_path):
+    """A trainer that fails (or is stopped by a signal) after two steps: the job re-raises it,
+    and summary.json and results.png keep the base model's results, the two steps, and how the
+    run stopped."""
+    import json
+
+    from raymeta.config import load_config
+    from raymeta.data.generate import generate
+    from raymeta.pipeline import run_pipeline
+    from raymeta.pretrain import tokenizer_texts
+    from tests.helpers import save_tiny
+
+    train, test = generate("character_descriptions", 40, 8, seed=0)
+    texts = tokenizer_texts("character_descriptions", train, test)
+    model = save_tiny(tmp_path / "m", texts, hidden=16, positions=128)
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model}",
+            "data.n_train=40",
+            "data.n_test=8",
+            "prepare.steps=0",
+            "eval.n_examples=4",
+            "meta.objectives=[LG]",
+        ],
+    )
+
+    def trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
+        history += [{"step": 1, "outer_loss": 2.0}, {"step": 2, "outer_loss": 1.5}]
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_pipeline(cfg, tmp_path / "out", meta_trainer=trainer)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] is False and list(summary["engines"]) == ["BM"]
+    assert [h["step"] for h in summary["history"]["LG"]] == [1, 2]
+    assert summary["stopped"] == {"LG": "RuntimeError after step 2: worker lost"}
+    assert summary["diverged"] == {}
+    assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+
+
+def test_a_ray_run_history_reads_back_whole_steps_only(tmp_path):
+    """Rank 0 appends a line per step beside the checkpoints; the driver reads it when the fit
+    stops, maybe while a line is half written: that one is left out. A restart rewrites it
+    with its checkpoint's steps."""
+    from raymeta.train.worker import HISTORY, append_history, read_history, write_history
+
+    assert read_history(tmp_path / "none") == []
+    write_history(tmp_path / "run", [{"step": 1, "outer_loss": 2.0}])
+    append_history(tmp_path / "run", {"step": 2, "outer_loss": 1.5})
+    with open(tmp_path / "run" / HISTORY, "a") as f:
+        f.write('{"step": 3, "outer_')
+    assert read_history(tmp_path / "run") == [
+        {"step": 1, "outer_loss": 2.0},
+        {"step": 2, "outer_loss": 1.5},
+    ]
+    write_history(tmp_path / "run", [{"step": 1, "outer_loss": 2.0}])
+    assert [r["step"] for r in read_history(tmp_path / "run")] == [1]
