@@ -368,13 +368,13 @@ def run_pipeline(
     ``meta_trainer(model, tokenizer, train, test, cfg, objective, teacher, history)`` replaces
     the in-process meta-training loop (the Ray Train path passes its own); it appends the step
     records to the list ``history`` as the steps complete, so that a job stopped part-way (a
-    signal) still writes the curve so far into ``summary.json`` and ``results.png`` (with a
-    ``stopped`` entry; a divergence, ``MetaTrainingDiverged``, gives a ``diverged`` one). ``on_ready()`` is
-    called once the data and the model have loaded and passed their checks, before anything is
-    written to ``output_dir`` (the job opens its MLflow run there, so that bad input opens
-    none). Each model's results are written (results.json, results.md, records) and passed to
-    ``on_result(name, metrics)`` as soon as it is evaluated, so a job that stops later keeps
-    them."""
+    signal or an error) still writes the curve so far into ``summary.json`` and
+    ``results.png``, with a ``stopped`` entry (a divergence, ``MetaTrainingDiverged``, gives a
+    ``diverged`` one). ``on_ready()`` is called once the data and the model have loaded and
+    passed their checks, before anything is written to ``output_dir`` (the job opens its MLflow
+    run there, so that bad input opens none). Each model's results are written (results.json,
+    results.md, records) and passed to ``on_result(name, metrics)`` as soon as it is
+    evaluated, so a job that stops later keeps them."""
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -408,7 +408,8 @@ def fit_objective(
                 f"meta-training {objective} ended without a checkpoint: {result.error}"
             )
     except BaseException:
-        history[:] = read_history(steps_dir)
+        with contextlib.suppress(OSError, ValueError):  # (the error that stopped it comes first)
+            history[:] = read_history(steps_dir)
         raise
     ckpt = Path(result.checkpoint.path)
     if (ckpt / DIVERGED).is_file():

@@ -10,9 +10,10 @@ metrics to the run's MLflow child run, and evaluates on held-out data every
 ``train.eval_every`` steps. Metrics go to ``ray.train.report`` every
 ``train.report_every`` steps; checkpoints (engine + loop state) every
 ``train.checkpoint_every`` steps and at the end, where rank 0 also writes the
-trained model with ``save_pretrained``. Rank 0 also appends each step's record to a history
-beside the checkpoints, for the driver to show the curve of a run that is stopped. A restarted worker group resumes from
-the last checkpoint at the same step and sampler position.
+trained model with ``save_pretrained``. Rank 0 also appends each step's record to a
+history beside the checkpoints, from which the driver shows the curve of a run that is
+stopped. A restarted worker group resumes from the last checkpoint at the same step and
+sampler position.
 """
 
 from __future__ import annotations
