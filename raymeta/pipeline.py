@@ -353,11 +353,14 @@ def write_figure_and_summary(out: Path, results: dict, histories: dict, summary:
 def describe_stop(error: BaseException, history: list[dict]) -> str:
     """How a meta-training stopped before its end, for ``summary.json``: the exception and the
     last step ``history`` holds, e.g. "KeyboardInterrupt after step 20", "SystemExit(143) after
-    step 20" (SIGTERM), "RuntimeError after step 3: <its message>"."""
+    step 20" (SIGTERM), "RuntimeError after step 3: <its message>", on one line and cut at 300
+    characters (a Ray worker's error carries its traceback)."""
     done = f"after step {history[-1]['step']}" if history else "before a step's record"
     if isinstance(error, SystemExit):
         return f"SystemExit({error.code}) {done}"
-    return f"{type(error).__name__} {done}" + (f": {error}" if str(error) else "")
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text if len(text) <= 300 else text[:299] + "…"
+    return f"{type(error).__name__} {done}" + (f": {text}" if text else "")
 
 
 def run_pipeline(

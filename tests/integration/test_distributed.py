@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -242,6 +243,27 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tasks_and_model, tmp_p
     for a, b in zip(hurt.history, clean.history):
         assert a["outer_loss"] == pytest.approx(b["outer_loss"], rel=1e-5, abs=1e-6)
     assert max_diff(weights(hurt.model_dir), weights(clean.model_dir)) < 1e-5
+
+
+def test_a_failed_fit_keeps_the_steps_rank_0_recorded(ray_local, tasks_and_model, tmp_path):
+    """A worker killed at step 3 with no restart allowed: the fit fails, and the history the
+    driver reads back from beside the checkpoints holds steps 1-2 (the job's summary.json and
+    figure show them, with a one-line ``stopped`` entry)."""
+    from raymeta.pipeline import describe_stop
+    from raymeta.train.launch import fit_objective
+
+    train, test, base = tasks_and_model
+    cfg = small_cfg(num_workers=1, max_failures=0)
+    cfg.meta.steps = 6
+    fault = {"step": 3, "rank": 0, "flag": str(tmp_path / "killed.txt")}
+    history: list[dict] = []
+    with pytest.raises(Exception) as failed:
+        fit_objective(cfg, "LG", base, train, test, tmp_path, fault=fault, history=history)
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["outer_loss"]) for h in history)
+    line = describe_stop(failed.value, history)
+    assert line.startswith(f"{type(failed.value).__name__} after step 2: ") and "\n" not in line
+    assert len(line) < 400
 
 
 def test_zero3_is_refused():
