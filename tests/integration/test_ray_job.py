@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -178,9 +179,8 @@ def cluster():
         stop_cluster(proc, temp)
 
 
-def test_ray_job_submit_metatrain(cluster, tmp_path):
-    address, env = cluster
-    out = tmp_path / "out"
+def submit_command(address: str, env: dict, out: Path, tmp_path: Path, *flags: str) -> list[str]:
+    """``ray job submit`` (with ``flags``) of the job on configs/tiny_char_ray.yaml."""
     runtime_env = {
         "excludes": EXCLUDES,
         "env_vars": {
@@ -192,12 +192,13 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
             )
         },
     }
-    cmd = [
+    return [
         str(BIN / "ray"),
         "job",
         "submit",
         "--address",
         address,
+        *flags,
         "--working-dir",
         ".",
         "--runtime-env-json",
@@ -211,6 +212,12 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
         str(out),
         f"model.tiny_cache_dir={tmp_path / 'models'}",
     ]
+
+
+def test_ray_job_submit_metatrain(cluster, tmp_path):
+    address, env = cluster
+    out = tmp_path / "out"
+    cmd = submit_command(address, env, out, tmp_path)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
     logs = proc.stdout + proc.stderr
@@ -271,6 +278,55 @@ def test_ray_job_submit_metatrain(cluster, tmp_path):
     assert len(kept) == 1 and kept[0].read_text() == first
     parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny_char_ray'")
     assert len(parents) == 2
+
+
+def test_ray_job_stop_ends_the_runs_and_keeps_the_curve(cluster, tmp_path):
+    """``ray job stop`` (SIGTERM, then SIGKILL after Ray's 3 s): within that time the job ends
+    its MLflow runs KILLED and writes summary.json and results.png with LG's steps so far."""
+    address, env = cluster
+    out = tmp_path / "out"
+    cmd = submit_command(address, env, out, tmp_path, "--no-wait")
+    cmd += ["meta.steps=100000", "meta.epochs=100000", "meta.log_every=1"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (job,) = set(re.findall(r"raysubmit_\w+", proc.stdout + proc.stderr))
+    ray = [str(BIN / "ray"), "job"]
+    where = ["--address", address]
+    deadline = time.monotonic() + 300
+    while True:  # until rank 0 has printed step 3 (steps 1-2 are recorded by then)
+        logs = subprocess.run(
+            [*ray, "logs", job, *where], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+        if re.search(r"\[meta-train LG.*\] step 3/", logs):
+            break
+        assert time.monotonic() < deadline, logs[-3000:]
+        time.sleep(1)
+    stop = subprocess.run(
+        [*ray, "stop", job, *where], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run(
+        [*ray, "status", job, *where], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
+    logs = subprocess.run(
+        [*ray, "logs", job, *where], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert logs.strip().splitlines()[-1] == "stopped by SIGTERM", logs[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [h["step"] for h in summary["history"]["LG"]]
+    assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1)), summary["history"]
+    assert summary["stopped"] == {"LG": f"SystemExit(143) after step {steps[-1]}"}, summary
+    assert summary["complete"] is False
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raymeta").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert {"summary.json", "results.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
 
 DRIVER = """
