@@ -404,8 +404,7 @@ def copies_code(t: type, where: str, name: str, methods: tuple[str, ...]) -> boo
         ref = getattr(importlib.import_module(f"transformers.models.{where}"), name)
     except (ImportError, AttributeError):
         return False
-    codes = [(_code(getattr(ref, m, None)), _code(getattr(t, m, None))) for m in methods]
-    return all(r is not None and r == c for r, c in codes)
+    return all(same_code(getattr(ref, m, None), getattr(t, m, None)) for m in methods)
 
 
 LINEARS = (("falcon.modeling_falcon", "FalconLinear"),)  # x @ weight.T (+ bias)

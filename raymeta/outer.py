@@ -91,19 +91,12 @@ def lm_sampler(
 
 
 class MetaTrainingDiverged(RuntimeError):
-    """A meta-training step gave a non-finite loss or gradient norm (jobs exit 4 on it).
-    ``history``: the records of the steps before it (as the meta-trainers return them), so the
-    job's summary and figure still show the run up to the step that diverged."""
-
-    def __init__(self, message: str, history: Sequence[dict] = ()):
-        super().__init__(message)
-        self.history = list(history)
+    """A meta-training step gave a non-finite loss or gradient norm (jobs exit 4 on it)."""
 
 
-def check_finite(stats: dict, step: int, history: Sequence[dict] = ()) -> None:
-    """Raise MetaTrainingDiverged (carrying ``history``, the steps before) when a loss or the
-    gradient norm in ``stats`` is nan or inf: later steps would only spread it through the
-    weights."""
+def check_finite(stats: dict, step: int) -> None:
+    """Raise MetaTrainingDiverged when a loss or the gradient norm in ``stats`` is nan or inf:
+    later steps would only spread it through the weights."""
     bad = [
         f"{k}={stats[k]}"
         for k in ("outer_loss", "inner_loss", "lm_loss", "grad_norm")
@@ -112,8 +105,7 @@ def check_finite(stats: dict, step: int, history: Sequence[dict] = ()) -> None:
     if bad:
         raise MetaTrainingDiverged(
             f"meta-training diverged at step {step}: {', '.join(bad)}. Lower meta.outer_lr or "
-            "meta.inner_lr, or keep meta.clip_norm > 0; float32 is safer than bfloat16",
-            history,
+            "meta.inner_lr, or keep meta.clip_norm > 0; float32 is safer than bfloat16"
         )
 
 
@@ -202,8 +194,8 @@ def meta_train_local(
     (passed to ``on_log(record, step)`` too), as the Ray workers keep it: the step's losses and
     gradient norm, and at every ``meta.log_every``-th step ``tasks_per_s``, the rate since the
     previous one (the figure the progress line prints). Given ``history`` (a list), the records
-    are appended to it as each step completes, so a caller whose run is stopped part-way (Ctrl-C,
-    SIGTERM) still holds the steps done."""
+    are appended to it as each step completes, so a caller whose run stops part-way (a signal,
+    an error, a divergence) still holds the steps done."""
     meta = cfg.meta
     groups = group_facts(train, meta.contexts_per_update, cfg.seed)
     spec = inner_spec(model, meta, cfg.model.lora)
@@ -237,7 +229,7 @@ def meta_train_local(
             params, meta.clip_norm if meta.clip_norm > 0 else float("inf")
         )
         stats["grad_norm"] = float(norm)
-        check_finite(stats, step, history)  # before the update: the last finite weights stay
+        check_finite(stats, step)  # before the update: the model keeps its last finite weights
         opt.step()
         pos = advance(pos, len(groups), meta.meta_batch_size)
         record = {"step": step, **stats}  # every step, as the Ray workers log it

@@ -441,7 +441,7 @@ def run_pipeline(
         try:
             trainer(m, tok, train, test, cfg, objective, lc_teacher, history)
         except MetaTrainingDiverged as e:  # its steps up to there: in the summary and figure
-            history[:], diverged[objective] = e.history, str(e)
+            diverged[objective] = str(e)
             write_summary(complete=False)
             raise
         except BaseException as e:  # a signal (see jobs/metatrain.py) or an error
@@ -499,9 +499,9 @@ def save_trained(model, tokenizer, out: Path, objective: str, base: str, cfg: Ru
     return str(dest.relative_to(out))
 
 
-def local_trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
+def local_trainer(model, tokenizer, train, test, cfg, objective, teacher, history, on_log=None):
     """Meta-train in this process (see raymeta.outer.meta_train_local)."""
     lm_next = lm_sampler(cfg, tokenizer, train, test)
     meta_train_local(
-        model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, history=history
+        model, tokenizer, train, cfg, objective, teacher, cfg.device, lm_next, on_log, history
     )

@@ -361,8 +361,8 @@ def fit_objective(
     filesystem on a multi-node cluster). Ray resumes a run of the same name from its last
     checkpoint, so every job gives its own ``run_name``. ``fault`` is a test hook (see worker).
     ``history`` (a list) receives the step records: the final checkpoint's, or, if the fit is
-    stopped (Ctrl-C, SIGTERM) or fails, those rank 0 appended beside the checkpoints as each
-    step ended."""
+    stopped (Ctrl-C, SIGTERM), fails or diverges, those rank 0 appended beside the checkpoints
+    as each step ended."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -407,15 +407,15 @@ def fit_objective(
             raise RuntimeError(
                 f"meta-training {objective} ended without a checkpoint: {result.error}"
             )
+        ckpt = Path(result.checkpoint.path)
+        if (ckpt / DIVERGED).is_file():
+            from raymeta.outer import MetaTrainingDiverged
+
+            raise MetaTrainingDiverged((ckpt / DIVERGED).read_text())
     except BaseException:
         with contextlib.suppress(OSError, ValueError):  # (the error that stopped it comes first)
             history[:] = read_history(steps_dir)
         raise
-    ckpt = Path(result.checkpoint.path)
-    if (ckpt / DIVERGED).is_file():
-        from raymeta.outer import MetaTrainingDiverged
-
-        raise MetaTrainingDiverged((ckpt / DIVERGED).read_text(), read_history(ckpt))
     from raymeta.models import point_adapter_at_base
 
     point_adapter_at_base(ckpt / MODEL_DIR)  # it was written in a worker's temporary folder
@@ -622,10 +622,9 @@ def unused_lora(lora_cfg) -> list[str]:
 def local_trainer_logged(output_dir: Path, runs: JobRuns):
     """The in-process meta_trainer; each objective's per-step metrics go to an MLflow child run
     of the job's run, as on the Ray launcher."""
-    from raymeta.outer import lm_sampler, meta_train_local
+    from raymeta.pipeline import local_trainer
 
     def meta_trainer(model, tokenizer, train, test, cfg, objective, teacher, history):
-        lm_next = lm_sampler(cfg, tokenizer, train, test)
         with child_run(cfg, objective, output_dir, runs) as (child, _):
 
             def on_log(stats, step):
@@ -634,18 +633,7 @@ def local_trainer_logged(output_dir: Path, runs: JobRuns):
                     step,
                 )
 
-            meta_train_local(
-                model,
-                tokenizer,
-                train,
-                cfg,
-                objective,
-                teacher,
-                cfg.device,
-                lm_next,
-                on_log=on_log,
-                history=history,
-            )
+            local_trainer(model, tokenizer, train, test, cfg, objective, teacher, history, on_log)
 
     return meta_trainer
 

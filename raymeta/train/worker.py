@@ -152,11 +152,11 @@ def train_loop(config: dict) -> None:
         stats = _mean_over_workers(stats, world)
         stats["grad_norm"] = norm0 if norm0 is not None else _grad_norm(ds)
         try:
-            check_finite(stats, step, history)  # the same figures on every rank: all stop together
+            check_finite(stats, step)  # the same figures on every rank: all stop together
         except MetaTrainingDiverged as e:  # reported, not raised: a retry would diverge again
             if tracker is not None:
                 tracker.finish("FAILED")
-            _report_divergence(str(e), step, rank, e.history)
+            _report_divergence(str(e), step, rank)
             return
         state.step, state.position = (
             step,
@@ -304,16 +304,15 @@ DIVERGED = "diverged.txt"
 """The file of a checkpoint that reports a divergence (its text: the error)."""
 
 
-def _report_divergence(message: str, step: int, rank: int, history: list[dict]) -> None:
-    """Report the divergence as a checkpoint holding only its message and the history of the
-    steps before it (the driver's Result keeps checkpoints' reports, not plain ones), so
-    fit_objective raises it."""
+def _report_divergence(message: str, step: int, rank: int) -> None:
+    """Report the divergence as a checkpoint holding only its message (the driver's Result
+    keeps checkpoints' reports, not plain ones), so fit_objective raises it; the steps before
+    it are in rank 0's history beside the checkpoints."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raymeta-diverged-") as d:
         if rank == 0:
             Path(d, DIVERGED).write_text(message)
-            write_history(d, history)
         checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
