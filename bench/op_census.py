@@ -100,7 +100,8 @@ class Census(TorchDispatchMode):
             a, b = args[-2], args[-1]
             self.flops += 2 * a.numel() * b.shape[-1]
         else:
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            written = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # out: the result
+            leaves = torch.utils._pytree.tree_leaves((args, written, out))
             self.bytes[name] += sum(
                 t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)
             )

@@ -33,7 +33,7 @@ import sys
 import torch
 from torch.autograd.function import once_differentiable
 
-from raymeta.meta.fused import compilable
+from raymeta.meta.fused import compilable, product
 
 NAME = "raymeta_fused"
 """The attention implementation name registered with transformers."""
@@ -46,10 +46,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def probabilities(q, k, mask, scale: float) -> torch.Tensor:
     """P = softmax(s q kᵀ + mask) ``[B, H, T, S]`` in the accumulation dtype.
 
-    q ``[B, H, T, D]``, k ``[B, H, S, D]``, mask additive ``[B, 1, T, S]`` or None."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc(q.dtype)).mul_(scale)
-    if mask is not None:
-        scores.add_(mask)
+    q ``[B, H, T, D]``, k ``[B, H, S, D]``, mask additive ``[B, 1, T, S]`` or None. The scores
+    are scaled and masked in one pass (``mask + s · scores``, in the accumulation dtype)."""
+    acc = _acc(q.dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if mask is None:
+        scores = scores.to(acc).mul_(scale)
+    else:
+        scores = torch.add(mask.to(acc), scores, alpha=scale)
     return torch.softmax(scores, -1)
 
 
@@ -64,10 +68,9 @@ def attention_value(q, k, v, mask, scale: float):
 def attention_grads(q, k, v, p, do, scale: float):
     """``(dq, dk, dv, δ)`` for the output gradient dO (δ = rowsum(dP ⊙ P) ``[B, H, T, 1]``)."""
     dt = q.dtype
-    dp = torch.matmul(do, v.transpose(-1, -2)).to(p.dtype)
+    dp = torch.matmul(do, v.transpose(-1, -2))  # in dt; promoted to P's dtype as read
     delta = (dp * p).sum(-1, keepdim=True)
-    centred = dp.sub_(delta)  # dP − δ
-    ds = (p * centred).to(dt)
+    ds = product(p, torch.sub(dp, delta), dt)  # P ⊙ (dP − δ)
     dq = torch.matmul(ds, k).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
     dv = torch.matmul(p.to(dt).transpose(-1, -2), do)
@@ -78,39 +81,40 @@ def attention_grads(q, k, v, p, do, scale: float):
 def attention_second(q, k, v, p, do, delta, aq, ak, av, scale: float, needs):
     """``AttentionGrad``'s backward (formulas in the module docstring): the gradients of
     (q, k, v, dO) for those a_q, a_k, a_v of (dq, dk, dv) (or None); ``needs``: which
-    are wanted, as ``ctx.needs_input_grad`` of (q, k, v, dO)."""
-    s, dt, acc = scale, q.dtype, p.dtype
+    are wanted, as ``ctx.needs_input_grad`` of (q, k, v, dO).
+
+    G_P is taken without its term −r δ: a constant per row, which G_S = P ⊙ (G_P − ⟨G_P, P⟩)
+    cancels (the rows of P sum to 1)."""
+    dt = q.dtype
     centred = None  # dP − δ, needed with a_q or a_k
     if aq is not None or ak is not None:
-        centred = torch.matmul(do, v.transpose(-1, -2)).to(acc).sub_(delta)
-    g_ds = None  # s (a_q kᵀ + q a_kᵀ)
-    if aq is not None:
-        g_ds = torch.matmul(aq, k.transpose(-1, -2)).to(acc)
-    if ak is not None:
-        t = torch.matmul(q, ak.transpose(-1, -2)).to(acc)
-        g_ds = t if g_ds is None else g_ds.add_(t)
+        centred = torch.sub(torch.matmul(do, v.transpose(-1, -2)), delta)
+    u = None  # a_q kᵀ + q a_kᵀ, one matmul when both are there
+    if aq is not None and ak is not None:
+        u = torch.matmul(torch.cat((aq, q), -1), torch.cat((k, ak), -1).transpose(-1, -2))
+    elif aq is not None:
+        u = torch.matmul(aq, k.transpose(-1, -2))
+    elif ak is not None:
+        u = torch.matmul(q, ak.transpose(-1, -2))
     g_p = g_dp = None
-    if g_ds is not None:
-        g_ds = g_ds.mul_(s)
-        r = (g_ds * p).sum(-1, keepdim=True)
-        g_dp = p * (g_ds - r)
-        # G_dS ⊙ (dP − δ) − r dP, with dP = (dP − δ) + δ
-        g_p = g_ds.mul_(centred).sub_(r * (centred + delta))
+    if u is not None:
+        w = u.to(p.dtype).mul_(scale)  # G_dS
+        w.sub_((w * p).sum(-1, keepdim=True))  # G_dS − r
+        g_dp = product(p, w, dt)
+        g_p = w.mul_(centred)  # G_dS ⊙ (dP − δ) − r dP, less −r δ
     if av is not None:
-        t = torch.matmul(do, av.transpose(-1, -2)).to(acc)
-        g_p = t if g_p is None else g_p.add_(t)
+        t = torch.matmul(do, av.transpose(-1, -2))
+        g_p = t.to(p.dtype) if g_p is None else g_p.add_(t)
     g_s = None
     if g_p is not None:
-        g_s = g_p.sub_((g_p * p).sum(-1, keepdim=True)).mul_(p)
+        g_s = product(p, g_p.sub_((g_p * p).sum(-1, keepdim=True)), dt)
     need_q, need_k, need_v, need_do = needs
-    # the [T, S] factors of the matmuls below, each cast to the matmul dtype once
-    ds = None if centred is None else (p * centred).to(dt)
-    g_s, g_dp = _cast(g_s, dt), _cast(g_dp, dt)
+    ds = None if centred is None else product(p, centred, dt)
     gq = gk = gv = gdo = None
     if need_q:
-        gq = _mm_sum(ds, ak, g_s, k, s)
+        gq = _mm_sum(ds, ak, g_s, k, scale)
     if need_k:
-        gk = _mm_sum(_t(ds), aq, _t(g_s), q, s)
+        gk = _mm_sum(_t(ds), aq, _t(g_s), q, scale)
     if need_v and g_dp is not None:
         gv = torch.matmul(g_dp.transpose(-1, -2), do)
     if need_do:
@@ -161,10 +165,6 @@ class AttentionGrad(torch.autograd.Function):
 
 def _t(x):
     return None if x is None else x.transpose(-1, -2)
-
-
-def _cast(x, dtype):
-    return None if x is None else x.to(dtype)
 
 
 def _mm_sum(a1, b1, a2, b2, scale: float):

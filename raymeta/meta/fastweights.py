@@ -1258,13 +1258,12 @@ class NextTokenSeed(torch.autograd.Function):
         nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
         for lo in range(0, z.shape[0], rows):
             hi = min(lo + rows, z.shape[0])
-            zc = z[lo:hi].to(acc, copy=True)
-            lse = torch.logsumexp(zc, -1, keepdim=True)
+            log_p = torch.log_softmax(z[lo:hi], -1, dtype=acc)
             yc = y[lo:hi, None]
-            nll[lo:hi] = (lse - zc.gather(-1, yc))[:, 0]
-            p = zc.sub_(lse).exp_()
+            nll[lo:hi] = log_p.gather(-1, yc)[:, 0].neg_()
+            p = log_p.exp_()
             p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=acc))
-            seed[lo:hi] = p.mul_(w[lo:hi, None])
+            torch.mul(p, w[lo:hi, None], out=seed[lo:hi])
         ctx.save_for_backward(z, w)
         ctx.mark_non_differentiable(nll)
         return seed, nll
@@ -1277,10 +1276,10 @@ class NextTokenSeed(torch.autograd.Function):
         out = torch.empty_like(z)
         for lo in range(0, z.shape[0], rows):
             hi = min(lo + rows, z.shape[0])
-            p = torch.softmax(z[lo:hi].to(acc), -1)
-            gc = g[lo:hi].to(acc, copy=True)
-            gc = gc.sub_((p * gc).sum(-1, keepdim=True))
-            out[lo:hi] = gc.mul_(p).mul_(w[lo:hi, None])
+            p = torch.softmax(z[lo:hi], -1, dtype=acc)
+            pg = p * g[lo:hi]  # in acc (g promoted as read)
+            pg.addcmul_(p, pg.sum(-1, keepdim=True), value=-1)  # p ⊙ (g − p·g)
+            torch.mul(pg, w[lo:hi, None], out=out[lo:hi])
         return out, None, None
 
 

@@ -262,34 +262,41 @@ def rms_value(x, eps: float, acc: torch.dtype):
     """``(x · r cast to x's dtype, r)`` with ``r = rsqrt(mean(x²) + eps)`` ``[..., 1]`` in acc."""
     h = x.to(acc)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * r).to(x.dtype), r  # Hugging Face's ops, in its order
+    return product(h, r, x.dtype), r  # Hugging Face's ops, in its order
 
 
 @compilable
 def rms_grad(x, r, dn):
-    """``dx = r (dn - n ⟨dn, n⟩/d)`` in r's dtype, cast to x's."""
-    n = x.to(r.dtype) * r
-    d = dn.to(r.dtype)
-    c = (d * n).mean(-1, keepdim=True)
-    return d.addcmul(n, c, value=-1).mul_(r).to(x.dtype)
+    """``dx = r (dn - n ⟨dn, n⟩/d)`` in r's dtype, cast to x's (x and dn are read in r's
+    dtype, no widened copies)."""
+    n = x * r
+    c = (dn * n).mean(-1, keepdim=True)
+    return product(torch.addcmul(dn, n, c, value=-1), r, x.dtype)
 
 
 @compilable
 def rms_second(x, r, dn, a, need_x: bool, need_dn: bool):
-    """``RMSNormaliseGrad``'s backward (formulas in its docstring): (∂/∂x, ∂/∂dn) or None."""
-    n = x.to(r.dtype) * r
-    a = a.to(r.dtype)
+    """``RMSNormaliseGrad``'s backward (formulas in its docstring): (∂/∂x, ∂/∂dn) or None.
+    In r's dtype (the narrower x, dn and a are read in it)."""
+    n = x * r
     big_a = (a * n).mean(-1, keepdim=True)
     gx = gdn = None
     if need_dn:
-        gdn = torch.addcmul(a, n, big_a, value=-1).mul_(r).to(dn.dtype)
+        gdn = product(torch.addcmul(a, n, big_a, value=-1), r, dn.dtype)
     if need_x:
-        d = dn.to(r.dtype)
-        big_b = (d * n).mean(-1, keepdim=True)
-        big_c = (a * d).mean(-1, keepdim=True)
-        gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, d, value=-1)
-        gx = gx.addcmul_(big_b, a, value=-1).mul_(r * r).to(x.dtype)
+        a = a.to(r.dtype)
+        big_b = (dn * n).mean(-1, keepdim=True)
+        big_c = (a * dn).mean(-1, keepdim=True)
+        gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, dn, value=-1)
+        gx = product(gx.addcmul_(big_b, a, value=-1), r * r, x.dtype)
     return gx, gdn
+
+
+def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a ⊙ b`` (broadcast) computed in the inputs' promoted dtype and written in ``dtype``:
+    one pass, where ``(a * b).to(dtype)`` writes and reads a product in the wider dtype."""
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    return torch.mul(a, b, out=torch.empty(shape, dtype=dtype, device=a.device))
 
 
 class RMSNormalise(torch.autograd.Function):

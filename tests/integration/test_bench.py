@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,3 +109,20 @@ def test_op_census_counts_what_a_real_step_runs():
     assert 3 * rows["fused"]["calls_per_step"] < rows["reference"]["calls_per_step"]  # 4 tasks
     assert rows["vjp"]["gflop_per_task"] > rows["fused"]["gflop_per_task"]  # recomputation
     assert "| reference | llama | tiny |" in op_census.table(list(rows.values()))
+
+
+@pytest.mark.integration
+def test_op_census_counts_an_out_argument_once():
+    """A call writing into ``out=`` reads its inputs and writes ``out`` once; an in-place call
+    reads and writes its tensor (bytes: 4 per float32, 2 per bfloat16)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import op_census
+
+    a, b = torch.ones(10), torch.ones(10)
+    out = torch.empty(10, dtype=torch.bfloat16)
+    with op_census.Census() as counted:
+        torch.mul(a, b, out=out)
+    assert counted.bytes["mul"] == 40 + 40 + 20
+    with op_census.Census() as counted:
+        a.mul_(b)
+    assert counted.bytes["mul_"] == 40 + 40 + 40
