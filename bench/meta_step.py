@@ -147,6 +147,13 @@ def slice_batch(batch: MetaBatch, lo: int, hi: int) -> MetaBatch:
     )
 
 
+def outer_optimizer(model, capturable: bool = False) -> torch.optim.AdamW:
+    """The outer optimizer: AdamW through its fused kernel (one pass over the parameters, their
+    gradients and state; the meta-training job's outer Adam runs it too). ``capturable``: its
+    step counter kept on the device, as a CUDA graph needs."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=capturable)
+
+
 def outer_step(model, opt, engine: Engine, spec: InnerSpec, batch: MetaBatch, micro: int):
     """One optimiser step over the meta-batch, ``micro`` tasks per forward/backward."""
     b = batch.size
@@ -620,7 +627,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     model = build_model(args.shape, dtype, args.device, args.family)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, capturable=bool(args.cuda_graph))
+    opt = outer_optimizer(model, capturable=bool(args.cuda_graph))
     names = inner_names(model, args.inner)
     if args.unfused_ops:
         from raymeta.meta import fastweights

@@ -47,6 +47,7 @@ from meta_step import (  # noqa: E402
     inner_names,
     json_path,
     model_config,
+    outer_optimizer,
     positive,
     random_batch,
 )
@@ -100,12 +101,27 @@ class Census(TorchDispatchMode):
             a, b = args[-2], args[-1]
             self.flops += 2 * a.numel() * b.shape[-1]
         else:
-            written = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # out: the result
-            leaves = torch.utils._pytree.tree_leaves((args, written, out))
-            self.bytes[name] += sum(
-                t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)
-            )
+            self.bytes[name] += moved_bytes(func, args, kwargs or {}, out)
         return out
+
+
+def moved_bytes(func, args: tuple, kwargs: dict, out) -> int:
+    """Bytes one call reads and writes: its tensor inputs (not ``out=``, which it only writes),
+    its results, and the inputs its schema says it writes that it does not return (in-place
+    foreach and fused optimizer ops, which return nothing), each tensor written counted once."""
+    read = torch.utils._pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+    written = {id(t): t for t in torch.utils._pytree.tree_leaves(out)}
+    declared = func._schema.arguments
+    for i, a in enumerate(declared):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(a.name)
+        written.update((id(t), t) for t in torch.utils._pytree.tree_leaves(value))
+    return sum(
+        t.numel() * t.element_size()
+        for t in [*read, *written.values()]
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def build_fake_model(shape: str, dtype, family: str = "llama"):
@@ -142,7 +158,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     with FakeTensorMode() if fake else contextlib.nullcontext(), switches(values):
         model = build_fake_model(args.shape, DTYPES[args.dtype], args.family)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        opt = outer_optimizer(model)
         spec = InnerSpec(lr=1e-3, names=inner_names(model, args.inner), checkpoint_inner=ckpt)
         engine = select_engine(engine_name, model, spec)
         micro = 1 if engine_name == "reference" else b

@@ -201,7 +201,7 @@ def meta_train_local(
     spec = inner_spec(model, meta, cfg.model.lora)
     engine = select_engine(meta.engine, model, spec)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=meta.outer_lr)
+    opt = torch.optim.Adam(params, lr=meta.outer_lr, fused=True)  # one pass per step
     steps = total_steps(meta, len(groups))
     if note := steps_note(meta, len(groups), steps):
         print(note, flush=True)

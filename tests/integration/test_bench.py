@@ -114,7 +114,8 @@ def test_op_census_counts_what_a_real_step_runs():
 @pytest.mark.integration
 def test_op_census_counts_an_out_argument_once():
     """A call writing into ``out=`` reads its inputs and writes ``out`` once; an in-place call
-    reads and writes its tensor (bytes: 4 per float32, 2 per bfloat16)."""
+    reads and writes its tensor, also a foreach one, which returns nothing (bytes: 4 per
+    float32, 2 per bfloat16)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import op_census
 
@@ -126,3 +127,6 @@ def test_op_census_counts_an_out_argument_once():
     with op_census.Census() as counted:
         a.mul_(b)
     assert counted.bytes["mul_"] == 40 + 40 + 40
+    with op_census.Census() as counted:
+        torch._foreach_mul_([a, b], 2.0)
+    assert counted.bytes["_foreach_mul_"] == 2 * (40 + 40)

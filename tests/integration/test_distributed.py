@@ -281,3 +281,34 @@ def test_zero3_is_refused():
     assert proc.returncode == 2
     assert "train.zero_stage=3 is not supported" in proc.stderr
     assert "Use train.zero_stage=0, 1 or 2" in proc.stderr
+
+
+FUSED_ADAM_CHECK = """
+import torch
+from tests.integration.test_distributed import small_cfg
+from raymeta.models import build_tiny_model
+from raymeta.train.engine import init_engine
+for stage in (0, 1, 2):
+    for precision in ("fp32", "bf16"):
+        cfg = small_cfg(zero_stage=stage, precision=precision)
+        opt = init_engine(build_tiny_model(cfg.model.tiny, 50, seed=0), cfg, 1).optimizer
+        while type(opt).__module__.startswith("deepspeed"):  # ZeRO / bf16 wrappers
+            opt = opt.optimizer
+        print(stage, precision, type(opt).__name__, opt.param_groups[0]["fused"])
+"""
+
+
+def test_the_outer_optimizer_is_torchs_fused_adam():
+    """DeepSpeed builds torch's Adam with its fused kernel (as the local launcher does) under
+    every supported ZeRO stage and precision; its own process, as DeepSpeed starts a process
+    group."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FUSED_ADAM_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
+    assert lines == [f"{s} {p} Adam True" for s in (0, 1, 2) for p in ("fp32", "bf16")]
