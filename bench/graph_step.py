@@ -1,7 +1,7 @@
 """The outer step captured once as a CUDA graph and replayed (``meta_step.py --cuda-graph``).
 
 At meta-batch 16 the eager fast-weights step on an H100 is bound by the host issuing its
-~9,300 kernel launches (bench/RESULTS.md); replaying a captured graph issues them from the
+~8,200 kernel launches (bench/RESULTS.md); replaying a captured graph issues them from the
 GPU. Capture needs a step that never waits for the GPU on the host: no ``.item()``, no
 ``nonzero``, no copy from host memory. ``host_syncs`` finds such calls on any device (the tests
 run it on CPU), and ``measure_graphed`` refuses, naming the call and where it came from,

@@ -7,7 +7,7 @@ on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes only), 
 
 * ``calls/step``: aten calls other than views (each is one kernel launch on a GPU);
 * ``GFLOP/task``: of mm / bmm / addmm / baddbmm;
-* ``GB/task``: bytes read and written by every other call (inputs + outputs), what bounds
+* ``GB/task``: bytes read and written by every other call (``moved_bytes``), what bounds
   elementwise work on a GPU, which is memory-bound (HBM: ~3.35 TB/s on an H100).
 
 On fake tensors a few calls differ from a real run: Hugging Face builds the SDPA mask in

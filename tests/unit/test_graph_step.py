@@ -69,20 +69,33 @@ def test_reference_engine_on_sdpa_reads_the_padding_mask():
     assert "masking_utils" in found["_local_scalar_dense (cpu)"]
 
 
+def test_the_bench_optimizer_step_never_reads_the_device():
+    """The bench's fused AdamW keeps its step counter with the parameters and reads nothing on
+    the host; the positive control: torch's default (single-tensor) AdamW reads its counter."""
+    default = lambda model: torch.optim.AdamW(model.parameters())  # noqa: E731
+    for optimizer, reads in ((meta_step.outer_optimizer, False), (default, True)):
+        model, spec, engine = setup()
+        opt = optimizer(model)
+        graph_step.meta_backward(model, engine, spec, meta_batch(), 2)
+        found = graph_step.host_syncs(opt.step)
+        assert ("_local_scalar_dense (cpu)" in found) is reads, found
+        assert any(p.grad is not None for p in model.parameters())
+
+
 def snapshot(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
 def test_sync_free_step_is_the_bench_step():
     model, spec, engine = setup()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = meta_step.outer_optimizer(model)
     start = snapshot(model)
     meta_step.outer_step(model, opt, engine, spec, meta_batch(), 1)
     meta_step.outer_step(model, opt, engine, spec, meta_batch(seed=2), 2)
     eager = snapshot(model)
 
     model2, spec2, engine2 = setup()
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    opt2 = meta_step.outer_optimizer(model2)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model2), start))
     for seed, micro in ((1, 1), (2, 2)):
         graph_step.sync_free_step(model2, opt2, engine2, spec2, meta_batch(seed=seed), micro)
@@ -93,7 +106,7 @@ def test_sync_free_step_is_the_bench_step():
 
 def test_check_replay_restores_parameters_and_optimizer_state():
     model, spec, engine = setup()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = meta_step.outer_optimizer(model)
     static = meta_batch()
 
     def step():
