@@ -961,6 +961,8 @@ class Hooks:
         self.looks: dict[int, Lookup] = {}  # its finished Lookup, until ``hook`` takes it
         self.calls: dict[int, LinearCall | SinkCall] = {}  # a Use.call / sinks module's
         self.patched: list[tuple[nn.Module, object]] = []  # experts: (module, its own forward)
+        self.last_group: tuple = (None, None)  # (input, its grouped view): the last ``group``
+        self.products: tuple = (None, {})  # (x, {id(h): (h, x hᵀ)}): ``linear_delta``'s, shared
 
     def __enter__(self):
         for use in self.uses:
@@ -1022,10 +1024,16 @@ class Hooks:
         task side by side)."""
         shape = tuple(x.shape)
         if flattened(use, shape, self.rows, self.length) and use.module in ROW_MAJOR:
-            return x.reshape(self.tasks, -1, shape[-1])  # row-major (``probe`` checked)
-        if problem := layout_problem(use, shape, self.rows, self.length):
+            grouped = x.reshape(self.tasks, -1, shape[-1])  # row-major (``probe`` checked)
+        elif problem := layout_problem(use, shape, self.rows, self.length):
             raise RuntimeError(f"fast-weights: {problem}")
-        return x.reshape(self.tasks, -1, *shape[2:])
+        else:
+            grouped = x.reshape(self.tasks, -1, *shape[2:])
+        last_x, last = self.last_group
+        if last_x is x and last.shape == grouped.shape:
+            return last  # siblings (q / k / v, gate / up) read one input: one grouped tensor
+        self.last_group = (x, grouped)
+        return grouped
 
     def look(self, module, inputs):
         self.lookups[id(module)] = started(Lookup(module))
@@ -1063,7 +1071,7 @@ class Hooks:
         if self.busy:
             return out
         x = self.group(use, x)
-        delta = correction(use, self.terms, x, None, out.shape[-1])
+        delta = correction(use, self.terms, x, None, out.shape[-1], self.shared_products(x))
         out = out if delta is None else out + delta.reshape(out.shape).to(out.dtype)
         return self.kept(use, x, None, out)
 
@@ -1122,9 +1130,16 @@ class Hooks:
             scale = scale if w is None else scale + per_task(w, nx)
             out = (scale * nx).to(output.dtype).reshape(output.shape)
         else:
-            delta = correction(use, self.terms, x, nx, output.shape[-1])
+            delta = correction(use, self.terms, x, nx, output.shape[-1], self.shared_products(x))
             out = output if delta is None else output + delta.reshape(output.shape).to(output.dtype)
         return self.kept(use, x, nx, out)
+
+    def shared_products(self, x: torch.Tensor) -> dict:
+        """The products ``x hᵀ`` of update terms taken on input x so far (siblings that read one
+        input and were updated from one context input, as q / k / v are, share them)."""
+        if self.products[0] is not x:
+            self.products = (x, {})
+        return self.products[1]
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """The norm's output with unit scale and no bias: ``[B, R, d]`` (a LayerNorm's through
@@ -1152,8 +1167,10 @@ class Hooks:
             self.busy = False
 
 
-def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
-    """The adapted module's output minus its plain output, grouped ``[B, R, out]`` (None: no change)."""
+def correction(use: Use, terms, x, nx, out_dim, products=None) -> torch.Tensor | None:
+    """The adapted module's output minus its plain output, grouped ``[B, R, out]`` (None: no change).
+
+    ``products``: ``linear_delta``'s shared products on x (None: none shared)."""
     w_terms = terms.get(use.weight, []) if use.weight else []
     b_terms = terms.get(use.bias, []) if use.bias else []
     if use.kind == "norm":
@@ -1176,7 +1193,7 @@ def correction(use: Use, terms, x, nx, out_dim) -> torch.Tensor | None:
         if scale is not None:  # a scaled embedding's output is scale · W[ids]
             parts = [p * scale for p in parts]
     else:
-        parts = [linear_delta(t, x, out_dim) for t in w_terms]
+        parts = [linear_delta(t, x, out_dim, products) for t in w_terms]
     b = vector_delta(b_terms)
     if b is not None:  # expanded: a bias may be the layer's only inner parameter
         parts.append(b[:, None, :].expand(x.shape[0], x.shape[1], b.shape[-1]))

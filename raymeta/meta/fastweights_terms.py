@@ -50,10 +50,18 @@ class Routed:
     e: torch.Tensor
 
 
-def linear_delta(term, x: torch.Tensor, out: int) -> torch.Tensor:
-    """``x ΔW^T`` for one term: x ``[B, Q, in]`` → ``[B, Q, out]``."""
+def linear_delta(term, x: torch.Tensor, out: int, products: dict | None = None) -> torch.Tensor:
+    """``x ΔW^T`` for one term: x ``[B, Q, in]`` → ``[B, Q, out]``.
+
+    ``products``: ``{id(h): (h, x hᵀ)}`` of terms already taken on this x (read, and added to):
+    a LowRank term whose h is among them reuses ``x hᵀ`` ``[B, Q, R]``."""
     if isinstance(term, LowRank):  # (x in another dtype: a router's F.linear on a cast)
-        return (x @ as_dtype(term.h, x.dtype).mT) @ as_dtype(term.a, x.dtype)
+        _, scores = (products or {}).get(id(term.h), (None, None))
+        if scores is None:
+            scores = x @ as_dtype(term.h, x.dtype).mT
+            if products is not None:
+                products[id(term.h)] = (term.h, scores)
+        return scores @ as_dtype(term.a, x.dtype)
     if isinstance(term, Rows):
         scores = x @ term.d.mT  # [B, Q, R]
         index = term.ids[:, None, :].expand_as(scores)

@@ -1200,6 +1200,43 @@ def test_next_token_seed_is_the_scaled_inner_gradient(monkeypatch):
     assert torch.allclose(g, g_want, rtol=1e-10, atol=1e-14)
 
 
+def test_siblings_share_their_query_context_products(monkeypatch):
+    """q / k / v (and gate / up) read one input and were updated from one context input, so
+    the query pass takes ``x hᵀ`` once for them: 3 products fewer per decoder layer (2 for
+    q / k / v, 1 for gate / up), and the same logits bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):  # bmm calls giving [B, query tokens, context tokens]
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.bmm.default and tuple(out.shape) == self.shape:
+                self.count += 1
+            return out
+
+    model = llama_tied()
+    spec = InnerSpec(0.5, all_names(model), steps=2)
+    ctx, q = batch(3)
+    b, n, tc = ctx.input_ids.shape
+    shape = (b, q.input_ids.shape[1] * q.input_ids.shape[2], n * tc)
+    with torch.no_grad():
+        state = fastweights.adapt(model, ctx, spec)
+    counted, out = {}, {}
+    for shared in (True, False):
+        with monkeypatch.context() as mp:
+            if not shared:  # the control: every term takes its own product
+                mp.setattr(fastweights.Hooks, "shared_products", lambda self, x: None)
+            with torch.no_grad(), Products(shape) as products:
+                out[shared] = fastweights.logits(model, state, q)
+            counted[shared] = products.count
+    layers = model.config.num_hidden_layers
+    assert counted[False] - counted[True] == 3 * layers * spec.steps, counted
+    assert torch.equal(out[True], out[False])
+
+
 def test_attention_switch_restores(monkeypatch):
     model = tiny_llama(vocab=VOCAB)
     from transformers.models.llama import modeling_llama
