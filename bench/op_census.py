@@ -65,8 +65,9 @@ FREE = frozenset(
     | {"unsqueeze", "squeeze", "select", "slice", "as_strided", "alias", "detach", "unbind"}
     | {"split", "split_with_sizes", "chunk", "empty", "empty_like", "empty_strided"}
     | {"new_empty", "new_empty_strided", "lift_fresh", "device", "promote_types", "sym_size"}
+    | {"_record_function_enter_new", "_record_function_exit"}  # profiler marks (optimizers')
 )
-"""Calls that move no data (views, allocations, metadata queries)."""
+"""Calls that move no data (views, allocations, metadata queries, profiler marks)."""
 
 VARIANTS = {
     "reference": ("reference", {}, False),
@@ -105,16 +106,29 @@ class Census(TorchDispatchMode):
         return out
 
 
+WRITE_ONLY = frozenset({"copy_", "fill_", "zero_"})
+"""In-place calls that overwrite their first argument without reading it."""
+
+
 def moved_bytes(func, args: tuple, kwargs: dict, out) -> int:
-    """Bytes one call reads and writes: its tensor inputs (not ``out=``, which it only writes),
-    its results, and the inputs its schema says it writes that it does not return (in-place
-    foreach and fused optimizer ops, which return nothing), each tensor written counted once."""
-    read = torch.utils._pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+    """Bytes one call reads and writes: its tensor inputs (not ``out=``, which it only writes,
+    nor the destination of a ``WRITE_ONLY`` call), its results, and the inputs its schema says
+    it writes that it does not return (in-place foreach and fused optimizer ops return
+    nothing), each tensor written counted once. The fused Adam kernels' schema declares the
+    gradients written, which they are only when unscaling (``grad_scale``): not counted then.
+    Each tensor is counted at its size as the call sees it (an expanded view at its expanded
+    size)."""
+    name = func.overloadpacket.__name__
+    read_args = args[1:] if name in WRITE_ONLY else args
+    read = torch.utils._pytree.tree_leaves(
+        (read_args, {k: v for k, v in kwargs.items() if k != "out"})
+    )
     written = {id(t): t for t in torch.utils._pytree.tree_leaves(out)}
-    declared = func._schema.arguments
-    for i, a in enumerate(declared):
+    for i, a in enumerate(func._schema.arguments):
         if a.alias_info is None or not a.alias_info.is_write:
             continue
+        if a.name == "grads" and kwargs.get("grad_scale") is None:
+            continue  # _fused_adam(w)_: gradients only read without a grad scale
         value = args[i] if i < len(args) else kwargs.get(a.name)
         written.update((id(t), t) for t in torch.utils._pytree.tree_leaves(value))
     return sum(

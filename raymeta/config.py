@@ -193,7 +193,8 @@ class MetaConfig:
     contexts_per_update: int = 2
     """Contexts (facts) in one inner update; the outer loss asks about each of them."""
     outer_lr: float = 1e-3
-    """Adam learning rate of the outer loop (torch's fused Adam, on either launcher)."""
+    """Adam learning rate of the outer loop (torch's fused Adam, on either launcher; with
+    bfloat16 parameters it computes each update in float32 and rounds once)."""
     clip_norm: float = 1.0
     """Clip the meta-gradient to this global norm (0 = off)."""
     meta_batch_size: int = 16

@@ -1286,6 +1286,7 @@ class NextTokenSeed(torch.autograd.Function):
         return seed, nll
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the outer backward is the last one
     def backward(ctx, g, _unused):
         z, w = ctx.saved_tensors
         acc = _acc_dtype(z.dtype)

@@ -265,29 +265,37 @@ def rms_value(x, eps: float, acc: torch.dtype):
     return product(h, r, x.dtype), r  # Hugging Face's ops, in its order
 
 
+def narrowed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype`` where it is wider (a float64 input normalised in float32, as
+    Hugging Face's forward does); a narrower ``t`` is left for the ops to read in ``dtype``."""
+    return t.to(dtype) if t.dtype.itemsize > dtype.itemsize else t
+
+
 @compilable
 def rms_grad(x, r, dn):
-    """``dx = r (dn - n ⟨dn, n⟩/d)`` in r's dtype, cast to x's (x and dn are read in r's
-    dtype, no widened copies)."""
-    n = x * r
-    c = (dn * n).mean(-1, keepdim=True)
-    return product(torch.addcmul(dn, n, c, value=-1), r, x.dtype)
+    """``dx = r (dn - n ⟨dn, n⟩/d)`` in r's dtype, cast to x's (a narrower x and dn are read
+    in r's dtype, no widened copies)."""
+    d = narrowed(dn, r.dtype)
+    n = narrowed(x, r.dtype) * r
+    c = (d * n).mean(-1, keepdim=True)
+    return product(torch.addcmul(d, n, c, value=-1), r, x.dtype)
 
 
 @compilable
 def rms_second(x, r, dn, a, need_x: bool, need_dn: bool):
     """``RMSNormaliseGrad``'s backward (formulas in its docstring): (∂/∂x, ∂/∂dn) or None.
-    In r's dtype (the narrower x, dn and a are read in it)."""
-    n = x * r
+    In r's dtype (a narrower x, dn and a are read in it)."""
+    xr, dr, a = narrowed(x, r.dtype), narrowed(dn, r.dtype), narrowed(a, r.dtype)
+    n = xr * r
     big_a = (a * n).mean(-1, keepdim=True)
     gx = gdn = None
     if need_dn:
         gdn = product(torch.addcmul(a, n, big_a, value=-1), r, dn.dtype)
     if need_x:
         a = a.to(r.dtype)
-        big_b = (dn * n).mean(-1, keepdim=True)
-        big_c = (a * dn).mean(-1, keepdim=True)
-        gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, dn, value=-1)
+        big_b = (dr * n).mean(-1, keepdim=True)
+        big_c = (a * dr).mean(-1, keepdim=True)
+        gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, dr, value=-1)
         gx = product(gx.addcmul_(big_b, a, value=-1), r * r, x.dtype)
     return gx, gdn
 

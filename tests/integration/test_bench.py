@@ -112,10 +112,11 @@ def test_op_census_counts_what_a_real_step_runs():
 
 
 @pytest.mark.integration
-def test_op_census_counts_an_out_argument_once():
+def test_op_census_counts_what_each_call_reads_and_writes():
     """A call writing into ``out=`` reads its inputs and writes ``out`` once; an in-place call
-    reads and writes its tensor, also a foreach one, which returns nothing (bytes: 4 per
-    float32, 2 per bfloat16)."""
+    reads and writes its tensor, also a foreach one, which returns nothing; ``copy_`` only
+    writes its destination; the fused AdamW step reads the gradients and reads and writes the
+    parameters and both moments (bytes: 4 per float32, 2 per bfloat16)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import op_census
 
@@ -123,10 +124,20 @@ def test_op_census_counts_an_out_argument_once():
     out = torch.empty(10, dtype=torch.bfloat16)
     with op_census.Census() as counted:
         torch.mul(a, b, out=out)
-    assert counted.bytes["mul"] == 40 + 40 + 20
-    with op_census.Census() as counted:
         a.mul_(b)
-    assert counted.bytes["mul_"] == 40 + 40 + 40
-    with op_census.Census() as counted:
         torch._foreach_mul_([a, b], 2.0)
-    assert counted.bytes["_foreach_mul_"] == 2 * (40 + 40)
+        a.copy_(b)
+    assert dict(counted.bytes) == {
+        "mul": 40 + 40 + 20,
+        "mul_": 40 + 40 + 40,
+        "_foreach_mul_": 2 * (40 + 40),
+        "copy_": 40 + 40,
+    }
+    p = torch.nn.Parameter(torch.ones(1000))
+    p.grad = torch.ones(1000)
+    opt = torch.optim.AdamW([p], fused=True)
+    opt.step()  # its state
+    with op_census.Census() as counted:
+        opt.step()
+    assert counted.bytes["_fused_adamw_"] - 4 == 7 * 4000  # + its step counter, read
+    assert counted.calls == 2  # the counter's increment and the fused kernel

@@ -291,17 +291,24 @@ from raymeta.train.engine import init_engine
 for stage in (0, 1, 2):
     for precision in ("fp32", "bf16"):
         cfg = small_cfg(zero_stage=stage, precision=precision)
-        opt = init_engine(build_tiny_model(cfg.model.tiny, 50, seed=0), cfg, 1).optimizer
+        engine = init_engine(build_tiny_model(cfg.model.tiny, 50, seed=0), cfg, 1)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        before = [p.detach().float().clone() for p in engine.module.parameters()]
+        engine.backward(engine.module(input_ids=ids, labels=ids).loss)
+        engine.step()  # (torch checks a fused optimizer's devices and dtypes at its first step)
+        after = [p.detach().float() for p in engine.module.parameters()]
+        moved = any(not torch.equal(a, b) for a, b in zip(before, after))
+        opt = engine.optimizer
         while type(opt).__module__.startswith("deepspeed"):  # ZeRO / bf16 wrappers
             opt = opt.optimizer
-        print(stage, precision, type(opt).__name__, opt.param_groups[0]["fused"])
+        print(stage, precision, type(opt).__name__, opt.param_groups[0]["fused"], moved)
 """
 
 
 def test_the_outer_optimizer_is_torchs_fused_adam():
     """DeepSpeed builds torch's Adam with its fused kernel (as the local launcher does) under
-    every supported ZeRO stage and precision; its own process, as DeepSpeed starts a process
-    group."""
+    every supported ZeRO stage and precision, and it takes a step that moves the weights; in
+    its own process, as DeepSpeed starts a process group."""
     proc = subprocess.run(
         [sys.executable, "-c", FUSED_ADAM_CHECK],
         capture_output=True,
@@ -311,4 +318,4 @@ def test_the_outer_optimizer_is_torchs_fused_adam():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
-    assert lines == [f"{s} {p} Adam True" for s in (0, 1, 2) for p in ("fp32", "bf16")]
+    assert lines == [f"{s} {p} Adam True True" for s in (0, 1, 2) for p in ("fp32", "bf16")]
