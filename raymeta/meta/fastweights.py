@@ -962,7 +962,7 @@ class Hooks:
         self.calls: dict[int, LinearCall | SinkCall] = {}  # a Use.call / sinks module's
         self.patched: list[tuple[nn.Module, object]] = []  # experts: (module, its own forward)
         self.last_group: tuple = (None, None)  # (input, its grouped view): the last ``group``
-        self.products: tuple = (None, {})  # (x, {id(h): (h, x hᵀ)}): ``linear_delta``'s, shared
+        self.products: tuple = (None, -1, {})  # (x, its version, {id(h): (h, x hᵀ)})
 
     def __enter__(self):
         for use in self.uses:
@@ -1137,9 +1137,9 @@ class Hooks:
     def shared_products(self, x: torch.Tensor) -> dict:
         """The products ``x hᵀ`` of update terms taken on input x so far (siblings that read one
         input and were updated from one context input, as q / k / v are, share them)."""
-        if self.products[0] is not x:
-            self.products = (x, {})
-        return self.products[1]
+        if self.products[0] is not x or self.products[1] != x._version:  # (x written since)
+            self.products = (x, x._version, {})
+        return self.products[2]
 
     def normalised(self, use: Use, x: torch.Tensor) -> torch.Tensor:
         """The norm's output with unit scale and no bias: ``[B, R, d]`` (a LayerNorm's through
