@@ -229,12 +229,19 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if exotic or not fused_attention_class(type(module)) or scaling is None:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    b, h, t, d = query.shape
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    if groups > 1 and key.shape[1] * groups == h and (mask is None or mask.shape[1] == 1):
+        # the query heads that share a key / value head side by side, [B, H_kv, groups·T, D]
+        # (head j·groups + g's row t at g·T + t): no repeated keys and values, nor their
+        # gradients summed back
+        query = query.reshape(b, key.shape[1], groups * t, d)
+        mask = None if mask is None else mask.repeat(1, 1, groups, 1)
+    elif groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
-    out = attention(query, key, value, mask, float(scaling))
+    out = attention(query, key, value, mask, float(scaling)).reshape(b, h, t, d)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1546,6 +1546,45 @@ def test_fused_attention_classes_are_known_by_code_and_rotation():
         assert not attention.fused_attention_class(cls), cls.__name__
 
 
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_grouped_query_attention_is_exact(mask_heads):
+    """With 2 query heads per key / value head, ``attention_forward`` equals softmax attention
+    over repeated keys and values (values and first derivatives, float64): the query heads side
+    by side against unrepeated keys and values (a mask with one head row), or keys and values
+    repeated (a mask with a row per head)."""
+    model = tiny_llama(vocab=VOCAB, heads=4, kv_heads=2)
+    module = model.model.layers[0].self_attn
+    assert module.num_key_value_groups == 2
+    gen = torch.Generator().manual_seed(0)
+    b, t, s, d = 2, 5, 7, module.head_dim
+    q = torch.randn(b, 4, t, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (
+        torch.randn(b, 2, s, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
+    allowed = torch.ones(t, s, dtype=torch.bool).tril(s - t)  # causal, s - t earlier keys
+    allowed = allowed.expand(b, mask_heads, t, s).clone()
+    allowed[0, ..., 0] = False  # a padded first key in the first row
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(
+        ~allowed, torch.finfo(torch.float64).min
+    )
+
+    def repeated(module, q, k, v, mask, scaling):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        p = torch.softmax(q @ k.mT * scaling + mask, -1)
+        return (p @ v).transpose(1, 2), None
+
+    probe = torch.randn(b, t, 4, d, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for forward in (attention.attention_forward, repeated):
+        out, _ = forward(module, q, k, v, mask, scaling=d**-0.5)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * probe).sum(), (q, k, v)))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+    for a, e in zip(*grads):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-13)
+
+
 def test_fused_mlps_patch_and_restore():
     model = tiny_llama(vocab=VOCAB)
     mlps = [blk.mlp for blk in model.model.layers]
