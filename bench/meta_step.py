@@ -630,17 +630,17 @@ def main(argv=None):
     opt = outer_optimizer(model, capturable=bool(args.cuda_graph))
     names = inner_names(model, args.inner)
     if args.unfused_ops:
-        from raymeta.meta import fastweights
+        from raymeta.meta.fastweights import ops
 
-        fastweights.FUSED_OPS = False
+        ops.FUSED_OPS = False
     if args.compile_ops:
         from raymeta.meta import fused
 
         fused.COMPILE = True
     if args.fw_attention != "fused":
-        from raymeta.meta import fastweights
+        from raymeta.meta.fastweights import ops
 
-        fastweights.ATTENTION = None if args.fw_attention == "model" else args.fw_attention
+        ops.ATTENTION = None if args.fw_attention == "model" else args.fw_attention
     spec = InnerSpec(
         lr=1e-3,
         names=names,

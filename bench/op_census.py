@@ -52,8 +52,8 @@ from meta_step import (  # noqa: E402
     random_batch,
 )
 
-from raymeta.meta import fastweights  # noqa: E402
 from raymeta.meta.engines import select_engine  # noqa: E402
+from raymeta.meta.fastweights import ops as fastweights_ops  # noqa: E402
 from raymeta.meta.inner import InnerSpec  # noqa: E402
 
 CENSUS_FAMILIES = ("llama", "gemma")
@@ -153,14 +153,14 @@ def build_fake_model(shape: str, dtype, family: str = "llama"):
 
 @contextlib.contextmanager
 def switches(values: dict):
-    old = {k: getattr(fastweights, k) for k in values}
+    old = {k: getattr(fastweights_ops, k) for k in values}
     for k, v in values.items():
-        setattr(fastweights, k, v)
+        setattr(fastweights_ops, k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(fastweights, k, v)
+            setattr(fastweights_ops, k, v)
 
 
 def census(args, variant: str, b: int, fake: bool = True) -> dict:

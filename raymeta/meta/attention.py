@@ -20,8 +20,8 @@ With P = softmax(S), S = s q kᵀ + mask, and dO the output gradient:
 
 ``attention_forward`` has the signature of a Hugging Face attention interface; it is
 registered as ``raymeta_fused`` (with the additive float mask of HF's eager attention) and
-selected by ``fastweights.attention_for`` while the engine runs. Calls it cannot take exactly
-(dropout, logit soft-capping, attention sinks) go to HF's eager attention; a sliding window
+selected by ``fastweights.ops.attention_for`` while the engine runs. Calls it cannot take
+exactly (dropout, logit soft-capping, attention sinks) go to HF's eager attention; a sliding window
 is part of the mask Hugging Face builds for this implementation, as for its eager one.
 """
 

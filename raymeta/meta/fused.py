@@ -375,9 +375,9 @@ def _passthrough(replaced, x, *args, **kwargs):
 def skipped_norms(modules):
     """While active, each module in ``modules`` returns its input unchanged (no arithmetic).
 
-    For norms whose output a forward hook rebuilds from the input anyway (``fastweights.Hooks``
-    builds ``(w + Δw) · rms_normalise(x)``): the module's own normalisation would be computed
-    and discarded. Nests (a module skipped already is left alone); ``rms_dtype`` still sees
+    For norms whose output a forward hook rebuilds from the input anyway
+    (``fastweights.hooks.Hooks`` builds ``(w + Δw) · rms_normalise(x)``): the module's own
+    normalisation would be computed and discarded. Nests (a module skipped already is left alone); ``rms_dtype`` still sees
     the forward that was replaced."""
     patched = []
     for m in modules:

@@ -523,7 +523,10 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     router = modeling_mixtral.MixtralTopKRouter
     monkeypatch.setattr(router, "forward", mixtral_router_in_the_inputs_dtype)
     calls = {"vjp": 0, "forward": 0}
-    for cls, key in ((fastweights.BlockVJP, "vjp"), (fastweights.BlockForward, "forward")):
+    for cls, key in (
+        (fastweights.blocks.BlockVJP, "vjp"),
+        (fastweights.blocks.BlockForward, "forward"),
+    ):
         orig = cls.backward
 
         def counted(ctx, *grads, _orig=orig, _key=key):
@@ -535,7 +538,7 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
     model = build()
     names = names_of(model)
     assert fastweights.ineligibility(model, InnerSpec(0.5, names, checkpoint_inner=True)) is None
-    blocks = len(fastweights.decoder_blocks(model))
+    blocks = len(fastweights.checkpoint.decoder_blocks(model))
     worst = 0.0
     for steps in (1, 2):
         for n in (1, 3):
@@ -553,7 +556,9 @@ def test_checkpointed_inner_backward_matches_reference(kind, monkeypatch):
                 if second:  # the outer backward recomputed every block's forward and VJP
                     assert calls["vjp"] - before["vjp"] == steps * blocks
                     assert calls["forward"] - before["forward"] == steps * blocks
-    assert all("forward" not in blk.__dict__ for blk in fastweights.decoder_blocks(model))
+    assert all(
+        "forward" not in blk.__dict__ for blk in fastweights.checkpoint.decoder_blocks(model)
+    )
     print(f"{kind} (checkpointed inner backward): max relative gradient error {worst:.2e}")
 
 
@@ -572,7 +577,9 @@ def test_checkpointed_blocks_replay_their_dropout(mode):
     checkpointed step equals the uncheckpointed one from the same seed (loss and every
     gradient), for k = 2 and second order."""
     model = gpt2_with_dropout()
-    assert all(fastweights.draws_random(b) for b in fastweights.decoder_blocks(model))
+    assert all(
+        fastweights.checkpoint.draws_random(b) for b in fastweights.checkpoint.decoder_blocks(model)
+    )
     ctx, q = batch(2)
     out = {}
     for key in ("none", mode, "eval"):
@@ -588,11 +595,11 @@ def test_checkpointed_blocks_replay_their_dropout(mode):
 
 
 def test_checkpoint_inner_values():
-    assert fastweights.checkpoint_mode(False) is None
-    assert fastweights.checkpoint_mode(True) == "vjp"
-    assert fastweights.checkpoint_mode("forward") == "forward"
+    assert fastweights.checkpoint.checkpoint_mode(False) is None
+    assert fastweights.checkpoint.checkpoint_mode(True) == "vjp"
+    assert fastweights.checkpoint.checkpoint_mode("forward") == "forward"
     with pytest.raises(ValueError, match="checkpoint_inner"):
-        fastweights.checkpoint_mode("everything")
+        fastweights.checkpoint.checkpoint_mode("everything")
 
 
 @pytest.mark.parametrize("mode", [True, "forward"])
@@ -600,7 +607,9 @@ def test_lc_objective_and_checkpointed_inner(mode, monkeypatch):
     """LC outer loss once; inner-pass checkpointing recomputes and stays exact (k=2, 2nd order)."""
     recomputed = []
     cls, method = (
-        (fastweights.Replay, "__enter__") if mode == "forward" else (fastweights.Block, "run")
+        (fastweights.checkpoint.Replay, "__enter__")
+        if mode == "forward"
+        else (fastweights.blocks.Block, "run")
     )
     orig = getattr(cls, method)
 
@@ -747,23 +756,23 @@ def test_flattened_tokens_need_the_probe():
         run(fastweights, model, spec, ctx, q)
     assert fastweights.ineligibility(model, spec) is None
     for layer in model.model.decoder.layers:
-        assert {layer.final_layer_norm, layer.fc1, layer.fc2} <= set(fastweights.ROW_MAJOR)
+        assert {layer.final_layer_norm, layer.fc1, layer.fc2} <= set(fastweights.uses.ROW_MAJOR)
     compare(model, spec, ctx, q)
 
 
 def test_row_order_needs_a_change_in_the_changed_row_alone():
     """``row_order_problem`` on the probe's two inputs of one call ``[rows · T, d]``."""
-    use = fastweights.Use(nn.Linear(4, 4), "fc", "linear", weight="fc.weight")
-    rows, length = fastweights.PROBE_ROWS, fastweights.PROBE_LENGTH
+    use = fastweights.uses.Use(nn.Linear(4, 4), "fc", "linear", weight="fc.weight")
+    rows, length = fastweights.probe.PROBE_ROWS, fastweights.probe.PROBE_LENGTH
     first = torch.randn(rows, length, 4)
     second = first.clone()
-    assert "left that input unchanged" in fastweights.row_order_problem(
+    assert "left that input unchanged" in fastweights.probe.row_order_problem(
         use, first.view(-1, 4), second.view(-1, 4)
     )
     second[-1, 0] += 1.0  # the last row's first token changed: row-major
-    assert fastweights.row_order_problem(use, first.view(-1, 4), second.view(-1, 4)) is None
+    assert fastweights.probe.row_order_problem(use, first.view(-1, 4), second.view(-1, 4)) is None
     flipped = [t.transpose(0, 1).reshape(-1, 4) for t in (first, second)]  # time-major
-    assert "changed other rows' part" in fastweights.row_order_problem(use, *flipped)
+    assert "changed other rows' part" in fastweights.probe.row_order_problem(use, *flipped)
 
 
 class TransformedTable(nn.Embedding):
@@ -852,9 +861,11 @@ def test_blocks_vjp_cannot_recompute_refuse_only_the_vjp_checkpointing(kind, cap
         select_engine("fastweights", model, vjp)
     ctx, q = batch(3)
     replays = []
-    enter = fastweights.Replay.__enter__
+    enter = fastweights.checkpoint.Replay.__enter__
     with pytest.MonkeyPatch.context() as mp:  # the blocks are checkpointed ("forward")
-        mp.setattr(fastweights.Replay, "__enter__", lambda r: replays.append(r) or enter(r))
+        mp.setattr(
+            fastweights.checkpoint.Replay, "__enter__", lambda r: replays.append(r) or enter(r)
+        )
         spec = InnerSpec(lr=0.5, names=names, steps=2, checkpoint_inner=True)
         ref, fw = run(reference, model, spec, ctx, q), run(engine, model, spec, ctx, q)
     assert replays and max_rel_error(ref[2], fw[2]) < TOL
@@ -1184,12 +1195,12 @@ def test_next_token_seed_is_the_scaled_inner_gradient(monkeypatch):
     """The analytic, chunked seed equals -η dL_inner/dlogits and its derivative is exact."""
     from raymeta.meta.inner import context_loss
 
-    monkeypatch.setattr(fastweights, "SEED_CHUNK", 3 * VOCAB)  # several chunks
+    monkeypatch.setattr(fastweights.seed, "SEED_CHUNK", 3 * VOCAB)  # several chunks
     ctx, _ = batch(2)
     b, n, tc = ctx.input_ids.shape
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(b * n, tc, VOCAB, generator=gen, dtype=torch.float64, requires_grad=True)
-    seed, loss = fastweights.next_token_seed(z, ctx.labels, -0.5)
+    seed, loss = fastweights.seed.next_token_seed(z, ctx.labels, -0.5)
     want_loss = context_loss(z.view(b, n, tc, -1), ctx)
     (want,) = torch.autograd.grad(want_loss.sum(), z, create_graph=True)
     assert torch.allclose(loss, want_loss.detach(), rtol=1e-12, atol=0)
@@ -1228,7 +1239,7 @@ def test_siblings_share_their_query_context_products(monkeypatch):
     for shared in (True, False):
         with monkeypatch.context() as mp:
             if not shared:  # the control: every term takes its own product
-                mp.setattr(fastweights.Hooks, "shared_products", lambda self, x: None)
+                mp.setattr(fastweights.hooks.Hooks, "shared_products", lambda self, x: None)
             with torch.no_grad(), Products(shape) as products:
                 out[shared] = fastweights.logits(model, state, q)
             counted[shared] = products.count
@@ -1242,21 +1253,21 @@ def test_attention_switch_restores(monkeypatch):
     from transformers.models.llama import modeling_llama
 
     hf_rotary = modeling_llama.apply_rotary_pos_emb
-    with fastweights.attention_for(model):  # the default: the fused attention and rotary
+    with fastweights.ops.attention_for(model):  # the default: the fused attention and rotary
         assert model.config._attn_implementation == attention.NAME
         assert modeling_llama.apply_rotary_pos_emb is not hf_rotary
-        with fastweights.attention_for(model):  # nested
+        with fastweights.ops.attention_for(model):  # nested
             pass
         assert modeling_llama.apply_rotary_pos_emb is not hf_rotary
     assert model.config._attn_implementation == "sdpa"
     assert modeling_llama.apply_rotary_pos_emb is hf_rotary
-    assert fastweights.engine_attention(gpt2()) is None  # an attention it does not know
-    monkeypatch.setattr(fastweights, "ATTENTION", "eager")
+    assert fastweights.ops.engine_attention(gpt2()) is None  # an attention it does not know
+    monkeypatch.setattr(fastweights.ops, "ATTENTION", "eager")
     half = tiny_llama(vocab=VOCAB, dtype=torch.bfloat16)
-    with fastweights.attention_for(half):
+    with fastweights.ops.attention_for(half):
         assert half.config._attn_implementation == "eager"
     assert half.config._attn_implementation == "sdpa"
-    with fastweights.attention_for(model):  # float64 keeps SDPA under "eager"
+    with fastweights.ops.attention_for(model):  # float64 keeps SDPA under "eager"
         assert model.config._attn_implementation == "sdpa"
 
 
@@ -1407,8 +1418,10 @@ def test_each_norm_style_is_rebuilt_bit_for_bit(style, dtype):
                 norm.weight.add_(0.5 * torch.randn(16, dtype=dtype))
             own = norm(x)
             if weighted:  # the hook rebuilds the output from the input
-                use = fastweights.Use(norm, "n", "norm", weight="n.weight", style=norm_style(norm))
-                with fastweights.Hooks([use], {}, 2, 2, 3):
+                use = fastweights.uses.Use(
+                    norm, "n", "norm", weight="n.weight", style=norm_style(norm)
+                )
+                with fastweights.hooks.Hooks([use], {}, 2, 2, 3):
                     assert torch.equal(norm(x), own)
             keep_float64(nn.Sequential(norm))
             if found.upcast:
@@ -1468,7 +1481,7 @@ def test_norms_are_known_by_their_code_not_their_name():
             after = norm(x)
         found = norm_style(norm)
         assert (found and found.name) == style, cls.__name__
-        assert fastweights.module_kind(norm) == ("norm" if style else None)
+        assert fastweights.uses.module_kind(norm) == ("norm" if style else None)
         assert ("forward" in norm.__dict__) is bool(found and found.upcast), cls.__name__
         if not style:
             assert torch.equal(before, after)
@@ -1482,7 +1495,7 @@ def test_norms_are_known_by_their_code_not_their_name():
         if found.upcast:  # float64 now: float32 rounding before, float64 rounding after
             assert not torch.allclose(before, exact, rtol=1e-10, atol=0)
     no_scale = Gemma4RMSNorm(16, with_scale=False)  # no weight: nothing to adapt, not a norm kind
-    assert norm_style(no_scale) is None and fastweights.module_kind(no_scale) is None
+    assert norm_style(no_scale) is None and fastweights.uses.module_kind(no_scale) is None
 
 
 def test_gated_mlps_are_known_by_code_and_activation():
@@ -1660,8 +1673,8 @@ def test_fused_ops_run_in_every_pass(mode, monkeypatch):
 def test_unfused_switches_stay_exact(monkeypatch):
     """FUSED_OPS = False and ATTENTION = None (torch's own ops, for comparisons) stay exact."""
     calls = count_second_order_nodes(monkeypatch)
-    monkeypatch.setattr(fastweights, "FUSED_OPS", False)
-    monkeypatch.setattr(fastweights, "ATTENTION", None)
+    monkeypatch.setattr(fastweights.ops, "FUSED_OPS", False)
+    monkeypatch.setattr(fastweights.ops, "ATTENTION", None)
     model = llama_tied()
     ctx, q = batch(3)
     compare(model, InnerSpec(lr=0.5, names=all_names(model), steps=2), ctx, q)
@@ -1682,5 +1695,5 @@ def test_sliding_window_and_head_norms_are_exercised():
     model = qwen3()
     assert any(".q_norm." in n for n in all_names(model))
     for m in (windowed, model):
-        assert fastweights.engine_attention(m) == attention.NAME
+        assert fastweights.ops.engine_attention(m) == attention.NAME
         assert fastweights.ineligibility(m, InnerSpec(0.5, all_names(m))) is None

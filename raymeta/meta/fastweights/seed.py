@@ -1,0 +1,75 @@
+"""The inner loss's gradient w.r.t. the logits, ``-η dL/dz``, as one lean node
+(``NextTokenSeed``): every layer's D of an inner step comes out of it already scaled."""
+
+from __future__ import annotations
+
+import torch
+
+SEED_CHUNK = 2**26
+"""Elements of one chunk of float32 work over the vocabulary (256 MiB)."""
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NextTokenSeed(torch.autograd.Function):
+    """``seed = w ⊙ (softmax(z) - onehot(y))`` per row of z ``[M, V]`` and the rows' NLL ``[M]``.
+
+    This is ``w ⊙ dNLL/dz``; its derivative is ``w ⊙ (p ⊙ g - p (p·g))``. Both are taken in
+    float32 (or z's dtype if wider) over row chunks, so no ``[M, V]`` float32 tensor is
+    kept, and the second-order graph is this one node holding z (instead of the
+    upcast, the log-softmax and their backward's intermediates)."""
+
+    @staticmethod
+    def forward(ctx, z, y, w):
+        acc = _acc_dtype(z.dtype)
+        rows = max(1, SEED_CHUNK // z.shape[-1])
+        seed = torch.empty_like(z)
+        nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
+        for lo in range(0, z.shape[0], rows):
+            hi = min(lo + rows, z.shape[0])
+            log_p = torch.log_softmax(z[lo:hi], -1, dtype=acc)
+            yc = y[lo:hi, None]
+            nll[lo:hi] = log_p.gather(-1, yc)[:, 0].neg_()
+            p = log_p.exp_()
+            p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=acc))
+            torch.mul(p, w[lo:hi, None], out=seed[lo:hi])
+        ctx.save_for_backward(z, w)
+        ctx.mark_non_differentiable(nll)
+        return seed, nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the outer backward is the last one
+    def backward(ctx, g, _unused):
+        z, w = ctx.saved_tensors
+        acc = _acc_dtype(z.dtype)
+        rows = max(1, SEED_CHUNK // z.shape[-1])
+        out = torch.empty_like(z)
+        for lo in range(0, z.shape[0], rows):
+            hi = min(lo + rows, z.shape[0])
+            p = torch.softmax(z[lo:hi], -1, dtype=acc)
+            pg = p * g[lo:hi]  # in acc (g promoted as read)
+            pg.addcmul_(p, pg.sum(-1, keepdim=True), value=-1)  # p ⊙ (g − p·g)
+            torch.mul(pg, w[lo:hi, None], out=out[lo:hi])
+        return out, None, None
+
+
+def next_token_seed(logits: torch.Tensor, labels: torch.Tensor, scale: float):
+    """``scale · dL/dlogits`` ``[rows, Tc, V]`` and the per-task inner loss ``[B]`` (detached).
+
+    L = Σ_b context_loss (the mean next-token NLL over each task's scored tokens, as in
+    ``inner.context_loss``); labels ``[B, n, Tc]``, logits ``[B*n, Tc, V]``."""
+    b = labels.shape[0]
+    v = logits.shape[-1]
+    target = torch.full_like(labels, -100)
+    target[..., :-1] = labels[..., 1:]
+    mask = target != -100
+    count = mask.reshape(b, -1).sum(-1).clamp(min=1)
+    acc = _acc_dtype(logits.dtype)
+    w = mask.to(acc) * (scale / count.to(acc)).view(b, *[1] * (labels.dim() - 1))
+    seed, nll = NextTokenSeed.apply(
+        logits.reshape(-1, v), target.clamp(min=0).reshape(-1), w.reshape(-1)
+    )
+    loss = (nll.view(b, -1) * mask.reshape(b, -1)).sum(-1) / count
+    return seed.view(logits.shape), loss
