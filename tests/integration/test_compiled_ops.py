@@ -6,7 +6,8 @@ import torch
 
 from raymeta.meta import fused
 from raymeta.meta.inner import InnerSpec
-from tests.unit import test_fastweights as fw
+from tests.unit import fastweights_models as fw
+from tests.unit import test_fused_ops
 
 
 @pytest.mark.integration
@@ -16,8 +17,8 @@ def test_compiled_bodies_are_exact(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(fused, "COMPILE", True)
-    for op in fw.OPS:  # value, VJP and its derivative against torch's own ops, float64
-        fw.test_fused_op_matches_torch(op)
+    for op in test_fused_ops.OPS:  # value, VJP and its derivative against torch's own ops, float64
+        test_fused_ops.test_fused_op_matches_torch(op)
     for build in (fw.llama_tied, fw.qwen3):
         model = build()
         ctx, q = fw.batch(2)

@@ -18,7 +18,7 @@ import torch
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec
 from raymeta.meta.step import MetaBatch
-from tests.unit.test_fastweights import MODELS, batch
+from tests.unit.fastweights_models import MODELS, batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 

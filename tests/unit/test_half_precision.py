@@ -16,7 +16,7 @@ import torch
 
 from raymeta.meta import fastweights, reference
 from raymeta.meta.inner import InnerSpec
-from tests.unit.test_fastweights import (
+from tests.unit.fastweights_models import (
     ZERO,
     all_names,
     batch,
