@@ -131,7 +131,7 @@ def test_embedded_defaults_are_the_quick_start_config():
     "mode, spec_value", [("none", False), ("vjp", "vjp"), ("forward", "forward")]
 )
 def test_checkpoint_inner_reaches_the_inner_spec(mode, spec_value):
-    from raymeta.meta.fastweights import checkpoint_mode
+    from raymeta.meta.fastweights.checkpoint import checkpoint_mode
     from raymeta.outer import inner_spec
     from tests.helpers import tiny_llama
 
