@@ -20,6 +20,7 @@ GPU is at hand (RESULTS.md relates it to the H100 profile).
     python bench/op_census.py --shape llama-1b --meta-batch 16 --ctx 192 --query 32
     python bench/op_census.py ... --variants fused,unfused,vjp --top 15
     python bench/op_census.py ... --family gemma --variants fused,unfused
+    python bench/op_census.py ... --variants fused --sites 20   # which code moves the bytes
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import collections
 import contextlib
 import json
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -80,13 +82,16 @@ VARIANTS = {
 
 
 class Census(TorchDispatchMode):
-    """Counts aten calls, matmul FLOPs and the bytes other calls read and write."""
+    """Counts aten calls, matmul FLOPs and the bytes other calls read and write (and, with
+    ``sites``, the bytes and calls per (op, ``call_site``))."""
 
-    def __init__(self):
+    def __init__(self, sites: bool = False):
         super().__init__()
         self.calls = 0
         self.flops = 0
         self.bytes: collections.Counter = collections.Counter()
+        self.site_bytes: collections.Counter | None = collections.Counter() if sites else None
+        self.site_calls: collections.Counter = collections.Counter()
 
     def totals(self) -> tuple[int, int, int]:
         """(calls, matmul FLOPs, bytes) so far."""
@@ -102,8 +107,40 @@ class Census(TorchDispatchMode):
             a, b = args[-2], args[-1]
             self.flops += 2 * a.numel() * b.shape[-1]
         else:
-            self.bytes[name] += moved_bytes(func, args, kwargs or {}, out)
+            moved = moved_bytes(func, args, kwargs or {}, out)
+            self.bytes[name] += moved
+            if self.site_bytes is not None:
+                key = (name, call_site())
+                self.site_bytes[key] += moved
+                self.site_calls[key] += 1
         return out
+
+
+SITE_ROOTS = ("transformers/", "torch/nn/", "torch/optim/", "bench/")
+"""Where ``call_site`` looks for the code that made a call after this project's package."""
+
+
+def call_site() -> str:
+    """Where the running aten call comes from: the innermost frame of raymeta's code (a
+    Function's forward or backward, a hook), else, while autograd's engine runs a node of
+    its own, ``autograd: <node>`` (the node's formula, or summing its output into the input
+    of a node that gets several: a gradient accumulation), else the innermost frame of
+    transformers, ``torch.nn``, ``torch.optim`` or these benchmarks; as ``path:line
+    (function)``."""
+    stack = traceback.extract_stack()[:-2]  # (without this function and the dispatch)
+    found: dict[str, str] = {}
+    for frame in reversed(stack):
+        path = frame.filename.replace("\\", "/")
+        if "/raymeta/" in path:
+            return f"{path[path.rindex('/raymeta/') + 1 :]}:{frame.lineno} ({frame.name})"
+        if path.endswith("torch/autograd/graph.py"):
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                return f"autograd: {node.name()}"
+        for root in SITE_ROOTS:
+            if root in path and root not in found:
+                found[root] = f"{path[path.rindex(root) :]}:{frame.lineno} ({frame.name})"
+    return next((found[root] for root in SITE_ROOTS if root in found), "elsewhere")
 
 
 WRITE_ONLY = frozenset({"copy_", "fill_", "zero_"})
@@ -181,7 +218,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
             p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        counted = Census()
+        counted = Census(sites=bool(args.sites))
         with counted:
             meta_backward(model, engine, spec, batch, micro)  # meta_loss without .item()
             meta = counted.totals()
@@ -203,6 +240,15 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
         "optimizer_calls": calls - meta[0],
         "optimizer_gb_per_task": (total - meta[2]) / b / 1e9,
         "top": {k: round(v / b / 1e9, 3) for k, v in counted.bytes.most_common(args.top)},
+        "sites": [  # the call sites moving the most bytes
+            {
+                "op": key[0],
+                "site": key[1],
+                "gb_per_task": v / b / 1e9,
+                "calls": counted.site_calls[key],
+            }
+            for key, v in (counted.site_bytes or collections.Counter()).most_common(args.sites)
+        ],
     }
 
 
@@ -272,10 +318,30 @@ def parse(argv=None):
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     p.add_argument("--top", type=positive, default=4, help="ops with the most bytes to list")
+    p.add_argument(
+        "--sites",
+        type=positive,
+        default=0,
+        help="also list the N call sites (code lines, or autograd nodes) moving the most bytes",
+    )
     p.add_argument("--json", type=json_path, default="", help="also write the rows to this file")
     args = p.parse_args(argv)
     distinct(p, "--variants", args.variants.split(","), list(VARIANTS))
     return args
+
+
+def sites_table(row: dict) -> str:
+    """The row's ``sites`` as a table: GB/task, calls per step, op, where."""
+    out = [
+        f"{row['variant']} ({row['family']}, meta-batch {row['meta_batch']}): the call sites "
+        f"moving the most bytes, of {figure(row['gb_per_task'])} GB/task",
+        "",
+        "| GB/task | calls/step | op | where |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in row["sites"]:
+        out.append(f"| {figure(r['gb_per_task'])} | {r['calls']} | {r['op']} | {r['site']} |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -283,9 +349,11 @@ def main(argv=None):
     rows = []
     for variant in args.variants.split(","):
         row = census(args, variant, args.meta_batch)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "sites"}), flush=True)
         rows.append(row)
     print(table(rows))
+    for row in rows if args.sites else []:
+        print(f"\n{sites_table(row)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -141,3 +141,30 @@ def test_op_census_counts_what_each_call_reads_and_writes():
         opt.step()
     assert counted.bytes["_fused_adamw_"] - 4 == 7 * 4000  # + its step counter, read
     assert counted.calls == 2  # the counter's increment and the fused kernel
+
+
+@pytest.mark.integration
+def test_op_census_names_the_call_sites_that_move_the_bytes(capsys):
+    """``--sites``: every byte the census counts is put down to a call site, this project's
+    code first (the fused ops' bodies), then autograd's own nodes (formulas and gradient
+    accumulations), then the libraries and the benchmark; the sites are listed by bytes."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import op_census
+
+    tiny = ["--shape", "tiny", "--dtype", "float32", "--ctx", "12", "--query", "8"]
+    row = op_census.census(op_census.parse([*tiny, "--sites", "100000"]), "fused", 4)
+    sites = row["sites"]
+    assert sum(s["gb_per_task"] for s in sites) == pytest.approx(row["gb_per_task"], rel=1e-12)
+    where = {s["site"].split(":")[0] for s in sites}
+    assert "elsewhere" not in where, where
+    assert {"raymeta/meta/fused.py", "raymeta/meta/attention.py", "bench/graph_step.py"} <= where
+    assert "torch/optim/adam.py" in where  # the fused AdamW step
+    accumulations = [s for s in sites if s["op"] == "add" and s["site"].startswith("autograd: ")]
+    assert accumulations and all(s["calls"] > 0 for s in accumulations)
+    gbs = [s["gb_per_task"] for s in sites]
+    assert gbs == sorted(gbs, reverse=True)
+    op_census.main([*tiny, "--meta-batch", "4", "--variants", "fused", "--sites", "3"])
+    printed = capsys.readouterr().out
+    assert "the call sites moving the most bytes" in printed
+    listed = printed.split("| GB/task | calls/step | op | where |")[1].strip().splitlines()
+    assert len(listed) == 1 + 3, listed  # the rule under the head, then 3 rows
