@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -116,8 +118,37 @@ class Census(TorchDispatchMode):
         return out
 
 
-SITE_ROOTS = ("transformers/", "torch/nn/", "torch/optim/", "bench/")
-"""Where ``call_site`` looks for the code that made a call after this project's package."""
+@functools.cache
+def site_dirs() -> list[tuple[int, Path, Path]]:
+    """(rank, directory, the base its paths are shown from) of the code ``call_site`` names:
+    0 raymeta's package, 1 transformers, ``torch.nn`` and ``torch.optim``, 2 these benchmarks
+    (by where they are installed, not by their paths' names: a checkout may be named
+    raymeta)."""
+    import transformers
+
+    import raymeta
+
+    def top(module) -> Path:
+        return Path(os.path.realpath(module.__file__)).parent
+
+    torch_base = top(torch).parent
+    return [
+        (0, top(raymeta), top(raymeta).parent),
+        (1, top(transformers), top(transformers).parent),
+        (1, top(torch.nn), torch_base),
+        (1, top(torch.optim), torch_base),
+        (2, Path(os.path.realpath(__file__)).parent, Path(os.path.realpath(__file__)).parents[1]),
+    ]
+
+
+@functools.cache
+def source_of(filename: str) -> tuple[int, str] | None:
+    """(rank, path shown) of a frame's file in ``site_dirs``, or None (other code)."""
+    path = Path(os.path.realpath(filename))
+    for rank, folder, base in site_dirs():
+        if path.is_relative_to(folder):
+            return rank, path.relative_to(base).as_posix()
+    return None
 
 
 def call_site() -> str:
@@ -125,22 +156,21 @@ def call_site() -> str:
     Function's forward or backward, a hook), else, while autograd's engine runs a node of
     its own, ``autograd: <node>`` (the node's formula, or summing its output into the input
     of a node that gets several: a gradient accumulation), else the innermost frame of
-    transformers, ``torch.nn``, ``torch.optim`` or these benchmarks; as ``path:line
+    transformers, ``torch.nn`` or ``torch.optim``, else of these benchmarks; as ``path:line
     (function)``."""
-    stack = traceback.extract_stack()[:-2]  # (without this function and the dispatch)
-    found: dict[str, str] = {}
-    for frame in reversed(stack):
-        path = frame.filename.replace("\\", "/")
-        if "/raymeta/" in path:
-            return f"{path[path.rindex('/raymeta/') + 1 :]}:{frame.lineno} ({frame.name})"
-        if path.endswith("torch/autograd/graph.py"):
+    engine = os.path.realpath(torch.autograd.graph.__file__)
+    found: dict[int, str] = {}
+    for frame in reversed(traceback.extract_stack()[:-2]):  # (not this function, the dispatch)
+        source = source_of(frame.filename)
+        if source is not None and source[0] == 0:
+            return f"{source[1]}:{frame.lineno} ({frame.name})"
+        if source is None and os.path.realpath(frame.filename) == engine:
             node = torch._C._current_autograd_node()
             if node is not None:
                 return f"autograd: {node.name()}"
-        for root in SITE_ROOTS:
-            if root in path and root not in found:
-                found[root] = f"{path[path.rindex(root) :]}:{frame.lineno} ({frame.name})"
-    return next((found[root] for root in SITE_ROOTS if root in found), "elsewhere")
+        if source is not None and source[0] not in found:
+            found[source[0]] = f"{source[1]}:{frame.lineno} ({frame.name})"
+    return found[min(found)] if found else "elsewhere"
 
 
 WRITE_ONLY = frozenset({"copy_", "fill_", "zero_"})
