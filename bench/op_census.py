@@ -143,8 +143,11 @@ def site_dirs() -> list[tuple[int, Path, Path]]:
 
 @functools.cache
 def source_of(filename: str) -> tuple[int, str] | None:
-    """(rank, path shown) of a frame's file in ``site_dirs``, or None (other code)."""
+    """(rank, path shown) of a frame's file in ``site_dirs``, (-1, "") for autograd's engine
+    (``torch.autograd.graph``), or None (other code)."""
     path = Path(os.path.realpath(filename))
+    if path == Path(os.path.realpath(torch.autograd.graph.__file__)):
+        return -1, ""
     for rank, folder, base in site_dirs():
         if path.is_relative_to(folder):
             return rank, path.relative_to(base).as_posix()
@@ -158,17 +161,16 @@ def call_site() -> str:
     of a node that gets several: a gradient accumulation), else the innermost frame of
     transformers, ``torch.nn`` or ``torch.optim``, else of these benchmarks; as ``path:line
     (function)``."""
-    engine = os.path.realpath(torch.autograd.graph.__file__)
     found: dict[int, str] = {}
     for frame in reversed(traceback.extract_stack()[:-2]):  # (not this function, the dispatch)
         source = source_of(frame.filename)
         if source is not None and source[0] == 0:
             return f"{source[1]}:{frame.lineno} ({frame.name})"
-        if source is None and os.path.realpath(frame.filename) == engine:
+        if source is not None and source[0] == -1:
             node = torch._C._current_autograd_node()
             if node is not None:
                 return f"autograd: {node.name()}"
-        if source is not None and source[0] not in found:
+        if source is not None and source[0] > 0 and source[0] not in found:
             found[source[0]] = f"{source[1]}:{frame.lineno} ({frame.name})"
     return found[min(found)] if found else "elsewhere"
 
