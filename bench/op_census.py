@@ -3,7 +3,8 @@
 Runs the same outer step as ``meta_step.py`` (LG meta-loss, backward, grad-norm clip, AdamW)
 on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes only), so any shape
 (the Llama-3.2-1B one included) runs on any machine (about a minute on 2 CPU cores for the
-1B shape), and counts every aten call below autograd (forward, create_graph inner backward, outer backward, optimizer):
+1B shape), and counts every aten call below autograd (forward, create_graph inner backward,
+outer backward, optimizer):
 
 * ``calls/step``: aten calls other than views (each is one kernel launch on a GPU);
 * ``GFLOP/task``: of mm / bmm / addmm / baddbmm;
@@ -132,12 +133,13 @@ def site_dirs() -> list[tuple[int, Path, Path]]:
         return Path(os.path.realpath(module.__file__)).parent
 
     torch_base = top(torch).parent
+    bench = Path(os.path.realpath(__file__)).parent
     return [
         (0, top(raymeta), top(raymeta).parent),
         (1, top(transformers), top(transformers).parent),
         (1, top(torch.nn), torch_base),
         (1, top(torch.optim), torch_base),
-        (2, Path(os.path.realpath(__file__)).parent, Path(os.path.realpath(__file__)).parents[1]),
+        (2, bench, bench.parent),
     ]
 
 
@@ -164,14 +166,17 @@ def call_site() -> str:
     found: dict[int, str] = {}
     for frame in reversed(traceback.extract_stack()[:-2]):  # (not this function, the dispatch)
         source = source_of(frame.filename)
-        if source is not None and source[0] == 0:
-            return f"{source[1]}:{frame.lineno} ({frame.name})"
-        if source is not None and source[0] == -1:
+        if source is None:
+            continue
+        rank, shown = source
+        if rank == -1:
             node = torch._C._current_autograd_node()
             if node is not None:
                 return f"autograd: {node.name()}"
-        if source is not None and source[0] > 0 and source[0] not in found:
-            found[source[0]] = f"{source[1]}:{frame.lineno} ({frame.name})"
+        elif rank == 0:
+            return f"{shown}:{frame.lineno} ({frame.name})"
+        else:
+            found.setdefault(rank, f"{shown}:{frame.lineno} ({frame.name})")
     return found[min(found)] if found else "elsewhere"
 
 

@@ -285,14 +285,14 @@ def rms_grad(x, r, dn):
 def rms_second(x, r, dn, a, need_x: bool, need_dn: bool):
     """``RMSNormaliseGrad``'s backward (formulas in its docstring): (∂/∂x, ∂/∂dn) or None.
     In r's dtype (a narrower x, dn and a are read in it)."""
-    xr, dr, a = narrowed(x, r.dtype), narrowed(dn, r.dtype), narrowed(a, r.dtype)
+    xr, dr = narrowed(x, r.dtype), narrowed(dn, r.dtype)
+    a = a.to(r.dtype) if need_x else narrowed(a, r.dtype)  # (need_x: a ⊙ dn in r's dtype)
     n = xr * r
     big_a = (a * n).mean(-1, keepdim=True)
     gx = gdn = None
     if need_dn:
         gdn = product(torch.addcmul(a, n, big_a, value=-1), r, dn.dtype)
     if need_x:
-        a = a.to(r.dtype)
         big_b = (dr * n).mean(-1, keepdim=True)
         big_c = (a * dr).mean(-1, keepdim=True)
         gx = n.mul_(big_a * big_b * 3 - big_c).addcmul_(big_a, dr, value=-1)
@@ -377,8 +377,8 @@ def skipped_norms(modules):
 
     For norms whose output a forward hook rebuilds from the input anyway
     (``fastweights.hooks.Hooks`` builds ``(w + Δw) · rms_normalise(x)``): the module's own
-    normalisation would be computed and discarded. Nests (a module skipped already is left alone); ``rms_dtype`` still sees
-    the forward that was replaced."""
+    normalisation would be computed and discarded. Nests (a module skipped already is left
+    alone); ``rms_dtype`` still sees the forward that was replaced."""
     patched = []
     for m in modules:
         forward = m.__dict__.get("forward")
