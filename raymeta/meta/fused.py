@@ -52,8 +52,27 @@ RECOMPILE_LIMIT = 64
 dtypes, broadcast shapes); past it, new variants run eagerly (same values)."""
 
 
+_EAGER = 0
+"""Open ``eager`` blocks: the bodies run uncompiled while any is."""
+
+
+@contextlib.contextmanager
+def eager():
+    """The bodies run uncompiled in this block, ``COMPILE`` or not: the eligibility probe's,
+    whose torch-function mode, watching every call, would be traced into each compiled body
+    with a guard on the identity of its input (one more compile per call, each dead with its
+    input)."""
+    global _EAGER
+    _EAGER += 1
+    try:
+        yield
+    finally:
+        _EAGER -= 1
+
+
 def compilable(fn):
-    """``fn``, run through ``torch.compile`` (compiled on first use) while ``COMPILE``.
+    """``fn``, run through ``torch.compile`` (compiled on first use) while ``COMPILE`` (and no
+    ``eager`` block is open).
 
     Tensor arguments are passed detached (the bodies run inside autograd Functions, without
     grad mode), so that whether they require grad does not make another variant."""
@@ -62,7 +81,7 @@ def compilable(fn):
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not COMPILE:
+        if not COMPILE or _EAGER:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
@@ -303,8 +322,18 @@ def rms_second(x, r, dn, a, need_x: bool, need_dn: bool):
 def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a ⊙ b`` (broadcast) computed in the inputs' promoted dtype and written in ``dtype``:
     one pass, where ``(a * b).to(dtype)`` writes and reads a product in the wider dtype."""
-    shape = torch.broadcast_shapes(a.shape, b.shape)
+    shape = broadcast(a.shape, b.shape)
     return torch.mul(a, b, out=torch.empty(shape, dtype=dtype, device=a.device))
+
+
+def broadcast(s: torch.Size, t: torch.Size) -> tuple:
+    """The broadcast of two shapes that broadcast (``torch.broadcast_shapes`` validates them
+    in Python at ~20 µs a call, a host cost per product on a GPU; the op itself checks)."""
+    if s == t:
+        return tuple(s)
+    n = max(len(s), len(t))
+    s, t = (1,) * (n - len(s)) + tuple(s), (1,) * (n - len(t)) + tuple(t)
+    return tuple(i if j == 1 else j for i, j in zip(s, t))
 
 
 class RMSNormalise(torch.autograd.Function):

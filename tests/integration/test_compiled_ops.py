@@ -29,3 +29,26 @@ def test_compiled_bodies_are_exact(monkeypatch):
     assert counters["stats"]["unique_graphs"] >= 10, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
+
+
+@pytest.mark.integration
+def test_the_probe_runs_the_bodies_uncompiled(monkeypatch):
+    """The eligibility probe watches every call through a torch-function mode, which
+    torch.compile would trace into each body with a guard on its input's identity: one more
+    compile per call, dead with its input. The probe runs the bodies eagerly; the engine's
+    passes after it compile them."""
+    from torch._dynamo.utils import counters
+
+    from raymeta.meta import fastweights
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(fused, "COMPILE", True)
+    model = fw.llama_tied()
+    spec = InnerSpec(lr=0.5, names=fw.all_names(model))
+    assert fastweights.ineligibility(model, spec) is None
+    assert not counters["stats"]["unique_graphs"], dict(counters["stats"])
+    ctx, q = fw.batch(1)
+    fw.run(fastweights, model, spec, ctx, q)
+    assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
+    torch._dynamo.reset()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils._pytree
 
 from raymeta.data.batches import Tokens
+from raymeta.meta import fused
 from raymeta.meta.experts import run_experts
 from raymeta.meta.fastweights.calls import (
     METADATA_CALLS,
@@ -226,7 +227,7 @@ def probe(model, uses: list[Use]) -> Findings:
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with torch.enable_grad(), reads:
+        with torch.enable_grad(), reads, fused.eager():  # (the mode is not traced)
             call(model, Tokens(ids, torch.ones_like(ids)))  # as the engine's passes call it
     finally:
         for h in handles:
