@@ -18,10 +18,19 @@ It is a model, not a timing: fusion inside a kernel and cache reuse are invisibl
 a Function's Python overhead is not counted. Use it to compare engines and op sets where no
 GPU is at hand (RESULTS.md relates it to the H100 profile).
 
+The ``compiled`` and ``compiled-vjp`` variants count the calls of ``fused.BODIES`` (the bodies
+that ``fused.COMPILE`` runs through ``torch.compile``: the fused ops', the rotary's, the logit
+gradient's) as inductor compiles them: each distinct call compiled once, on the CPU, for
+real tensors of its shapes, strides and dtypes; its kernels' reads and writes by inductor's
+own count (``compiled_cost``; about a minute for the 1B shape). Inductor's C++ backend stands
+in for its Triton one, whose fusion decisions are alike in the main but not in every detail:
+a model of what compiling saves on a GPU, to be checked by ``meta_step.py --compile-ops``.
+
     python bench/op_census.py --shape llama-1b --meta-batch 16 --ctx 192 --query 32
     python bench/op_census.py ... --variants fused,unfused,vjp --top 15
     python bench/op_census.py ... --family gemma --variants fused,unfused
     python bench/op_census.py ... --variants fused --sites 20   # which code moves the bytes
+    python bench/op_census.py ... --variants fused,compiled    # the bodies compiled, or not
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from meta_step import (  # noqa: E402
     random_batch,
 )
 
+from raymeta.meta import fused  # noqa: E402
 from raymeta.meta.engines import select_engine  # noqa: E402
 from raymeta.meta.fastweights import ops as fastweights_ops  # noqa: E402
 from raymeta.meta.inner import InnerSpec  # noqa: E402
@@ -74,14 +84,19 @@ FREE = frozenset(
 )
 """Calls that move no data (views, allocations, metadata queries, profiler marks)."""
 
+FUSED = {"FUSED_OPS": True, "ATTENTION": "fused"}
+UNFUSED = {"FUSED_OPS": False, "ATTENTION": None}
 VARIANTS = {
-    "reference": ("reference", {}, False),
-    "fused": ("fastweights", {"FUSED_OPS": True, "ATTENTION": "fused"}, False),
-    "unfused": ("fastweights", {"FUSED_OPS": False, "ATTENTION": None}, False),
-    "vjp": ("fastweights", {"FUSED_OPS": True, "ATTENTION": "fused"}, "vjp"),
-    "unfused-vjp": ("fastweights", {"FUSED_OPS": False, "ATTENTION": None}, "vjp"),
+    "reference": ("reference", {}, False, False),
+    "fused": ("fastweights", FUSED, False, False),
+    "unfused": ("fastweights", UNFUSED, False, False),
+    "vjp": ("fastweights", FUSED, "vjp", False),
+    "unfused-vjp": ("fastweights", UNFUSED, "vjp", False),
+    "compiled": ("fastweights", FUSED, False, True),
+    "compiled-vjp": ("fastweights", FUSED, "vjp", True),
 }
-"""name → (engine, fastweights switches, checkpoint_inner)."""
+"""name → (engine, fastweights switches, checkpoint_inner, bodies compiled: the calls of
+``fused.BODIES`` counted as inductor's kernels for them, ``compiled_cost``)."""
 
 
 class Census(TorchDispatchMode):
@@ -95,6 +110,8 @@ class Census(TorchDispatchMode):
         self.bytes: collections.Counter = collections.Counter()
         self.site_bytes: collections.Counter | None = collections.Counter() if sites else None
         self.site_calls: collections.Counter = collections.Counter()
+        self.inside = 0  # > 0 while a body to be counted compiled runs (``counting_bodies``)
+        self.bodies: collections.Counter = collections.Counter()  # (body, arguments) → calls
 
     def totals(self) -> tuple[int, int, int]:
         """(calls, matmul FLOPs, bytes) so far."""
@@ -103,8 +120,8 @@ class Census(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in FREE:
-            return out
+        if name in FREE or (self.inside and name not in MATMULS):
+            return out  # (a compiled body's other calls are its kernels, ``add_compiled``)
         self.calls += 1
         if name in MATMULS:
             a, b = args[-2], args[-1]
@@ -117,6 +134,105 @@ class Census(TorchDispatchMode):
                 self.site_bytes[key] += moved
                 self.site_calls[key] += 1
         return out
+
+    def add(self, key: tuple[str, str], moved: int, calls: int) -> None:
+        """``calls`` calls moving ``moved`` bytes, under (op, site) ``key``."""
+        self.calls += calls
+        self.bytes[key[0]] += moved
+        if self.site_bytes is not None:
+            self.site_bytes[key] += moved
+            self.site_calls[key] += calls
+
+
+@contextlib.contextmanager
+def counting_bodies(counted: Census):
+    """While active, each body of ``fused.BODIES`` runs eagerly without its calls counted (but
+    its matmuls, which stay calls of their own when compiled) and each call is kept in
+    ``counted.bodies`` by its arguments (``argument_key``); ``add_compiled`` then counts them
+    as compiled. (The bodies are called by their module's global name: swapped here.)"""
+    swapped = []
+    for run in fused.BODIES:
+
+        def counting(*args, _body=run.__wrapped__):
+            counted.bodies[(_body, tuple(map(argument_key, args)))] += 1
+            counted.inside += 1
+            try:
+                return _body(*args)
+            finally:
+                counted.inside -= 1
+
+        module = sys.modules[run.__module__]
+        swapped.append((module, run.__name__, getattr(module, run.__name__)))
+        setattr(module, run.__name__, counting)
+    try:
+        yield
+    finally:
+        for module, name, run in swapped:
+            setattr(module, name, run)
+    if len(fused.BODIES) != len(swapped):  # a module imported while the step ran: not swapped
+        late = [f"{b.__module__}.{b.__name__}" for b in fused.BODIES[len(swapped) :]]
+        raise RuntimeError(f"bodies imported during the step, counted eagerly: {late}")
+
+
+def argument_key(a) -> tuple:
+    """A body's argument as ``compiled_cost`` rebuilds it: a tensor's shape, strides and dtype,
+    any other value itself."""
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype)
+    return ("value", a)
+
+
+def add_compiled(counted: Census) -> tuple[int, int]:
+    """Counts the body calls ``counting_bodies`` kept as the kernels inductor generates for
+    them (``compiled_cost``, once per distinct arguments); returns the (calls, bytes) added."""
+    before = counted.totals()
+    for (body, key), n in counted.bodies.items():
+        moved, kernels = compiled_cost(body, key)
+        code = body.__code__
+        _, shown = source_of(code.co_filename) or (0, code.co_filename)
+        site = f"{shown}:{code.co_firstlineno} ({body.__name__}, compiled)"
+        counted.add(("compiled", site), moved * n, kernels * n)
+    after = counted.totals()
+    return after[0] - before[0], after[2] - before[2]
+
+
+@functools.cache
+def compiled_cost(body, key: tuple) -> tuple[int, int]:
+    """(bytes, kernels) of ``body`` compiled by inductor for arguments ``key`` (on the CPU,
+    ``dynamic=False``, random values), by inductor's own count: each generated kernel's
+    reads and writes, each buffer once (``GraphLowering.count_bytes``); its matmuls are left
+    out (the census counts them as calls and FLOPs). The CPU backend's fusion decisions stand
+    in for Triton's: a model of what ``fused.COMPILE`` saves on a GPU, not a measurement."""
+    import logging
+
+    import torch._inductor.config
+    from torch._inductor import compile_fx, metrics
+
+    def value(k):
+        if k[0] == "value":
+            return k[1]
+        t = torch.empty_strided(k[1], k[2], dtype=k[3])
+        return t.normal_() if t.is_floating_point() else t.zero_()  # (ids: valid indices)
+
+    log = compile_fx.inductor_metrics_log  # counts only when it is on (prints nothing: INFO)
+    level = log.level
+    log.setLevel(logging.INFO)
+    torch._dynamo.reset()
+    metrics.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):  # (a cached graph: no count)
+            torch.compile(body, dynamic=False)(*map(value, key))
+        nodes = [
+            (n, num * 4)  # (bytes // 4 per node)
+            for n, num in metrics.nodes_num_elem
+            if getattr(getattr(n.node, "op_overload", None), "overloadpacket", None) is None
+            or n.node.op_overload.overloadpacket.__name__ not in MATMULS
+        ]
+    finally:
+        log.setLevel(level)
+        torch._dynamo.reset()
+        metrics.reset()
+    return sum(b for _, b in nodes), sum(1 for _, b in nodes if b)
 
 
 @functools.cache
@@ -241,7 +357,7 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
     """One outer step of ``variant`` at meta-batch ``b`` (AdamW's state already made),
     counted (on fake tensors, or on real ones on the CPU: the same counts, which the tests
     check)."""
-    engine_name, values, ckpt = VARIANTS[variant]
+    engine_name, values, ckpt, compiled = VARIANTS[variant]
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     with FakeTensorMode() if fake else contextlib.nullcontext(), switches(values):
@@ -256,11 +372,14 @@ def census(args, variant: str, b: int, fake: bool = True) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         counted = Census(sites=bool(args.sites))
-        with counted:
+        with counted, counting_bodies(counted) if compiled else contextlib.nullcontext():
             meta_backward(model, engine, spec, batch, micro)  # meta_loss without .item()
-            meta = counted.totals()
+        meta = counted.totals()
+        with counted:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
+    added = add_compiled(counted)  # (on real tensors: outside the fake mode)
+    meta = (meta[0] + added[0], meta[1], meta[2] + added[1])
     calls, flops, total = counted.totals()
     return {
         "variant": variant,

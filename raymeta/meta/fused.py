@@ -40,17 +40,23 @@ experts, ...: a scan of transformers 5.23), each fused when its forward has this
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 COMPILE = False
-"""Run the bodies of the fused ops' Functions (here, in ``attention`` and ``rotary``) through
-``torch.compile`` (dynamic shapes, one graph each): each body's chain of elementwise calls
-becomes a few generated kernels (Triton on a GPU, C++ on a CPU), fewer launches and fewer
-passes over memory. Off by default: exact on CPU (tests), GPU speed not yet measured
-(``bench/meta_step.py --compile-ops``). The first call of each body compiles it (seconds)."""
+"""Run the bodies of the fused ops' Functions (here, in ``attention`` and ``rotary``, and of the
+inner loss's logit gradient, ``fastweights.seed``) through ``torch.compile`` (dynamic shapes,
+one graph each): each body's chain of elementwise calls becomes a few generated kernels
+(Triton on a GPU, C++ on a CPU), fewer launches and fewer passes over memory. Off by default:
+exact on CPU (tests), GPU speed not yet measured (``bench/meta_step.py --compile-ops``). The
+first call of each body compiles it (seconds)."""
 
 
 RECOMPILE_LIMIT = 64
 """Variants of one body ``torch.compile`` may build (which gradients are None or wanted,
 dtypes, broadcast shapes); past it, new variants run eagerly (same values)."""
 
+
+BODIES: list = []
+"""Every ``compilable`` body (its wrapper, whose ``__wrapped__`` is the body), in definition
+order; each is called through its module's global name (``bench/op_census.py`` swaps them to
+count the bodies compiled)."""
 
 _EAGER = 0
 """Open ``eager`` blocks: the bodies run uncompiled while any is."""
@@ -86,9 +92,15 @@ def compilable(fn):
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        config = torch._dynamo.config  # (set and reset: ``config.patch`` costs ~20 µs a call)
+        limit = config.recompile_limit
+        config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+        try:
             return compiled(*args)
+        finally:
+            config.recompile_limit = limit
 
+    BODIES.append(run)
     return run
 
 

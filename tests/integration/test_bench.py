@@ -168,3 +168,35 @@ def test_op_census_names_the_call_sites_that_move_the_bytes(capsys):
     assert "the call sites moving the most bytes" in printed
     listed = printed.split("| GB/task | calls/step | op | where |")[1].strip().splitlines()
     assert len(listed) == 1 + 3, listed  # the rule under the head, then 3 rows
+
+
+@pytest.mark.integration
+def test_op_census_counts_the_bodies_as_inductor_compiles_them():
+    """``compiled``: each call of a ``fused.BODIES`` body is counted as the kernels inductor
+    generates for it, by inductor's own count of each kernel's reads and writes; the rest of
+    the step, matmuls included, as in ``fused``. A body fused into one kernel reads its input
+    and writes its outputs once."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import op_census
+
+    from raymeta.meta import fused
+
+    x = torch.empty(4, 8, 64)
+    key = tuple(map(op_census.argument_key, (x, 1e-5, torch.float32)))
+    moved, kernels = op_census.compiled_cost(fused.rms_value.__wrapped__, key)
+    assert (moved, kernels) == (2 * x.nbytes + 4 * 8 * 4, 1)  # x read; n, and r [4, 8, 1]
+
+    tiny = ["--shape", "tiny", "--dtype", "float32", "--ctx", "12", "--query", "8"]
+    args = op_census.parse([*tiny, "--sites", "100000"])
+    eager, compiled = (op_census.census(args, v, 4) for v in ("fused", "compiled"))
+    assert compiled["gflop_per_task"] == eager["gflop_per_task"]  # the matmuls stay
+    assert compiled["calls_per_step"] < eager["calls_per_step"]
+    assert compiled["gb_per_task"] < eager["gb_per_task"]
+    sites = compiled["sites"]
+    assert sum(s["gb_per_task"] for s in sites) == pytest.approx(compiled["gb_per_task"])
+    bodies = {b.__name__ for b in fused.BODIES}
+    counted = {s["site"].split("(")[1].split(",")[0] for s in sites if s["op"] == "compiled"}
+    assert counted == bodies  # the step runs every body, each counted compiled ...
+    eager_calls = [s for s in sites if s["op"] != "compiled" and "(" in s["site"]]
+    left = [s for s in eager_calls if s["site"].split("(")[1][:-1] in bodies | {"product"}]
+    assert not left, left  # ... and none of their calls (nor product's, theirs) eagerly

@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from raymeta.meta import fused, rotary
+from raymeta.meta import attention, fused, rotary
 
 ATTENTION: str | None = "fused"
 """Attention in the engine's passes. "fused" (default): ``raymeta.meta.attention`` (hand-written
@@ -36,8 +36,6 @@ def fused_attention_modules(model) -> frozenset[str]:
     ``attention.modeling_modules``), or empty when ``ATTENTION`` is not "fused"."""
     if ATTENTION != "fused":
         return frozenset()
-    from raymeta.meta import attention
-
     found = _ATTENTION_MODULES.get(model)
     if found is None:
         found = _ATTENTION_MODULES[model] = attention.modeling_modules(model)
@@ -47,8 +45,6 @@ def fused_attention_modules(model) -> frozenset[str]:
 def engine_attention(model) -> str | None:
     """The attention implementation the engine's passes switch ``model`` to (None: keep)."""
     if fused_attention_modules(model):
-        from raymeta.meta import attention
-
         return attention.register()
     p = next(model.parameters(), None)
     if ATTENTION == "eager" and p is not None and p.dtype in (torch.bfloat16, torch.float16):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from raymeta.meta.fused import compilable
+
 SEED_CHUNK = 2**26
 """Elements of one chunk of float32 work over the vocabulary (256 MiB)."""
 
@@ -29,12 +31,7 @@ class NextTokenSeed(torch.autograd.Function):
         nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
         for lo in range(0, z.shape[0], rows):
             hi = min(lo + rows, z.shape[0])
-            log_p = torch.log_softmax(z[lo:hi], -1, dtype=acc)
-            yc = y[lo:hi, None]
-            nll[lo:hi] = log_p.gather(-1, yc)[:, 0].neg_()
-            p = log_p.exp_()
-            p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=acc))
-            torch.mul(p, w[lo:hi, None], out=seed[lo:hi])
+            seed_rows(z[lo:hi], y[lo:hi], w[lo:hi], seed[lo:hi], nll[lo:hi])
         ctx.save_for_backward(z, w)
         ctx.mark_non_differentiable(nll)
         return seed, nll
@@ -43,16 +40,39 @@ class NextTokenSeed(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the outer backward is the last one
     def backward(ctx, g, _unused):
         z, w = ctx.saved_tensors
-        acc = _acc_dtype(z.dtype)
         rows = max(1, SEED_CHUNK // z.shape[-1])
         out = torch.empty_like(z)
         for lo in range(0, z.shape[0], rows):
             hi = min(lo + rows, z.shape[0])
-            p = torch.softmax(z[lo:hi], -1, dtype=acc)
-            pg = p * g[lo:hi]  # in acc (g promoted as read)
-            pg.addcmul_(p, pg.sum(-1, keepdim=True), value=-1)  # p ⊙ (g − p·g)
-            torch.mul(pg, w[lo:hi, None], out=out[lo:hi])
+            seed_rows_vjp(z[lo:hi], g[lo:hi], w[lo:hi], out[lo:hi])
         return out, None, None
+
+
+@compilable
+def seed_rows(z, y, w, seed, nll):
+    """``NextTokenSeed``'s value on rows z ``[m, V]``, labels y ``[m]``, weights w ``[m]``
+    (acc): writes the seed into ``seed`` ``[m, V]`` (z's dtype) and the NLL into ``nll``
+    ``[m]`` (acc)."""
+    log_p = torch.log_softmax(z, -1, dtype=w.dtype)
+    yc = y[:, None]
+    nll.copy_(log_p.gather(-1, yc)[:, 0]).neg_()
+    if torch.compiler.is_compiling():  # the one-hot as a comparison: all one generated kernel
+        hit = torch.arange(z.shape[-1], device=z.device) == yc  # (a scatter would be another)
+        torch.mul(log_p.exp() - hit.to(w.dtype), w[:, None], out=seed)
+        return
+    p = log_p.exp_()  # eagerly: in place, the one-hot a scatter (one element a row)
+    p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=w.dtype))
+    torch.mul(p, w[:, None], out=seed)
+
+
+@compilable
+def seed_rows_vjp(z, g, w, out):
+    """``NextTokenSeed``'s VJP on rows z ``[m, V]`` for g ``[m, V]``: writes ``w ⊙ (p ⊙ g -
+    p (p·g))`` into ``out`` ``[m, V]`` (z's dtype), computed in w's dtype (acc)."""
+    p = torch.softmax(z, -1, dtype=w.dtype)
+    pg = p * g  # in acc (g promoted as read)
+    pg.addcmul_(p, pg.sum(-1, keepdim=True), value=-1)  # p ⊙ (g − p·g)
+    torch.mul(pg, w[:, None], out=out)
 
 
 def next_token_seed(logits: torch.Tensor, labels: torch.Tensor, scale: float):
