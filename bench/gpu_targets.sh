@@ -9,7 +9,7 @@
 # Needs only torch and transformers (runs on a bare GPU machine from a checkout):
 #   bash bench/gpu_targets.sh [OUT_DIR]      (default bench/gpu; PYTHON=python3)
 #   bash bench/gpu_targets.sh OUT_DIR compile
-#       instead: fastweights with and without --compile-ops (fused.COMPILE) side by side,
+#       instead: fastweights with and without --compile-ops (meta.compile_ops) side by side,
 #       at meta-batch 16 and 32, and 64 with --checkpoint-inner (~6 minutes, compiling included)
 #   bash bench/gpu_targets.sh OUT_DIR graph
 #       (every target's row and the levers in one call: run this first when GPU time is short)

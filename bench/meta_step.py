@@ -570,7 +570,7 @@ def parse(argv=None):
     p.add_argument(
         "--compile-ops",
         action="store_true",
-        help="fastweights: the fused ops' bodies through torch.compile (fused.COMPILE)",
+        help="fastweights: the fused ops' bodies through torch.compile (meta.compile_ops)",
     )
     p.add_argument(
         "--cuda-graph",
@@ -633,10 +633,6 @@ def main(argv=None):
         from raymeta.meta.fastweights import ops
 
         ops.FUSED_OPS = False
-    if args.compile_ops:
-        from raymeta.meta import fused
-
-        fused.COMPILE = True
     if args.fw_attention != "fused":
         from raymeta.meta.fastweights import ops
 
@@ -647,6 +643,7 @@ def main(argv=None):
         steps=args.steps,
         second_order=not args.first_order,
         checkpoint_inner=args.checkpoint_inner,
+        compile_ops=args.compile_ops,
     )
     print(
         f"# torch {torch.__version__}, device {args.device}"

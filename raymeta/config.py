@@ -188,6 +188,13 @@ class MetaConfig:
     recomputes only the inner forward's blocks; ``none`` keeps everything (fastest). Where
     ``vjp`` cannot recompute a model's blocks (they return tuples, take other differentiable
     inputs or run in cycles), ``meta.engine=auto`` runs ``forward`` and says so."""
+    compile_ops: bool = False
+    """Run the fastweights engine's fused ops (attention, gated MLP, RMS normalisation, rotary
+    embedding, the inner loss's logit gradient) through ``torch.compile``: fewer kernels and
+    passes over memory (by ``bench/op_census.py``'s count, about half the step's memory
+    traffic at the 1B shape), exact like the eager ops (tests), GPU speed not yet measured
+    (``bench/meta_step.py --compile-ops``). The first steps compile each op (seconds each;
+    inductor needs a C++ compiler on a CPU, Triton on a GPU)."""
     inner_params: list[str] = field(default_factory=lambda: ["all"])
     """Parameters the inner step updates: ``all`` or substrings of parameter names."""
     contexts_per_update: int = 2
@@ -651,6 +658,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"meta.checkpoint_inner: {cfg.meta.checkpoint_inner!r} needs the fastweights engine "
             "(meta.engine=auto or fastweights); the reference engine has no inner checkpointing",
             "meta.checkpoint_inner",
+        )
+    if cfg.meta.compile_ops and cfg.meta.engine == "reference":
+        raise ConfigError(
+            "meta.compile_ops: true needs the fastweights engine (meta.engine=auto or "
+            "fastweights); the reference engine runs torch's own ops",
+            "meta.compile_ops",
         )
     if cfg.meta.lm_source == "file" and cfg.meta.lm_weight > 0 and not cfg.meta.lm_file:
         raise ConfigError("meta.lm_file: required when meta.lm_source is 'file'", "meta.lm_file")

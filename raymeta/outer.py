@@ -44,6 +44,7 @@ def inner_spec(model, meta, lora=None, lr: float | None = None) -> InnerSpec:
         steps=meta.inner_steps,
         second_order=meta.second_order,
         checkpoint_inner=False if meta.checkpoint_inner == "none" else meta.checkpoint_inner,
+        compile_ops=meta.compile_ops,
     )
 
 
@@ -156,6 +157,8 @@ def train_label(objective: str, engine: Engine, spec: InnerSpec, *parts: str) ->
         inner.append(f"{spec.steps} inner steps")
     if spec.checkpoint_inner and engine.name == "fastweights":  # the reference ignores it
         inner.append(f"checkpoint_inner={engine.checkpoint_inner or spec.checkpoint_inner}")
+    if spec.compile_ops and engine.name == "fastweights":
+        inner.append("compiled ops")
     return f"meta-train {objective} ({', '.join([engine.name, *inner, *parts])})"
 
 

@@ -72,6 +72,10 @@ def select_engine(name: str, model, spec) -> Engine:
             f"[engine] meta.checkpoint_inner={spec.checkpoint_inner} is ignored: the reference "
             "engine has no inner checkpointing"
         )
+    if spec.compile_ops:
+        warn_once(
+            "[engine] meta.compile_ops=true is ignored: the reference engine runs torch's own ops"
+        )
     return Engine("reference", reference.adapt, reference.logits)
 
 

@@ -45,7 +45,8 @@ inner loss's logit gradient, ``fastweights.seed``) through ``torch.compile`` (dy
 one graph each): each body's chain of elementwise calls becomes a few generated kernels
 (Triton on a GPU, C++ on a CPU), fewer launches and fewer passes over memory. Off by default:
 exact on CPU (tests), GPU speed not yet measured (``bench/meta_step.py --compile-ops``). The
-first call of each body compiles it (seconds)."""
+first call of each body compiles it (seconds). Set by each fast-weights ``adapt`` from
+``InnerSpec.compile_ops`` (the job's ``meta.compile_ops``)."""
 
 
 RECOMPILE_LIMIT = 64

@@ -22,6 +22,9 @@ class InnerSpec:
     checkpoint_inner: bool | str = False
     """Activation checkpointing of the inner pass (fast-weights engine only): False, True or
     "vjp" (the inner backward per decoder block), "forward" (the inner forward's blocks)."""
+    compile_ops: bool = False
+    """The fast-weights engine's fused ops through ``torch.compile`` (``fused.COMPILE``, set by
+    each ``adapt``: it holds through the outer backward that follows)."""
 
 
 def check_tasks(queries: Tokens, tasks: int) -> None:

@@ -52,6 +52,11 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
             "meta.checkpoint_inner=vjp meta.engine=reference",
             ["meta.checkpoint_inner", "'vjp'", "fastweights engine"],
         ),
+        (
+            "meta.compile_ops=true meta.engine=reference",
+            ["meta.compile_ops", "fastweights engine"],
+        ),
+        ("meta.compile_ops=sometimes", ["meta.compile_ops", "sometimes"]),
         ("noequals", ["noequals"]),
         ("eval.batch_size=0", ["eval.batch_size", "0", ">= 1"]),
         ("pretrain.batch_size=0", ["pretrain.batch_size", ">= 1"]),

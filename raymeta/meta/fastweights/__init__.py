@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raymeta.data.batches import Tokens
+from raymeta.meta import fused
 from raymeta.meta.fastweights.blocks import inner_step_blocks
 from raymeta.meta.fastweights.checkpoint import Replay, checkpoint_mode, checkpointed_blocks
 from raymeta.meta.fastweights.hooks import Hooks, new_terms
@@ -90,7 +91,8 @@ def inner_forward(model, uses, terms, contexts: Tokens, tasks: int, checkpoint: 
 
 
 def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
-    """``spec.steps`` SGD steps per task on its contexts ``[B, n, Tc]`` (kept as update terms)."""
+    """``spec.steps`` SGD steps per task on its contexts ``[B, n, Tc]`` (kept as update terms;
+    the fused ops compiled or not as ``spec.compile_ops`` says, from here on)."""
     try:
         uses = find_uses(model, spec.names)
     except Ineligible as e:
@@ -98,6 +100,7 @@ def adapt(model, contexts: Tokens, spec: InnerSpec) -> FastState:
     b, n, tc = contexts.input_ids.shape
     flat = contexts.flat()
     state = FastState(uses, {}, b)
+    fused.COMPILE = spec.compile_ops  # (read again by this step's outer backward)
     mode = checkpoint_mode(spec.checkpoint_inner)
     with torch.enable_grad():
         for k in range(spec.steps):
