@@ -222,17 +222,18 @@ def compiled_cost(body, key: tuple) -> tuple[int, int]:
     try:
         with torch._inductor.config.patch(fx_graph_cache=False):  # (a cached graph: no count)
             torch.compile(body, dynamic=False)(*map(value, key))
-        nodes = [
-            (n, num * 4)  # (bytes // 4 per node)
-            for n, num in metrics.nodes_num_elem
-            if getattr(getattr(n.node, "op_overload", None), "overloadpacket", None) is None
-            or n.node.op_overload.overloadpacket.__name__ not in MATMULS
-        ]
+        moved = [num * 4 for n, num in metrics.nodes_num_elem if not matmul(n)]  # (bytes // 4)
     finally:
         log.setLevel(level)
         torch._dynamo.reset()
         metrics.reset()
-    return sum(b for _, b in nodes), sum(1 for _, b in nodes if b)
+    return sum(moved), sum(1 for b in moved if b)  # (no bytes: a view, not a kernel)
+
+
+def matmul(node) -> bool:
+    """Whether an inductor scheduler node is an extern matmul kernel (``MATMULS``)."""
+    op = getattr(getattr(node, "node", None), "op_overload", None)
+    return op is not None and op.overloadpacket.__name__ in MATMULS
 
 
 @functools.cache
