@@ -26,6 +26,7 @@ class NextTokenSeed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, y, w):
         acc = _acc_dtype(z.dtype)
+        w = w.to(acc)  # (the bodies compute in w's dtype)
         rows = max(1, SEED_CHUNK // z.shape[-1])
         seed = torch.empty_like(z)
         nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
