@@ -122,24 +122,22 @@ class Census(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in FREE or (self.inside and name not in MATMULS):
             return out  # (a compiled body's other calls are its kernels, ``add_compiled``)
-        self.calls += 1
         if name in MATMULS:
+            self.calls += 1
             a, b = args[-2], args[-1]
             self.flops += 2 * a.numel() * b.shape[-1]
         else:
-            moved = moved_bytes(func, args, kwargs or {}, out)
-            self.bytes[name] += moved
-            if self.site_bytes is not None:
-                key = (name, call_site())
-                self.site_bytes[key] += moved
-                self.site_calls[key] += 1
+            site = call_site() if self.site_bytes is not None else ""  # (looked up if counted)
+            self.add(name, moved_bytes(func, args, kwargs or {}, out), 1, site)
         return out
 
-    def add(self, key: tuple[str, str], moved: int, calls: int) -> None:
-        """``calls`` calls moving ``moved`` bytes, under (op, site) ``key``."""
+    def add(self, op: str, moved: int, calls: int, site: str) -> None:
+        """``calls`` calls of ``op`` moving ``moved`` bytes, made at ``site`` (kept when sites
+        are counted)."""
         self.calls += calls
-        self.bytes[key[0]] += moved
+        self.bytes[op] += moved
         if self.site_bytes is not None:
+            key = (op, site)
             self.site_bytes[key] += moved
             self.site_calls[key] += calls
 
@@ -191,7 +189,7 @@ def add_compiled(counted: Census) -> tuple[int, int]:
         code = body.__code__
         _, shown = source_of(code.co_filename) or (0, code.co_filename)
         site = f"{shown}:{code.co_firstlineno} ({body.__name__}, compiled)"
-        counted.add(("compiled", site), moved * n, kernels * n)
+        counted.add("compiled", moved * n, kernels * n, site)
     after = counted.totals()
     return after[0] - before[0], after[2] - before[2]
 

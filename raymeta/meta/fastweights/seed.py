@@ -15,6 +15,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def row_chunks(z: torch.Tensor) -> list[slice]:
+    """Slices of z's rows ``[M, V]``, each of at most ``SEED_CHUNK`` elements (one row at least)."""
+    rows = max(1, SEED_CHUNK // z.shape[-1])
+    return [slice(lo, lo + rows) for lo in range(0, z.shape[0], rows)]
+
+
 class NextTokenSeed(torch.autograd.Function):
     """``seed = w ⊙ (softmax(z) - onehot(y))`` per row of z ``[M, V]`` and the rows' NLL ``[M]``.
 
@@ -27,12 +33,10 @@ class NextTokenSeed(torch.autograd.Function):
     def forward(ctx, z, y, w):
         acc = _acc_dtype(z.dtype)
         w = w.to(acc)  # (the bodies compute in w's dtype)
-        rows = max(1, SEED_CHUNK // z.shape[-1])
         seed = torch.empty_like(z)
         nll = torch.empty(z.shape[0], dtype=acc, device=z.device)
-        for lo in range(0, z.shape[0], rows):
-            hi = min(lo + rows, z.shape[0])
-            seed_rows(z[lo:hi], y[lo:hi], w[lo:hi], seed[lo:hi], nll[lo:hi])
+        for s in row_chunks(z):
+            seed_rows(z[s], y[s], w[s], seed[s], nll[s])
         ctx.save_for_backward(z, w)
         ctx.mark_non_differentiable(nll)
         return seed, nll
@@ -41,11 +45,9 @@ class NextTokenSeed(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the outer backward is the last one
     def backward(ctx, g, _unused):
         z, w = ctx.saved_tensors
-        rows = max(1, SEED_CHUNK // z.shape[-1])
         out = torch.empty_like(z)
-        for lo in range(0, z.shape[0], rows):
-            hi = min(lo + rows, z.shape[0])
-            seed_rows_vjp(z[lo:hi], g[lo:hi], w[lo:hi], out[lo:hi])
+        for s in row_chunks(z):
+            seed_rows_vjp(z[s], g[s], w[s], out[s])
         return out, None, None
 
 
