@@ -89,6 +89,31 @@ def cluster_env(temp: Path) -> dict:
     return env
 
 
+# What the job head reads before it hands a submission to the head node's dashboard agent
+# (ray/dashboard/modules/job/job_head.py, `_get_head_node_agent_once`): the head node's id,
+# which the dashboard's node module writes once it sees the node alive, and the agent's
+# address under that id, which the agent writes after its HTTP server is up. Either can lag
+# the servers answering by more than the head's 10 s wait on a busy 2-core machine.
+AGENT_REGISTERED = """
+import sys, time
+from ray._private.ray_constants import (
+    KV_HEAD_NODE_ID_KEY, KV_NAMESPACE_DASHBOARD, KV_NAMESPACE_JOB,
+)
+from ray._raylet import GcsClient
+from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+gcs = GcsClient(address=sys.argv[1])
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    head = gcs.internal_kv_get(KV_HEAD_NODE_ID_KEY, KV_NAMESPACE_JOB)
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{(head or b'').decode()}".encode()
+    if head and gcs.internal_kv_get(key, KV_NAMESPACE_DASHBOARD):
+        sys.exit(0)
+    time.sleep(0.5)
+sys.exit(f"the head node's job agent is not registered in the GCS at {sys.argv[1]}")
+"""
+
+
 def stop_cluster(proc: subprocess.Popen, temp: Path) -> None:
     """Stop the `ray start --block` group, then anything still naming our temp dir."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
@@ -162,8 +187,9 @@ def cluster():
     agent = f"http://127.0.0.1:{agent_ports['dashboard-agent-listen']}"
     try:
         # the dashboard first, then the head node's dashboard agent, which takes job
-        # submissions: on a busy 2-core machine it can come up more than 10 s after the
-        # dashboard, and a submission before then fails with "No available agent"
+        # submissions, then its registration in the GCS: on a busy 2-core machine either
+        # can come more than 10 s after the dashboard, and a submission before then fails
+        # with "No available agent"
         t0 = time.monotonic()
         deadline = t0 + 90
         for url in (address + "/api/version", agent + "/"):
@@ -173,6 +199,13 @@ def cluster():
                     raise RuntimeError(f"ray start: nothing answers at {url}:\n{log}")
                 time.sleep(0.5)
             print(f"cluster: {url} answers after {time.monotonic() - t0:.1f} s")
+        left = max(deadline - time.monotonic(), 1.0)
+        probe = [sys.executable, "-c", AGENT_REGISTERED, f"127.0.0.1:{gcs_port}", str(left)]
+        registered = subprocess.run(probe, env=env, capture_output=True, text=True)
+        if registered.returncode != 0:
+            log = (temp / "ray_start.log").read_text()
+            raise RuntimeError(f"{registered.stderr[-3000:]}\n{log}")
+        print(f"cluster: the job agent is registered after {time.monotonic() - t0:.1f} s")
         env["RAYMETA_TEST_GCS"] = f"127.0.0.1:{gcs_port}"  # for drivers run here
         yield address, env
     finally:
