@@ -184,21 +184,18 @@ def cluster():
         stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash}"
-    agent = f"http://127.0.0.1:{agent_ports['dashboard-agent-listen']}"
     try:
-        # the dashboard first, then the head node's dashboard agent, which takes job
-        # submissions, then its registration in the GCS: on a busy 2-core machine either
-        # can come more than 10 s after the dashboard, and a submission before then fails
-        # with "No available agent"
+        # the dashboard, then the head node's job agent registered in the GCS (after its
+        # HTTP server is up): on a busy 2-core machine that can come more than 10 s after
+        # the dashboard answers, and a submission before then fails with "No available agent"
         t0 = time.monotonic()
         deadline = t0 + 90
-        for url in (address + "/api/version", agent + "/"):
-            while not http_answers(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log = (temp / "ray_start.log").read_text()
-                    raise RuntimeError(f"ray start: nothing answers at {url}:\n{log}")
-                time.sleep(0.5)
-            print(f"cluster: {url} answers after {time.monotonic() - t0:.1f} s")
+        while not http_answers(address + "/api/version"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (temp / "ray_start.log").read_text()
+                raise RuntimeError(f"ray start: nothing answers at {address}:\n{log}")
+            time.sleep(0.5)
+        print(f"cluster: the dashboard answers after {time.monotonic() - t0:.1f} s")
         left = max(deadline - time.monotonic(), 1.0)
         probe = [sys.executable, "-c", AGENT_REGISTERED, f"127.0.0.1:{gcs_port}", str(left)]
         registered = subprocess.run(probe, env=env, capture_output=True, text=True)
