@@ -72,7 +72,13 @@ def skip_shm_build() -> None:
 
 
 def init_engine(model, cfg, world_size: int):
-    """A DeepSpeed engine around ``model`` (the process group must exist, or one process)."""
+    """A DeepSpeed engine around ``model`` (the process group must exist, or one process).
+
+    In one process with no group yet, it starts a one-rank gloo group and destroys it at
+    interpreter exit: a gloo group left to the interpreter's teardown can abort the process
+    after its work is done ("terminate called without an active exception")."""
+    import atexit
+
     import torch.distributed as dist
 
     if not dist.is_initialized() and world_size == 1:
@@ -90,11 +96,20 @@ def init_engine(model, cfg, world_size: int):
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
+        atexit.register(destroy_own_group)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=deepspeed_config(cfg, world_size)
     )
     return engine
+
+
+def destroy_own_group() -> None:
+    """Destroy the process group :func:`init_engine` started, if it is still there."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
