@@ -189,7 +189,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
         checkpoint_inner=spec.checkpoint_inner if engine.name == "fastweights" else False,
         fw_attention=args.fw_attention,
         fused_ops=not args.unfused_ops,
-        compile_ops=args.compile_ops,
+        compile_ops=args.compile_ops and engine.name == "fastweights",  # (its bodies only)
         cuda_graph=graphed,
         inner=args.inner,
         steps=spec.steps,

@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", ["llama", "gemma", "opt", "mixtral"])
-def test_meta_step_benchmark_prints_table_and_json(tmp_path, family):
+@pytest.mark.parametrize(
+    "family, extra",
+    [("llama", []), ("gemma", []), ("opt", []), ("mixtral", []), ("llama", ["--compile-ops"])],
+    ids=["llama", "gemma", "opt", "mixtral", "llama-compiled"],
+)
+def test_meta_step_benchmark_prints_table_and_json(tmp_path, family, extra):
     out = tmp_path / "rows.json"
     cmd = [
         sys.executable,
@@ -43,6 +47,7 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path, family):
         "--graph-memory",
         "--json",
         str(out),
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -55,6 +60,11 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path, family):
     (fast,) = [r for r in rows if r["engine"] == "fastweights"]
     (ref,) = [r for r in rows if r["engine"] == "reference"]
     assert fast["speedup"] == pytest.approx(fast["tasks_per_s"] / ref["tasks_per_s"])
+    # --compile-ops compiles the fast engine's bodies; the reference engine runs none of them
+    compiled = "--compile-ops" in extra
+    assert (fast["compile_ops"], ref["compile_ops"]) == (compiled, False)
+    assert ("| fastweights (compiled ops) |" in proc.stdout) == compiled
+    assert "| reference (compiled ops) |" not in proc.stdout
 
 
 BAD_ARGUMENTS = [
