@@ -176,6 +176,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
     captured as a CUDA graph and replayed (``measure_graphed_row``)."""
     dev = args.device
     vocab = model.config.vocab_size
+    fast = engine.name == "fastweights"  # (the switches below are the fast engine's alone)
     row = dict(
         engine=engine.name,
         shape=args.shape,
@@ -186,10 +187,10 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
         query=query,
         meta_batch=b,
         micro=micro,
-        checkpoint_inner=spec.checkpoint_inner if engine.name == "fastweights" else False,
-        fw_attention=args.fw_attention,
-        fused_ops=not args.unfused_ops,
-        compile_ops=args.compile_ops and engine.name == "fastweights",  # (its bodies only)
+        checkpoint_inner=spec.checkpoint_inner if fast else False,
+        fw_attention=args.fw_attention if fast else None,
+        fused_ops=fast and not args.unfused_ops,
+        compile_ops=fast and args.compile_ops,
         cuda_graph=graphed,
         inner=args.inner,
         steps=spec.steps,

@@ -61,8 +61,11 @@ def test_meta_step_benchmark_prints_table_and_json(tmp_path, family, extra):
     (ref,) = [r for r in rows if r["engine"] == "reference"]
     assert fast["speedup"] == pytest.approx(fast["tasks_per_s"] / ref["tasks_per_s"])
     # --compile-ops compiles the fast engine's bodies; the reference engine runs none of them
+    # (nor the fused ops or the fused attention)
     compiled = "--compile-ops" in extra
     assert (fast["compile_ops"], ref["compile_ops"]) == (compiled, False)
+    assert (fast["fused_ops"], fast["fw_attention"]) == (True, "fused")
+    assert (ref["fused_ops"], ref["fw_attention"]) == (False, None)
     assert ("| fastweights (compiled ops) |" in proc.stdout) == compiled
     assert "| reference (compiled ops) |" not in proc.stdout
 
