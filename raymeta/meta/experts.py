@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
-"""What ``use_experts_implementation`` sets on an experts module: its layout."""
+FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+"""What ``use_experts_implementation`` sets on an experts module: its layout. Newer
+transformers (5.23) also set ``has_post_expert_norm``; 5.17's has no norm after the experts
+and no such flag."""
 
 
 def projections(module: nn.Module) -> tuple[str, str] | None:
@@ -26,7 +28,7 @@ def projections(module: nn.Module) -> tuple[str, str] | None:
     ``up_proj``, ``down_proj``), or None where it is not a transformers experts class this
     code computes (no ``use_experts_implementation`` layout, a norm after each expert, or
     weights that are not ``[E, ., .]`` parameters)."""
-    if not all(hasattr(module, f) for f in FLAGS) or module.has_post_expert_norm:
+    if not all(hasattr(module, f) for f in FLAGS) or getattr(module, "has_post_expert_norm", 0):
         return None
     first = "gate_up_proj" if module.has_gate else "up_proj"
     for name in (first, "down_proj"):
