@@ -503,6 +503,20 @@ def test_experts_with_a_norm_after_each_expert_are_refused():
     assert "does not know" in reason
 
 
+def test_experts_without_the_post_norm_flag_are_known():
+    """transformers 5.17 sets no ``has_post_expert_norm`` (it has no norm after the experts):
+    such experts have the layout of the flag's False; True is refused (above)."""
+    from raymeta.meta import experts as moe
+
+    module = mixtral().model.layers[0].mlp.experts
+    assert moe.projections(module) == ("gate_up_proj", "down_proj")
+    vars(module).pop("has_post_expert_norm", None)  # (5.23's forward reads it: layout only)
+    assert not hasattr(module, "has_post_expert_norm")
+    assert moe.projections(module) == ("gate_up_proj", "down_proj")
+    module.has_post_expert_norm = True
+    assert moe.projections(module) is None
+
+
 def sink_attention(sinks_of):
     """GPT-OSS's eager attention with its sink logits ``[rows, H, T, 1]`` taken by
     ``sinks_of(module, query)`` (GPT-OSS's own: ``module.sinks.reshape(1, -1, 1, 1)`` expanded)."""
