@@ -28,7 +28,7 @@ def projections(module: nn.Module) -> tuple[str, str] | None:
     ``up_proj``, ``down_proj``), or None where it is not a transformers experts class this
     code computes (no ``use_experts_implementation`` layout, a norm after each expert, or
     weights that are not ``[E, ., .]`` parameters)."""
-    if not all(hasattr(module, f) for f in FLAGS) or getattr(module, "has_post_expert_norm", 0):
+    if not all(hasattr(module, f) for f in FLAGS) or getattr(module, "has_post_expert_norm", False):
         return None
     first = "gate_up_proj" if module.has_gate else "up_proj"
     for name in (first, "down_proj"):
