@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -295,8 +296,6 @@ class NormStyle:
     """The class whose code defines the style; classes with the same code share it."""
     methods: tuple[str, ...]
     """The methods whose code must be that class's (``forward``, and ``_norm`` where it has one)."""
-    eps: str
-    """The attribute holding eps ("variance_epsilon" or "eps")."""
     offset: float = 0.0
     """Added to the weight (Gemma, Nemotron: 1)."""
     wide: bool = False
@@ -310,22 +309,17 @@ class NormStyle:
 
 
 NORMS = (
-    NormStyle("llama.modeling_llama", "LlamaRMSNorm", ("forward",), "variance_epsilon"),
-    NormStyle(
-        "gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"), "eps", offset=1.0, wide=True
-    ),
-    NormStyle("olmo2.modeling_olmo2", "Olmo2RMSNorm", ("forward",), "variance_epsilon", wide=True),
-    NormStyle(
-        "helium.modeling_helium", "HeliumRMSNorm", ("forward",), "variance_epsilon", wide=True
-    ),
-    NormStyle("gemma4.modeling_gemma4", "Gemma4RMSNorm", ("forward", "_norm"), "eps", wide=True),
-    NormStyle("moshi.modeling_moshi", "MoshiRMSNorm", ("forward", "_norm"), "eps", wide=True),
-    NormStyle("nanochat.modeling_nanochat", "NanoChatRMSNorm", ("forward", "_norm"), "eps"),
+    NormStyle("llama.modeling_llama", "LlamaRMSNorm", ("forward",)),
+    NormStyle("gemma.modeling_gemma", "GemmaRMSNorm", ("forward", "_norm"), offset=1.0, wide=True),
+    NormStyle("olmo2.modeling_olmo2", "Olmo2RMSNorm", ("forward",), wide=True),
+    NormStyle("helium.modeling_helium", "HeliumRMSNorm", ("forward",), wide=True),
+    NormStyle("gemma4.modeling_gemma4", "Gemma4RMSNorm", ("forward", "_norm"), wide=True),
+    NormStyle("moshi.modeling_moshi", "MoshiRMSNorm", ("forward", "_norm"), wide=True),
+    NormStyle("nanochat.modeling_nanochat", "NanoChatRMSNorm", ("forward", "_norm")),
     NormStyle(
         "cohere.modeling_cohere",
         "CohereLayerNorm",
         ("forward",),
-        "variance_epsilon",
         wide=True,
         centred=True,
     ),
@@ -333,7 +327,6 @@ NORMS = (
         "nemotron.modeling_nemotron",
         "NemotronLayerNorm1P",
         ("forward",),
-        "eps",
         offset=1.0,
         centred=True,
         upcast=False,
@@ -359,8 +352,29 @@ def norm_style(module, weighted: bool = True) -> NormStyle | None:
         return None
     for style in NORMS:
         if copies_code(type(module), style.where, style.name, style.methods):
-            return style if isinstance(getattr(module, style.eps, None), float) else None
+            return style if isinstance(norm_eps(module, style), float) else None
     return None
+
+
+EPS_NAMES = ("variance_epsilon", "eps")
+
+
+@functools.cache
+def eps_attribute(style: NormStyle) -> str | None:
+    """The attribute holding eps in the installed transformers' code of ``style``'s class: the
+    one of ``EPS_NAMES`` its methods read (transformers 5.25 renamed Gemma 4's and NanoChat's
+    ``eps`` to ``variance_epsilon``), or None (no such class, or not exactly one name read)."""
+    ref = reference_class(style.where, style.name)
+    codes = [getattr(getattr(ref, m, None), "__code__", None) for m in style.methods]
+    read = {n for c in codes if c is not None for n in c.co_names}
+    found = [n for n in EPS_NAMES if n in read]
+    return found[0] if len(found) == 1 else None
+
+
+def norm_eps(module, style: NormStyle):
+    """The eps of norm ``module`` of ``style`` (None where it has none)."""
+    name = eps_attribute(style)
+    return None if name is None else getattr(module, name, None)
 
 
 def normalise(x: torch.Tensor, eps: float, centred: bool) -> torch.Tensor:
@@ -377,7 +391,7 @@ def norm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
     weight, such as Gemma 4's ``with_scale=False``)."""
     style = norm_style(self, weighted=False)
     dtype = torch.promote_types(x.dtype, torch.float32)
-    h = normalise(x.to(dtype), getattr(self, style.eps), style.centred)
+    h = normalise(x.to(dtype), norm_eps(self, style), style.centred)
     if getattr(self, "weight", None) is None:
         return h.to(x.dtype)
     if style.wide:
@@ -385,9 +399,29 @@ def norm_full_precision(self, x: torch.Tensor) -> torch.Tensor:
     return (style.offset + self.weight) * h.to(x.dtype)
 
 
-def _code(f) -> tuple | None:
+def _code(f, depth: int = 0) -> tuple | None:
+    """``f``'s code with that of the functions it closes over, so that a decorator's wrapper is
+    known by the function it wraps too; None where f is not a function. A module called as a
+    function is known by its class's ``forward``, unless the instance has a forward of its own:
+    with the ``kernels`` package installed (transformers 5.25 requires it), transformers' hub
+    decorators make ``apply_rotary_pos_emb`` such a module, and an attention class's
+    ``forward`` a wrapper around its own code, the same wrapper for every class."""
+    if isinstance(f, torch.nn.Module):
+        if "forward" in f.__dict__:  # (a kernel put on the instance)
+            return None
+        f = type(f).forward
     c = getattr(f, "__code__", None)
-    return None if c is None else (c.co_code, c.co_names, c.co_consts, c.co_varnames)
+    if c is None or depth > 8:
+        return None
+    inner = []
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if inspect.isfunction(v) or isinstance(v, torch.nn.Module):
+            inner.append(_code(v, depth + 1))
+    return (c.co_code, c.co_names, c.co_consts, c.co_varnames, tuple(inner))
 
 
 def same_code(f, g) -> bool:
@@ -400,11 +434,19 @@ def same_code(f, g) -> bool:
 def copies_code(t: type, where: str, name: str, methods: tuple[str, ...]) -> bool:
     """Whether class ``t``'s ``methods`` have the code of transformers' ``where.name``'s (False
     when that class does not exist in the installed transformers)."""
-    try:
-        ref = getattr(importlib.import_module(f"transformers.models.{where}"), name)
-    except (ImportError, AttributeError):
+    ref = reference_class(where, name)
+    if ref is None:
         return False
     return all(same_code(getattr(ref, m, None), getattr(t, m, None)) for m in methods)
+
+
+def reference_class(where: str, name: str) -> type | None:
+    """transformers' class ``where.name`` (``where`` under ``transformers.models``), or None when
+    the installed transformers has none."""
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{where}"), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 LINEARS = (("falcon.modeling_falcon", "FalconLinear"),)  # x @ weight.T (+ bias)

@@ -232,7 +232,7 @@ def test_norms_are_known_by_their_code_not_their_name():
     from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-    from raymeta.models import keep_float64, norm_style
+    from raymeta.models import keep_float64, norm_eps, norm_style
 
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     cases = (
@@ -268,7 +268,7 @@ def test_norms_are_known_by_their_code_not_their_name():
             continue
         with torch.no_grad():
             h = x - x.mean(-1, keepdim=True) if found.centred else x
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(norm, found.eps))
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps(norm, found))
             exact = (found.offset + norm.weight) * h
             exact = exact if getattr(norm, "bias", None) is None else exact + norm.bias
         torch.testing.assert_close(after, exact, rtol=1e-14, atol=0)
@@ -477,3 +477,47 @@ def test_sliding_window_and_head_norms_are_exercised():
     for m in (windowed, model):
         assert fastweights.ops.engine_attention(m) == attention.NAME
         assert fastweights.ineligibility(m, InnerSpec(0.5, all_names(m))) is None
+
+
+def test_code_is_compared_through_hub_kernel_wrappers():
+    """With the ``kernels`` package (transformers 5.25 requires it), transformers' decorators
+    turn a function into a module called as one, and wrap a class's ``forward`` in a wrapper
+    whose code is the same for every class: functions are still told apart by their own code,
+    and a module whose instance carries a kernel is not known."""
+    from kernels import use_kernel_forward_from_hub, use_kernelized_func
+
+    from raymeta.models import same_code
+
+    def plus(x):
+        return x + 1
+
+    def plus_copy(x):
+        return x + 1
+
+    def times(x):
+        return x * 2
+
+    hub = use_kernel_forward_from_hub("raymeta_test")
+    f, f_copy, g = hub(plus), hub(plus_copy), hub(times)
+    assert isinstance(f, nn.Module)
+    assert same_code(f, f_copy)
+    assert not same_code(f, g)
+
+    def forward_plus(self, x):
+        return f(x)
+
+    def forward_times(self, x):
+        return g(x)
+
+    def made(forward):
+        return use_kernelized_func(f)(type("M", (nn.Module,), {"forward": forward}))
+
+    a, a_copy, b = made(forward_plus), made(forward_plus), made(forward_times)
+    assert same_code(a.forward, a_copy.forward)
+    assert not same_code(a.forward, b.forward)  # one wrapper's code, different wrapped code
+    x = torch.ones(2)
+    assert torch.equal(a()(x), x + 1) and torch.equal(b()(x), 2 * x)
+
+    kernelized = hub(plus)
+    kernelized.forward = times  # what a kernel put on the instance looks like
+    assert not same_code(kernelized, f)

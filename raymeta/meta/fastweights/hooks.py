@@ -27,7 +27,7 @@ from raymeta.meta.fastweights.terms import (
     vector_delta,
 )
 from raymeta.meta.fastweights.uses import ROW_MAJOR, Use, flattened, layout_problem
-from raymeta.models import embedding_scale, normalise
+from raymeta.models import embedding_scale, norm_eps, normalise
 
 
 @dataclass
@@ -252,11 +252,11 @@ class Hooks:
         does ``hook``)."""
         m, style = use.module, use.style
         if type(m) is nn.LayerNorm or (style and style.centred and not style.upcast):
-            eps = m.eps if type(m) is nn.LayerNorm else getattr(m, style.eps)
+            eps = m.eps if type(m) is nn.LayerNorm else norm_eps(m, style)
             return F.layer_norm(x, x.shape[-1:], None, None, eps)
         acc = self.acc(use, x.dtype)
         if acc is not None:
-            eps = getattr(m, style.eps)
+            eps = norm_eps(m, style)
             if style.centred:  # Cohere's: with its forward's operations
                 nx = normalise(x.to(acc), eps, centred=True)
                 return nx if style.wide else nx.to(x.dtype)
