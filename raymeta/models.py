@@ -333,10 +333,10 @@ NORMS = (
     ),
 )
 """The norm styles the fast-weights engine computes (besides ``nn.LayerNorm``). transformers
-copies each class under other names (by a scan of transformers 5.23: Llama's into Mistral,
-Qwen, Phi-3, Granite, ..., 140 classes; Gemma's into Gemma 2-3, VaultGemma, Qwen3-Next,
-Qwen3.5, 13; OLMo-2's (``weight * n(x)`` in float32) into OLMo-3, FlexOlmo, GPT-OSS, 11;
-Helium's (the same, the weight cast first) into Nemotron-H, 3; Gemma 4's (``n`` by
+copies each class under other names (by a scan of transformers 5.25: Llama's into Mistral,
+Qwen, Phi-3, Granite, ..., 144 classes; Gemma's into Gemma 2-3, VaultGemma, Qwen3-Next,
+Qwen3.5, 13; OLMo-2's (``weight * n(x)`` in float32) into OLMo-3, FlexOlmo, GPT-OSS, 12;
+Helium's (the same, the weight cast first) into Nemotron-H, 4; Gemma 4's (``n`` by
 ``pow(·, -0.5)``, a ``with_scale`` switch) into Gemma 3n, 8; Moshi's into Kyutai's
 speech-to-text, 2; Cohere's LayerNorm (no bias, in float32) into Cohere 2; Nemotron's
 ``F.layer_norm`` with ``1 + weight`` and a bias). NanoChat's has no weight (nothing to

@@ -187,7 +187,7 @@ ATTENTION_CODES = (
 """Attention modules that call their interface as ``f(self, q, k, v, mask, scaling=..., ...)``
 with q ``[B, H, T, D]`` and k, v ``[B, H_kv, S, D]`` (``num_key_value_groups`` = H / H_kv)
 after Llama's rotary embedding. transformers copies them into 40 classes (Gemma, Granite,
-Mixtral, Qwen2/3-MoE, PhiMoE, MiniMax, ...: a scan of transformers 5.23); see
+Mixtral, Qwen2/3-MoE, PhiMoE, MiniMax, ...: a scan of transformers 5.23 and 5.25); see
 :func:`fused_attention_class`. Not Gemma 3's (Qwen3's with its q/k norms after the
 transpose): with this attention's bf16 matmuls the tiny Gemma 3's bf16 meta-gradient was
 2.2x as far from the float64 one as the reference engine's (0.102 against 0.046), where its

@@ -34,8 +34,8 @@ from raymeta.models import copies_code, norm_full_precision
 
 GATED_MLP = ("llama.modeling_llama", "LlamaMLP")
 """The MLP whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; transformers
-copies it into 134 classes (Mistral, Qwen, Gemma 1-4, Granite, OLMo, Cohere, MoE models' shared
-experts, ...: a scan of transformers 5.23), each fused when its forward has this one's code."""
+copies it into 138 classes (Mistral, Qwen, Gemma 1-4, Granite, OLMo, Cohere, MoE models' shared
+experts, ...: a scan of transformers 5.25; 134 in 5.23), each fused when its forward has this one's code."""
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
