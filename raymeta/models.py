@@ -425,7 +425,8 @@ def _code(f, depth: int = 0) -> tuple | None:
 
 
 def same_code(f, g) -> bool:
-    """Whether functions ``f`` and ``g`` have the same code (False if either is not one)."""
+    """Whether functions ``f`` and ``g`` have the same code, and so have the functions they close
+    over (``_code``; False if either is not a function)."""
     code = _code(f)
     return code is not None and code == _code(g)
 
