@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymeta.data.batches import Tokens  # noqa: E402
 from raymeta.meta.engines import Engine, select_engine  # noqa: E402
+from raymeta.meta.fastweights import ops  # noqa: E402
 from raymeta.meta.inner import InnerSpec  # noqa: E402
 from raymeta.meta.step import MetaBatch, meta_loss  # noqa: E402
 
@@ -171,16 +172,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def attention_run(model) -> str:
-    """The attention the fast engine's passes run on ``model``: "fused" (``raymeta.meta.attention``,
-    for the attention classes it knows), "eager", or the model's own implementation ("sdpa")."""
-    from raymeta.meta import attention
-    from raymeta.meta.fastweights import ops
-
-    impl = ops.engine_attention(model)
-    return "fused" if impl == attention.NAME else impl or model.config._attn_implementation
-
-
 def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, graphed=False):
     """One table row (dict); out-of-memory becomes a row with an error. ``graphed``: the step
     captured as a CUDA graph and replayed (``measure_graphed_row``)."""
@@ -198,7 +189,7 @@ def measure(model, opt, engine, spec, args, b, ctx, query, micro, n_params, grap
         meta_batch=b,
         micro=micro,
         checkpoint_inner=spec.checkpoint_inner if fast else False,
-        fw_attention=attention_run(model) if fast else None,
+        fw_attention=ops.attention_run(model) if fast else None,
         fused_ops=fast and not args.unfused_ops,
         compile_ops=fast and args.compile_ops,
         cuda_graph=graphed,
@@ -641,12 +632,8 @@ def main(argv=None):
     opt = outer_optimizer(model, capturable=bool(args.cuda_graph))
     names = inner_names(model, args.inner)
     if args.unfused_ops:
-        from raymeta.meta.fastweights import ops
-
         ops.FUSED_OPS = False
     if args.fw_attention != "fused":
-        from raymeta.meta.fastweights import ops
-
         ops.ATTENTION = None if args.fw_attention == "model" else args.fw_attention
     spec = InnerSpec(
         lr=1e-3,
@@ -660,15 +647,11 @@ def main(argv=None):
         f"# torch {torch.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
         + f", {n_params / 1e6:.1f}M parameters, {len(names)} inner tensors"
-        + f", fastweights attention: {attention_run(model)}",
+        + f", fastweights attention: {ops.attention_run(model)}",
         flush=True,
     )
-    if args.fw_attention == "fused" and attention_run(model) != "fused":
-        print(
-            "# the fused attention does not know this model's attention classes: the fast "
-            "engine's passes run the model's own",
-            flush=True,
-        )
+    if unknown := ops.unfused_attention(model):
+        print(f"# the fused attention does not know {unknown}: the fast engine runs its own")
     results = []
     for ctx in args.ctx:
         for b in args.meta_batch:

@@ -44,6 +44,7 @@ def select_engine(name: str, model, spec) -> Engine:
     if reason is None:
         from raymeta.meta import fastweights
 
+        warn_unfused_attention(model)
         return Engine("fastweights", fastweights.adapt, fastweights.logits)
     if name == "fastweights":
         raise InputError(
@@ -65,6 +66,7 @@ def select_engine(name: str, model, spec) -> Engine:
                 spec = dataclasses.replace(spec, checkpoint_inner="forward")
                 return fastweights.adapt(model, contexts, spec)
 
+            warn_unfused_attention(model)
             return Engine("fastweights", adapt, fastweights.logits, "forward")
     warn_once(f"[engine] meta.engine=auto: using the reference engine because {reason}")
     if spec.checkpoint_inner:
@@ -77,6 +79,20 @@ def select_engine(name: str, model, spec) -> Engine:
             "[engine] meta.compile_ops=true is ignored: the reference engine runs torch's own ops"
         )
     return Engine("reference", reference.adapt, reference.logits)
+
+
+def warn_unfused_attention(model) -> None:
+    """Say (once) when the fast-weights engine's passes run the model's own attention, slower,
+    because the fused attention does not know its attention classes (exact either way)."""
+    from raymeta.meta.fastweights import ops
+
+    unknown = ops.unfused_attention(model)
+    if unknown:
+        warn_once(
+            f"[engine] fast-weights engine: its passes run the model's own attention "
+            f"({ops.attention_run(model)}), not the fused one, which knows Llama-style "
+            f"attention classes only (not {unknown}); exact, but slower"
+        )
 
 
 WARNED: set[str] = set()

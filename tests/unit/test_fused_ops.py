@@ -521,3 +521,29 @@ def test_code_is_compared_through_hub_kernel_wrappers():
     kernelized = hub(plus)
     kernelized.forward = times  # what a kernel put on the instance looks like
     assert not same_code(kernelized, f)
+
+
+def test_the_engine_says_when_its_passes_run_the_models_own_attention(caplog, monkeypatch):
+    """Selecting the fast-weights engine for a model whose attention the fused one does not know
+    (GPT-2's) says so once, naming the class and what runs instead; for Llama's it says nothing,
+    nor when the model's own attention was asked for (``ATTENTION`` None)."""
+    import logging
+
+    from raymeta.meta.engines import select_engine
+
+    llama, other = llama_tied(), gpt2()
+    with caplog.at_level(logging.WARNING, logger="raymeta.meta"):
+        spec = InnerSpec(lr=0.5, names=all_names(llama))
+        assert select_engine("auto", llama, spec).name == "fastweights"
+        assert not caplog.records
+        spec = InnerSpec(lr=0.5, names=all_names(other))
+        assert select_engine("auto", other, spec).name == "fastweights"
+        assert select_engine("fastweights", other, spec).name == "fastweights"  # said once
+    (record,) = caplog.records
+    own = other.config._attn_implementation
+    assert fastweights.ops.attention_run(other) == own
+    assert f"run the model's own attention ({own})" in record.getMessage()
+    assert "not GPT2Attention" in record.getMessage()
+    assert fastweights.ops.attention_run(llama) == "fused"
+    monkeypatch.setattr(fastweights.ops, "ATTENTION", None)
+    assert fastweights.ops.unfused_attention(other) is None

@@ -52,6 +52,24 @@ def engine_attention(model) -> str | None:
     return None
 
 
+def attention_run(model) -> str:
+    """The attention the engine's passes run on ``model``: "fused" (``raymeta.meta.attention``),
+    "eager", or the model's own implementation ("sdpa", ...)."""
+    impl = engine_attention(model)
+    own = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return "fused" if impl == attention.NAME else impl or own or "the model's own"
+
+
+def unfused_attention(model) -> str | None:
+    """Why the passes do not run the fused attention on ``model`` though ``ATTENTION`` asks for
+    it: the attention classes it does not know (None: it runs, or is not asked for)."""
+    if ATTENTION != "fused" or attention_run(model) == "fused":
+        return None
+    kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    unknown = sorted(k.__name__ for k in kinds if not attention.fused_attention_class(k))
+    return ", ".join(unknown) or "no attention module found"
+
+
 @contextlib.contextmanager
 def attention_for(model):
     """While active, ``model``'s SDPA / eager attention is ``engine_attention(model)`` (and, with
