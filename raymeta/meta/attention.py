@@ -245,11 +245,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+def attention_kinds(model) -> set[type]:
+    """The classes of ``model``'s attention modules (by name: ``...Attention``)."""
+    return {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+
+
 def modeling_modules(model) -> frozenset[str]:
     """The transformers modules defining ``model``'s attention classes when all of them are ones
     ``attention_forward`` computes (their rotary function is ``rotary``'s to replace); empty
     when the model has other attention modules, or none."""
-    kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    kinds = attention_kinds(model)
     if not kinds or not all(fused_attention_class(k) for k in kinds):
         return frozenset()
     return frozenset(k.__module__ for k in kinds)

@@ -65,7 +65,7 @@ def unfused_attention(model) -> str | None:
     it: the attention classes it does not know (None: it runs, or is not asked for)."""
     if ATTENTION != "fused" or attention_run(model) == "fused":
         return None
-    kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    kinds = attention.attention_kinds(model)
     unknown = sorted(k.__name__ for k in kinds if not attention.fused_attention_class(k))
     return ", ".join(unknown) or "no attention module found"
 
