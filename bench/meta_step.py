@@ -650,8 +650,6 @@ def main(argv=None):
         + f", fastweights attention: {ops.attention_run(model)}",
         flush=True,
     )
-    if unknown := ops.unfused_attention(model):
-        print(f"# the fused attention does not know {unknown}: the fast engine runs its own")
     results = []
     for ctx in args.ctx:
         for b in args.meta_batch:
