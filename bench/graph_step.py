@@ -3,9 +3,11 @@
 At meta-batch 16 the eager fast-weights step on an H100 is bound by the host issuing its
 ~8,200 kernel launches (bench/RESULTS.md); replaying a captured graph issues them from the
 GPU. Capture needs a step that never waits for the GPU on the host: no ``.item()``, no
-``nonzero``, no copy from host memory. ``host_syncs`` finds such calls on any device (the tests
-run it on CPU), and ``measure_graphed`` refuses, naming the call and where it came from,
-before trying to capture a step that has one.
+``nonzero``, no copy from host memory. ``host_syncs`` finds such calls on any device, and
+``measure_graphed`` refuses, naming the call and where it came from, before trying to capture
+a step that has one. The tests run it on the CPU, where the reads show, and on the meta device,
+which stands in for the GPU: every tensor off the host, so a copy from host memory shows too
+(on the CPU it is no copy at all).
 
 The graphed step is ``sync_free_step``: the same LG meta-loss, backward, grad-norm clip and
 AdamW step as ``meta_step.outer_step``, without the meta-loss's logging reads. AdamW must be
@@ -23,6 +25,7 @@ import traceback
 
 import torch
 from meta_step import slice_batch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raymeta.meta.inner import double_backward_attention
@@ -46,6 +49,28 @@ SYNCS = frozenset(
 """aten calls whose result the host must read from the device (each stops a capture)."""
 
 
+HOST_DATA = (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor)
+"""Constructors from Python data: on a device, a copy from host memory that the dispatcher
+does not see (``HostData`` watches them)."""
+
+
+class HostRead(RuntimeError):
+    """A host read that the device cannot do (the meta device's ``.item()``), once named."""
+
+
+def devices(*trees) -> str:
+    """The devices of the tensors in ``trees``, sorted: ``"cpu, cuda:0"``."""
+    leaves = torch.utils._pytree.tree_leaves(trees)
+    return ", ".join(sorted({str(t.device) for t in leaves if isinstance(t, torch.Tensor)}))
+
+
+def record(found: dict, key: str) -> None:
+    """Keeps the first Python stack (outside torch) that made the call ``key``."""
+    if key not in found:
+        stack = traceback.format_stack()[:-2]
+        found[key] = "".join(s for s in stack if "torch/" not in s)[-1500:]
+
+
 class HostSyncs(TorchDispatchMode):
     """Records the calls of ``SYNCS`` and copies between devices, each with its Python stack."""
 
@@ -54,25 +79,52 @@ class HostSyncs(TorchDispatchMode):
         self.found: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in SYNCS or name in ("_to_copy", "copy_"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
-            devices = {t.device for t in leaves if isinstance(t, torch.Tensor)}
-            if name in SYNCS or len(devices) > 1:
-                key = f"{name} ({', '.join(sorted(map(str, devices)))})"
-                if key not in self.found:
-                    stack = traceback.format_stack()[:-1]
-                    self.found[key] = "".join(s for s in stack if "torch/" not in s)[-1500:]
+        if name in SYNCS:  # named before it runs: where the device cannot read (meta), it raises
+            key = f"{name} ({devices(args, kwargs)})"
+            record(self.found, key)
+            try:
+                return func(*args, **(kwargs or {}))
+            except RuntimeError as e:
+                if "meta" not in key:
+                    raise
+                raise HostRead(key) from e
+        out = func(*args, **(kwargs or {}))
+        if name in ("_to_copy", "copy_") and "," in (where := devices(args, kwargs, out)):
+            record(self.found, f"{name} ({where})")
         return out
 
 
+class HostData(TorchFunctionMode):
+    """Records tensors made from Python data (``HOST_DATA``) on a device other than the CPU."""
+
+    def __init__(self, found: dict):
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_DATA:
+            device = kwargs.get("device")
+            if device is None and func is torch.Tensor.new_tensor:
+                device = args[0].device
+            if device is not None and torch.device(device).type != "cpu":
+                record(self.found, f"{func.__name__} (cpu, {torch.device(device)})")
+        return func(*args, **kwargs)
+
+
 def host_syncs(fn, *args, **kwargs) -> dict[str, str]:
-    """Runs ``fn(*args, **kwargs)`` and returns its host syncs: call → where (empty if none)."""
-    mode = HostSyncs()
-    with mode:
-        fn(*args, **kwargs)
-    return dict(mode.found)
+    """Runs ``fn(*args, **kwargs)`` and returns its host syncs: call → where (empty if none).
+
+    On a device that cannot read a value on the host (meta), ``fn`` stops at its first read,
+    which is returned."""
+    syncs = HostSyncs()
+    try:
+        with HostData(syncs.found), syncs:
+            fn(*args, **kwargs)
+    except HostRead:
+        pass
+    return dict(syncs.found)
 
 
 def meta_backward(model, engine, spec, batch, micro: int) -> None:

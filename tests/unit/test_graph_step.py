@@ -51,6 +51,24 @@ def test_host_syncs_names_the_read_and_its_caller():
     assert graph_step.host_syncs(lambda: (x * 2).sum()) == {}
 
 
+def test_host_syncs_names_copies_from_host_memory_on_a_device():
+    """On the meta device (the GPU's stand-in: no tensor in host memory) a copy from the host
+    shows, through the dispatcher (``.to``) or from Python data (``torch.tensor``,
+    ``new_tensor``, which the dispatcher does not see); a read, which the meta device cannot
+    do, stops the call and is named; work on the device and a CPU scalar operand are not."""
+    x = torch.ones(3, device="meta")
+    cases = {
+        "_to_copy (cpu, meta)": lambda: torch.arange(3).to("meta"),
+        "tensor (cpu, meta)": lambda: x + torch.tensor([1.0, 2.0, 3.0], device="meta"),
+        "new_tensor (cpu, meta)": lambda: x.new_tensor([1.0]),
+        "_local_scalar_dense (meta)": lambda: (x.sum().item(), torch.arange(3).to("meta")),
+    }
+    for call, fn in cases.items():
+        assert list(graph_step.host_syncs(fn)) == [call]
+    on_device = lambda: x * torch.tensor(2.0) + torch.full((3,), 2.0, device="meta")  # noqa: E731
+    assert graph_step.host_syncs(on_device) == {}
+
+
 @pytest.mark.parametrize("mode", [False, "vjp", "forward"])
 @pytest.mark.parametrize("kind", ["llama_tied", "qwen3", "mistral_window", "lora_adapter"])
 def test_fastweights_step_never_reads_the_device(kind, mode):
@@ -59,6 +77,38 @@ def test_fastweights_step_never_reads_the_device(kind, mode):
     found = graph_step.host_syncs(graph_step.meta_backward, model, engine, spec, meta_batch(3), 2)
     assert found == {}
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode", [False, "vjp", "forward"])
+@pytest.mark.parametrize("kind", ["llama_tied", "qwen3", "lora_adapter", "gemma"])
+def test_fastweights_step_copies_nothing_from_the_host(kind, mode):
+    """The same step on the meta device: no copy from host memory either (on a GPU one stops
+    the capture; on the CPU it is no copy, so the test above cannot see it)."""
+    model, spec, engine = setup(kind, mode, steps=2)
+    model.to("meta")
+    step = (graph_step.meta_backward, model, engine, spec, meta_batch(3).to("meta"), 2)
+    assert graph_step.host_syncs(*step) == {}
+    assert all(p.grad.is_meta for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("engine", ["fastweights", "reference"])
+def test_the_gpu_targets_step_on_the_meta_device(engine):
+    """The step ``gpu_targets.sh`` captures (the bench's Llama in bf16, tiny widths; its fused
+    AdamW and clipping are torch's own) on the meta device: nothing read or copied from the
+    host. The positive control: the reference engine's SDPA mask reads the padding, named."""
+    model = meta_step.build_model("tiny", torch.bfloat16, "meta")
+    spec = InnerSpec(lr=1e-3, names=meta_step.inner_names(model, "all"))
+    chosen = select_engine(engine, model, spec)
+    assert chosen.name == engine
+    batch = meta_step.random_batch(4, 16, 8, model.config.vocab_size, "meta")
+    micro = 4 if engine == "fastweights" else 1
+    found = graph_step.host_syncs(graph_step.meta_backward, model, chosen, spec, batch, micro)
+    if engine == "fastweights":
+        assert found == {}
+        assert all(p.grad.is_meta for p in model.parameters())
+    else:
+        assert list(found) == ["_local_scalar_dense (meta)"]
+        assert "masking_utils" in found["_local_scalar_dense (meta)"]
 
 
 def test_reference_engine_on_sdpa_reads_the_padding_mask():
