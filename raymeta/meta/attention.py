@@ -19,10 +19,11 @@ With P = softmax(S), S = s q kᵀ + mask, and dO the output gradient:
   ∂/∂dO = P a_v + G_dP v.
 
 ``attention_forward`` has the signature of a Hugging Face attention interface; it is
-registered as ``raymeta_fused`` (with the additive float mask of HF's eager attention) and
-selected by ``fastweights.ops.attention_for`` while the engine runs. Calls it cannot take
-exactly (dropout, logit soft-capping, attention sinks) go to HF's eager attention; a sliding window
-is part of the mask Hugging Face builds for this implementation, as for its eager one.
+registered as ``raymeta_fused`` (with the additive float mask of HF's eager attention,
+``additive_mask``) and selected by ``fastweights.ops.attention_for`` while the engine runs.
+Calls it cannot take exactly (dropout, logit soft-capping, attention sinks) go to HF's eager
+attention; a sliding window is part of the mask Hugging Face builds for this implementation,
+as for its eager one.
 """
 
 from __future__ import annotations
@@ -260,12 +261,30 @@ def modeling_modules(model) -> frozenset[str]:
     return frozenset(k.__module__ for k in kinds)
 
 
+def additive_mask(*, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """The mask of HF's eager attention (``masking_utils.eager_mask``), made on its device
+    alone: ``sdpa_mask``'s boolean mask (never skipped as merely causal; the same keyword
+    arguments) as 0 where a query attends and the dtype's min elsewhere, ``[B, 1, T, S]``, or
+    None where no mask is needed. transformers 5.17's ``eager_mask`` makes its 0 from host data
+    (``torch.tensor(0.0, device=...)``): a copy from host memory, which stops a CUDA graph's
+    capture of the step."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    mask = sdpa_mask(**kwargs)
+    if mask is None:
+        return None
+    zero = torch.zeros((), device=mask.device, dtype=dtype)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
 @functools.cache
 def register() -> str:
-    """Register ``attention_forward`` (and HF's eager mask) with transformers (once); the name."""
+    """Register ``attention_forward`` (and its mask, ``additive_mask``) with transformers
+    (once); the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    AttentionMaskInterface.register(NAME, additive_mask)
     return NAME

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raymeta.meta import attention
 from raymeta.meta.engines import select_engine
 from raymeta.meta.inner import InnerSpec
 from raymeta.meta.step import MetaBatch
@@ -199,3 +200,46 @@ def test_cuda_without_a_device_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         meta_step.parse(["--device", "cuda"])
     assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_fused_attention_mask_is_hugging_faces_eager_mask(dtype):
+    """``additive_mask`` (registered for the fused attention) gives HF's eager mask bit for bit
+    (causal, a sliding window, offsets, padding, and no mask where none is needed), made on the
+    mask's device: on the meta device no tensor is made from host data, where transformers
+    5.17's ``eager_mask`` makes its 0 so (a copy that stops a CUDA graph's capture)."""
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        eager_mask,
+        sliding_window_causal_mask_function,
+    )
+
+    padding = torch.ones(2, 7, dtype=torch.bool)
+    padding[1, :2] = False  # row 1 left-padded
+    cases = [
+        dict(mask_function=causal_mask_function, attention_mask=None),
+        dict(mask_function=causal_mask_function, attention_mask=padding),
+        dict(mask_function=sliding_window_causal_mask_function(3), attention_mask=padding),
+        dict(mask_function=causal_mask_function, attention_mask=padding[:, :5], q_offset=2),
+        dict(
+            mask_function=bidirectional_mask_function,
+            attention_mask=None,
+            allow_is_bidirectional_skip=True,
+        ),
+    ]
+    for case in cases:
+        length = 7 if case["attention_mask"] is None else case["attention_mask"].shape[1]
+        q = length - case.get("q_offset", 0)
+        kw = dict(batch_size=2, q_length=q, kv_length=length, dtype=dtype, **case)
+        ours = attention.additive_mask(allow_is_causal_skip=True, device="cpu", **kw)
+        theirs = eager_mask(allow_is_causal_skip=True, device="cpu", **kw)
+        if theirs is None:
+            assert ours is None
+            continue
+        assert ours.dtype == dtype and ours.shape == (2, 1, q, length)
+        assert torch.equal(ours, theirs)
+        assert (ours == 0).any() and (ours == torch.finfo(dtype).min).any()
+        on_meta = case["attention_mask"]
+        meta = dict(kw, attention_mask=None if on_meta is None else on_meta.to("meta"))
+        assert graph_step.host_syncs(attention.additive_mask, device="meta", **meta) == {}
