@@ -3,8 +3,10 @@
 A graph can be captured only from a step that never reads a device value on the host; the
 fast-weights step is such a step (every checkpoint mode, k = 2, padded contexts, LoRA), the
 reference engine on an SDPA model is not (Hugging Face's SDPA mask reads the padding mask),
-and ``host_syncs`` tells them apart. The graphed step is the bench's eager step without its
-logging reads, and the replay check restores parameters and optimizer state exactly.
+and ``host_syncs`` tells them apart. Nor may the step copy from host memory: on the CPU that
+is no copy, so those tests run the step on the meta device, the GPU's stand-in. The graphed
+step is the bench's eager step without its logging reads, and the replay check restores
+parameters and optimizer state exactly.
 """
 
 from __future__ import annotations
