@@ -35,7 +35,9 @@ def meta_batch(n=2, seed=1) -> MetaBatch:
     return MetaBatch(ctx, q, flat, flat)
 
 
-def setup(kind="llama_tied", checkpoint_inner=False, engine="fastweights", steps=1):
+def build_step(kind="llama_tied", checkpoint_inner=False, engine="fastweights", steps=1):
+    """A tiny model, its InnerSpec and engine. (Not named ``setup``: pytest 8.0 calls a
+    module-level ``setup`` with the module before the module's tests, nose-style.)"""
     build, names = MODELS[kind]
     model = build()
     spec = InnerSpec(lr=0.1, names=names(model), steps=steps, checkpoint_inner=checkpoint_inner)
@@ -75,7 +77,7 @@ def test_host_syncs_names_copies_from_host_memory_on_a_device():
 @pytest.mark.parametrize("mode", [False, "vjp", "forward"])
 @pytest.mark.parametrize("kind", ["llama_tied", "qwen3", "mistral_window", "lora_adapter"])
 def test_fastweights_step_never_reads_the_device(kind, mode):
-    model, spec, engine = setup(kind, mode, steps=2)
+    model, spec, engine = build_step(kind, mode, steps=2)
     assert engine.name == "fastweights"
     found = graph_step.host_syncs(graph_step.meta_backward, model, engine, spec, meta_batch(3), 2)
     assert found == {}
@@ -87,7 +89,7 @@ def test_fastweights_step_never_reads_the_device(kind, mode):
 def test_fastweights_step_copies_nothing_from_the_host(kind, mode):
     """The same step on the meta device: no copy from host memory either (on a GPU one stops
     the capture; on the CPU it is no copy, so the test above cannot see it)."""
-    model, spec, engine = setup(kind, mode, steps=2)
+    model, spec, engine = build_step(kind, mode, steps=2)
     model.to("meta")
     step = (graph_step.meta_backward, model, engine, spec, meta_batch(3).to("meta"), 2)
     assert graph_step.host_syncs(*step) == {}
@@ -116,7 +118,7 @@ def test_the_gpu_targets_step_on_the_meta_device(engine):
 
 def test_reference_engine_on_sdpa_reads_the_padding_mask():
     """The positive control: Hugging Face's SDPA mask checks the padding on the host."""
-    model, spec, engine = setup(engine="reference")
+    model, spec, engine = build_step(engine="reference")
     found = graph_step.host_syncs(graph_step.meta_backward, model, engine, spec, meta_batch(), 1)
     assert "_local_scalar_dense (cpu)" in found
     assert "masking_utils" in found["_local_scalar_dense (cpu)"]
@@ -127,7 +129,7 @@ def test_the_bench_optimizer_step_never_reads_the_device():
     the host; the positive control: torch's default (single-tensor) AdamW reads its counter."""
     default = lambda model: torch.optim.AdamW(model.parameters())  # noqa: E731
     for optimizer, reads in ((meta_step.outer_optimizer, False), (default, True)):
-        model, spec, engine = setup()
+        model, spec, engine = build_step()
         opt = optimizer(model)
         graph_step.meta_backward(model, engine, spec, meta_batch(), 2)
         found = graph_step.host_syncs(opt.step)
@@ -140,14 +142,14 @@ def snapshot(model) -> list[torch.Tensor]:
 
 
 def test_sync_free_step_is_the_bench_step():
-    model, spec, engine = setup()
+    model, spec, engine = build_step()
     opt = meta_step.outer_optimizer(model)
     start = snapshot(model)
     meta_step.outer_step(model, opt, engine, spec, meta_batch(), 1)
     meta_step.outer_step(model, opt, engine, spec, meta_batch(seed=2), 2)
     eager = snapshot(model)
 
-    model2, spec2, engine2 = setup()
+    model2, spec2, engine2 = build_step()
     opt2 = meta_step.outer_optimizer(model2)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model2), start))
     for seed, micro in ((1, 1), (2, 2)):
@@ -158,7 +160,7 @@ def test_sync_free_step_is_the_bench_step():
 
 
 def test_check_replay_restores_parameters_and_optimizer_state():
-    model, spec, engine = setup()
+    model, spec, engine = build_step()
     opt = meta_step.outer_optimizer(model)
     static = meta_batch()
 

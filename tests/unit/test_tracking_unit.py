@@ -124,10 +124,19 @@ def test_interrupted_runs_end_killed_and_errors_failed():
 
 
 def test_a_store_mlflow_refuses_is_a_tracking_error_with_the_fixes(tmp_path, monkeypatch):
-    """A bare directory is MLflow's deprecated file store, which it refuses at client creation."""
+    """A bare directory is MLflow's deprecated file store, which it refuses at client creation
+    (MLflow 3.x, ``MLFLOW_ALLOW_FILE_STORE``). MLflow 2.x still keeps runs there: the run is
+    recorded in it."""
+    from mlflow import environment_variables
+
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = str(tmp_path / "mlruns")
+    if not hasattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE"):
+        tracker = start_run(TrackingConfig(tracking_uri=store), default_dir=tmp_path, run_name="r")
+        assert tracker.finish()
+        assert (tmp_path / "mlruns" / tracker.experiment_id / tracker.run_id / "meta.yaml").exists()
+        return
     with pytest.raises(TrackingError) as e:
         start_run(TrackingConfig(tracking_uri=store), default_dir=tmp_path, run_name="r")
     text = str(e.value)
