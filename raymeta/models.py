@@ -186,7 +186,7 @@ def load_model(
             f"model.name_or_path: cannot load {name_or_path!r} ({e}). Offline machines need a "
             "local directory written by save_pretrained, or model.name_or_path=tiny."
         ) from None
-    except ValueError as e:  # e.g. Gemma 2 has no SDPA attention
+    except ValueError as e:  # e.g. GPT-OSS has no SDPA attention (Gemma 2 from transformers 5.21)
         if "attention implementation" not in str(e) or attn_implementation == "eager":
             raise
         why = str(e).split(". ")[0]

@@ -74,7 +74,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "latin1.jsonl").write_bytes((good + '{"context": "caf\xe9", ').encode("latin-1"))
     (tmp_path / "empty_context.jsonl").write_text(good.replace('"a"', '""'))
     (tmp_path / "lm.txt").write_bytes(b"\xff\n")
-    save_tiny(tmp_path / "gemma2", WORDS, "gemma2", attn="eager")  # Gemma 2 has no SDPA attention
+    # GPT-OSS has no SDPA attention in any supported transformers (Gemma 2 lost its in 5.21)
+    save_tiny(tmp_path / "gpt_oss", WORDS, "gpt_oss", attn="eager", num_local_experts=4)
     return {
         "missing_file": (
             ["data.dataset=jsonl", f"data.source={tmp_path / 'missing.jsonl'}"],
@@ -118,7 +119,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "device": (["device=cuda:99"], "device='cuda:99'"),
         "attention_the_model_lacks": (
-            [f"model.name_or_path={tmp_path / 'gemma2'}", "model.attn_implementation=sdpa"],
+            [f"model.name_or_path={tmp_path / 'gpt_oss'}", "model.attn_implementation=sdpa"],
             "model.attn_implementation=sdpa: ",
         ),
         "lora_target": (

@@ -125,8 +125,8 @@ def test_interrupted_runs_end_killed_and_errors_failed():
 
 def test_a_store_mlflow_refuses_is_a_tracking_error_with_the_fixes(tmp_path, monkeypatch):
     """A bare directory is MLflow's deprecated file store, which it refuses at client creation
-    (MLflow 3.x, ``MLFLOW_ALLOW_FILE_STORE``). MLflow 2.x still keeps runs there: the run is
-    recorded in it."""
+    (``MLFLOW_ALLOW_FILE_STORE``, MLflow 3.13 and later). Earlier MLflow still keeps runs
+    there: the run is recorded in it."""
     from mlflow import environment_variables
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
