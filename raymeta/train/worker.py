@@ -18,6 +18,7 @@ sampler position.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -388,7 +389,11 @@ def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
 
     # Let the controller register the checkpoints reported so far (a report is processed
     # asynchronously; a crash right after one may otherwise restart from an older one).
-    ray.train.get_all_reported_checkpoints(timeout_s=30)
+    wait = ray.train.get_all_reported_checkpoints
+    if "timeout_s" in inspect.signature(wait).parameters:
+        wait(timeout_s=30)
+    else:  # older Ray's (2.51, 2.52) takes no time limit: it blocks until they are
+        wait()
     flag.write_text(f"killed pid {os.getpid()} at step {step}\n")
     print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
