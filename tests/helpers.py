@@ -8,6 +8,12 @@ from raymeta.data.batches import Tokens, pad
 from raymeta.models import keep_float64
 
 
+def older_than(module, major: int, minor: int) -> bool:
+    """Whether ``module.__version__`` ("5.17.0", "2.60.0rc1") is before ``major.minor``."""
+    release = tuple(int(v) for v in module.__version__.split(".")[:2])
+    return release < (major, minor)
+
+
 def tiny_llama(
     vocab=48,
     hidden=16,

@@ -380,7 +380,9 @@ def test_a_driver_here_sends_the_token_it_finds(cluster, tmp_path):
     why it failed. (Ray before 2.52 has no token authentication: nothing to send there.)"""
     import ray
 
-    if tuple(int(v) for v in ray.__version__.split(".")[:2]) < (2, 52):
+    from tests.helpers import older_than
+
+    if older_than(ray, 2, 52):
         pytest.skip(f"Ray {ray.__version__} has no token authentication (2.52 added it)")
     _, env = cluster
     code = DRIVER % env["RAYMETA_TEST_GCS"]

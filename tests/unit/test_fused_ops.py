@@ -13,7 +13,7 @@ from torch import nn
 from raymeta.meta import attention, fastweights, fused, reference, rotary
 from raymeta.meta.inner import InnerSpec
 from raymeta.models import NORMS
-from tests.helpers import tiny_llama
+from tests.helpers import older_than, tiny_llama
 from tests.unit.fastweights_models import (
     VOCAB,
     all_names,
@@ -237,8 +237,7 @@ def test_norms_are_known_by_their_code_not_their_name():
 
     # Nemotron-H's norm multiplies by its weight in float32 (Helium's code) from transformers
     # 5.18; 5.17's (the GPU machine's) is a copy of Llama's.
-    old_nemotron_h = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 18)
-    nemotron_h_style = "LlamaRMSNorm" if old_nemotron_h else "HeliumRMSNorm"
+    nemotron_h_style = "LlamaRMSNorm" if older_than(transformers, 5, 18) else "HeliumRMSNorm"
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     cases = (
         (Phi3RMSNorm, "LlamaRMSNorm"),
