@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -237,6 +238,25 @@ def cluster_init(address: str) -> None:
             f"the Ray cluster at {address} did not accept this job's connection ({e}); "
             f"RAY_AUTH_MODE={mode}, {advice}; docs/cluster.md"
         ) from None
+    except RuntimeError as e:
+        if not str(e).startswith("Version mismatch"):
+            raise
+        raise InputError(
+            f"the Ray cluster at {address} runs {describe_version_mismatch(str(e))}; Ray "
+            "requires the same Ray and Python (to the patch release): run the job from the "
+            "environment that started the cluster, or set train.ray_address=local for a "
+            "private instance"
+        ) from None
+
+
+def describe_version_mismatch(message: str) -> str:
+    """One line from Ray's multi-line "Version mismatch" message: "Ray 2.51.0 on Python 3.11.9,
+    this job Ray 2.60.0 on Python 3.11.13" (the message itself, joined, if its form changes)."""
+    found = re.findall(r"Ray: (\S+)\s+Python: (\S+)", message)
+    if len(found) != 2:
+        return " ".join(message.split())
+    (ray_c, py_c), (ray_j, py_j) = found
+    return f"Ray {ray_c} on Python {py_c}, this job Ray {ray_j} on Python {py_j}"
 
 
 @contextlib.contextmanager

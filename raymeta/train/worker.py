@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -392,8 +393,10 @@ def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
     wait = ray.train.get_all_reported_checkpoints
     if "timeout_s" in inspect.signature(wait).parameters:
         wait(timeout_s=30)
-    else:  # older Ray's (2.51, 2.52) takes no time limit: it blocks until they are
-        wait()
+    else:  # Ray 2.51 and 2.52 take no time limit, and 2.51's can block for good: 30 s at most
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(30)
     flag.write_text(f"killed pid {os.getpid()} at step {step}\n")
     print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

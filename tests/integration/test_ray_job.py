@@ -405,3 +405,24 @@ def test_a_driver_here_sends_the_token_it_finds(cluster, tmp_path):
     )
     assert "InputError: the Ray cluster at 127.0.0.1:" in refused.stdout, refused.stderr[-3000:]
     assert "the token this job found" in refused.stdout and "is not the cluster's" in refused.stdout
+
+
+def test_a_driver_of_another_ray_is_told_which_versions_differ(cluster):
+    """A job started with another Ray than the cluster's (another environment on the machine;
+    here the driver's Ray reports another version, the cluster is real) stops with one line
+    that names both versions, not Ray's RuntimeError and traceback."""
+    import ray
+
+    _, env = cluster
+    gcs = env["RAYMETA_TEST_GCS"]
+    code = "import ray\nray.__version__ = '2.0.0'\n" + DRIVER % gcs
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    python = ".".join(map(str, sys.version_info[:3]))
+    expected = (
+        f"InputError: the Ray cluster at {gcs} runs Ray {ray.__version__} on Python {python}, "
+        f"this job Ray 2.0.0 on Python {python}; Ray requires the same Ray and Python"
+    )
+    assert expected in run.stdout, run.stdout + run.stderr[-3000:]
+    assert "train.ray_address=local" in run.stdout

@@ -283,6 +283,27 @@ def test_unreachable_ray_address_is_named(monkeypatch):
         check_ray_address(train(f"127.0.0.1:{listening.getsockname()[1]}"), timeout_s=1.0)
 
 
+def test_a_ray_version_mismatch_reads_as_one_line():
+    """Ray's own multi-line "Version mismatch" message (its real check, with a cluster's
+    metadata from another install) becomes the versions on both sides, in one line."""
+    import sys
+
+    import ray
+    from ray._private.utils import check_version_info
+
+    from raymeta.train.launch import describe_version_mismatch
+
+    with pytest.raises(RuntimeError) as mismatch:
+        check_version_info({"ray_version": "1.0.0", "python_version": "3.9.1"}, "127.0.0.1:9")
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert describe_version_mismatch(str(mismatch.value)) == (
+        f"Ray 1.0.0 on Python 3.9.1, this job Ray {ray.__version__} on Python {python}"
+    )
+    assert describe_version_mismatch("Version mismatch:\n  of another form") == (
+        "Version mismatch: of another form"
+    )
+
+
 def test_a_dashboard_address_is_named_as_one(monkeypatch):
     """The dashboard's address (what `ray job submit` takes) given to a job: an http:// one, or
     its HOST:PORT (a web server answers there, not a GCS), stops the job at once."""
