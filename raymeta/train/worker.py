@@ -18,7 +18,6 @@ sampler position.
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import sys
@@ -389,14 +388,11 @@ def _maybe_fail(fault: dict | None, step: int, rank: int) -> None:
     import ray.train
 
     # Let the controller register the checkpoints reported so far (a report is processed
-    # asynchronously; a crash right after one may otherwise restart from an older one).
-    wait = ray.train.get_all_reported_checkpoints
-    if "timeout_s" in inspect.signature(wait).parameters:
-        wait(timeout_s=30)
-    else:  # Ray 2.51 and 2.52 take no time limit, and 2.51's can block for good: 30 s at most
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
-        waiter.join(30)
+    # asynchronously; a crash right after one may otherwise restart from an older one). At
+    # most 30 s: Ray 2.51's call takes no time limit and can block for good.
+    waiter = threading.Thread(target=ray.train.get_all_reported_checkpoints, daemon=True)
+    waiter.start()
+    waiter.join(30)
     flag.write_text(f"killed pid {os.getpid()} at step {step}\n")
     print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import secrets
 import signal
@@ -419,7 +420,7 @@ def test_a_driver_of_another_ray_is_told_which_versions_differ(cluster):
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
     )
-    python = ".".join(map(str, sys.version_info[:3]))
+    python = platform.python_version()
     expected = (
         f"InputError: the Ray cluster at {gcs} runs Ray {ray.__version__} on Python {python}, "
         f"this job Ray 2.0.0 on Python {python}; Ray requires the same Ray and Python"

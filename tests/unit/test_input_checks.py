@@ -286,7 +286,7 @@ def test_unreachable_ray_address_is_named(monkeypatch):
 def test_a_ray_version_mismatch_reads_as_one_line():
     """Ray's own multi-line "Version mismatch" message (its real check, with a cluster's
     metadata from another install) becomes the versions on both sides, in one line."""
-    import sys
+    import platform
 
     import ray
     from ray._private.utils import check_version_info
@@ -295,7 +295,7 @@ def test_a_ray_version_mismatch_reads_as_one_line():
 
     with pytest.raises(RuntimeError) as mismatch:
         check_version_info({"ray_version": "1.0.0", "python_version": "3.9.1"}, "127.0.0.1:9")
-    python = ".".join(map(str, sys.version_info[:3]))
+    python = platform.python_version()
     assert describe_version_mismatch(str(mismatch.value)) == (
         f"Ray 1.0.0 on Python 3.9.1, this job Ray {ray.__version__} on Python {python}"
     )
